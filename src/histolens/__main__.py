@@ -1,0 +1,7 @@
+"""``python -m histolens`` runs the ``histolens`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

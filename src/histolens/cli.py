@@ -1,0 +1,59 @@
+"""The ``histolens`` command: one sub-command per job, each defined next to the code it runs.
+
+A sub-command lives in its own module as two functions, ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them, so ``histolens --help`` stays fast (no
+torch, no Qt) and each job's options sit beside its implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+#: name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "view": ("histolens._qt._launch", "open napari with a slide (default: the sample) and the HistoLens dock"),
+    "demo": ("histolens._demo", "the main job: napari with the sample slide, or headless: analyse it and write files + a PNG"),
+    "analyze": ("histolens.batch", "analyse whole slides or regions and write GeoJSON, CSV, masks and a summary"),
+    "nuclei": ("histolens.training.nuclei_cli", "segment nuclei in plain images; write label TIFFs and CSVs"),
+    "evaluate": ("histolens.training.evaluate", "score nuclei predictions against ground truth (Dice, AJI, PQ)"),
+    "train": ("histolens.training.train", "train the default model's heads (the project's recipe)"),
+    "models": ("histolens.models._cli", "list the registered models and their cards"),
+}
+
+
+def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histolens", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"histolens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Import only the module of the sub-command being run, so --help of one job never
+    # pays for another job's heavy imports.
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``histolens`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
