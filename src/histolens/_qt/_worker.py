@@ -1,0 +1,105 @@
+"""The analysis job the dock runs in a napari thread worker.
+
+:func:`analysis_job` is a plain generator (no Qt): it creates or reuses the model, runs
+:func:`histolens.inference.analyze` and yields ``(stamp, partial RegionResult)`` so the dock
+can drop yields of a request that is no longer the latest. Warnings raised while it runs
+are collected and returned instead of being shown: a warning shown from a worker thread
+would create a notification widget off the main thread (napari#2598, #4982).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..region import Region
+from ..result import RegionResult
+
+__all__ = ["MAX_VIEW_PIXELS", "AnalysisRequest", "JobOutcome", "ModelCache", "analysis_job"]
+
+#: Largest view analysed interactively, in pixels at the model's mpp (about 6300 x 6300).
+#: Beyond it the dock asks to zoom in, or to run ``histolens analyze`` for whole slides.
+MAX_VIEW_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """One "Analyze view" click (or live re-analysis): everything captured on the main thread.
+
+    ``region`` is in level-0 pixels; ``device`` None means auto (CUDA, MPS, then CPU).
+    """
+
+    stamp: int
+    slide: Any
+    region: Region
+    model_name: str | None
+    device: str | None
+    tasks: tuple[str, ...]
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What the worker returns: the last result (None if none arrived) and warning texts."""
+
+    stamp: int
+    result: RegionResult | None
+    warnings: tuple[str, ...]
+
+
+class ModelCache:
+    """Models by ``(name, device)``, created on first use in the worker thread."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str | None, str | None], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None, device: str | None) -> Any:
+        # Held while creating, so two live requests never build the same model twice.
+        with self._lock:
+            key = (name, device)
+            if key not in self._models:
+                from ..models import create_model
+
+                self._models[key] = create_model(name, device=device)
+            return self._models[key]
+
+
+def _check_size(request: AnalysisRequest, model: Any) -> None:
+    slide_mpp = float(request.slide.mpp)
+    model_mpp = float(model.card.mpp)
+    pixels = request.region.area * (slide_mpp / model_mpp) ** 2
+    if pixels > MAX_VIEW_PIXELS:
+        msg = (
+            f"the view is {request.region.width} x {request.region.height} level-0 px, "
+            f"{pixels / 1e6:.0f} Mpx at the model's {model_mpp:g} um/px (limit "
+            f"{MAX_VIEW_PIXELS / 1e6:.0f} Mpx): zoom in, or run `histolens analyze` for whole slides"
+        )
+        raise ValueError(msg)
+
+
+def analysis_job(
+    request: AnalysisRequest, models: ModelCache
+) -> Generator[tuple[int, RegionResult], None, JobOutcome]:
+    """Analyse ``request.region``; yield ``(stamp, partial result)`` as tiles finish."""
+    from ..inference import analyze
+
+    last: RegionResult | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.get(request.model_name, request.device)
+        _check_size(request, model)
+        for partial in analyze(
+            request.slide,
+            request.region,
+            model=model,
+            tasks=request.tasks,
+            cancel=request.cancel,
+        ):
+            last = partial
+            yield request.stamp, partial
+    texts = tuple(dict.fromkeys(str(w.message) for w in caught))  # unique, in order
+    return JobOutcome(stamp=request.stamp, result=last, warnings=texts)
