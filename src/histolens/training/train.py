@@ -1,0 +1,396 @@
+"""``histolens train nuclei|tiles``: the project's training recipe.
+
+``train nuclei`` trains the whole default model (backbone + nuclei decoder) from random init on
+MoNuSeg + CoNSeP + PanNuke at the model card's mpp, for a wall-time budget (``--minutes``), on
+CPU with bf16 autocast. The run is deterministic given ``--seed``: the augmentation of step
+``i`` draws from ``default_rng([seed, i])``, so ``--resume`` continues the same stream.
+Everything goes to ``--out``: ``train.log`` (also stdout), ``checkpoint.safetensors`` (model +
+optimizer, every ``--checkpoint-minutes``), ``checkpoint.json`` (step, schedule, elapsed time)
+and ``final.safetensors`` (model weights).
+
+``train tiles`` fits a new tile-class head on the backbone's tile embeddings of your own tiles
+(folder-per-class, or ``--labels CSV`` with ``image,label``) and writes a new weights file and
+card; see :mod:`histolens.training.probe`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datasets import NUCLEUS_TYPES, NucleiSample, load_consep, load_monuseg, load_pannuke, mosaic
+from .targets import AugmentConfig, Example, make_example
+
+__all__ = [
+    "DEFAULT_VAL_CONSEP_TILES",
+    "DEFAULT_VAL_PATIENTS",
+    "NucleiData",
+    "add_arguments",
+    "default_data_root",
+    "load_nuclei_data",
+    "run",
+    "setup_logging",
+]
+
+log = logging.getLogger("histolens.train")
+
+#: Held-out MoNuSeg patients, one per organ: lung, kidney, breast (none of them has a tile in
+#: the binary-mask set, so they are fully unseen).
+DEFAULT_VAL_PATIENTS = ("TCGA-21-5786", "TCGA-B0-5710", "TCGA-E2-A1B5")
+#: Held-out CoNSeP source tiles (16 patches each) for nucleus-type validation.
+DEFAULT_VAL_CONSEP_TILES = ("train_3", "train_13", "train_22")
+#: Share of each source in a training batch (sampled per example).
+SOURCE_WEIGHTS = {"monuseg": 0.35, "monuseg-binary": 0.15, "consep": 0.38, "pannuke": 0.12}
+
+
+def default_data_root() -> Path:
+    """``$HISTOLENS_SHARED_DATA`` or ``../shared/data`` beside the repository (the checkout's parent)."""
+    env = os.environ.get("HISTOLENS_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def setup_logging(path: Path | None) -> None:
+    """Log to stderr and, when given, to ``path`` (appending, so resumed runs keep one log)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path, mode="a"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class NucleiData:
+    """Training pools per source and the held-out validation samples, all at the model's mpp."""
+
+    train: dict[str, list[NucleiSample]]
+    consep_groups: dict[str, list[NucleiSample]] = field(default_factory=dict)
+    val_monuseg: list[NucleiSample] = field(default_factory=list)
+    val_consep: list[NucleiSample] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{k}: {len(v)}" for k, v in self.train.items()]
+        parts.append(f"consep tiles: {len(self.consep_groups)}")
+        parts.append(f"val monuseg: {[s.name for s in self.val_monuseg]}")
+        parts.append(f"val consep patches: {len(self.val_consep)} ({sorted({s.group for s in self.val_consep})})")
+        return "; ".join(parts)
+
+
+def load_nuclei_data(
+    root: Path,
+    *,
+    mpp: float,
+    val_patients: Sequence[str] = DEFAULT_VAL_PATIENTS,
+    val_consep_tiles: Sequence[str] = DEFAULT_VAL_CONSEP_TILES,
+) -> NucleiData:
+    """Load every nuclei source at ``mpp`` and split by patient / source tile (never by image)."""
+    monuseg = load_monuseg(root, mpp=mpp)
+    consep = load_consep(root, mpp=mpp)
+    pannuke = load_pannuke(root, mpp=mpp)
+    val_p = set(val_patients)
+    found = {s.group for s in monuseg}
+    missing = val_p - found
+    if missing:
+        msg = f"validation patients {sorted(missing)} are not in MoNuSeg; choose from {sorted(found)}"
+        raise ValueError(msg)
+    val_t = set(val_consep_tiles)
+    groups_found = {s.group for s in consep}
+    if val_t - groups_found:
+        msg = f"validation CoNSeP tiles {sorted(val_t - groups_found)} do not exist; choose from {sorted(groups_found)}"
+        raise ValueError(msg)
+    data = NucleiData(
+        train={
+            "monuseg": [s for s in monuseg if s.group not in val_p and s.instances is not None],
+            "monuseg-binary": [s for s in monuseg if s.group not in val_p and s.instances is None],
+            "consep": [],
+            "pannuke": pannuke,
+        },
+        val_monuseg=[s for s in monuseg if s.group in val_p and s.instances is not None],
+        val_consep=[s for s in consep if s.group in val_t],
+    )
+    for s in consep:
+        if s.group not in val_t:
+            data.consep_groups.setdefault(s.group, []).append(s)
+    data.train["consep"] = [p for g in data.consep_groups.values() for p in g]
+    return data
+
+
+def _draw_sample(data: NucleiData, rng: np.random.Generator, min_size: int) -> NucleiSample:
+    names = [k for k in SOURCE_WEIGHTS if data.train.get(k)]
+    w = np.array([SOURCE_WEIGHTS[k] for k in names])
+    source = names[int(rng.choice(len(names), p=w / w.sum()))]
+    if source == "consep":
+        # 2 x 2 mosaic of patches from ONE source tile: a >= 256 px crop that never mixes tiles.
+        group = sorted(data.consep_groups)[int(rng.integers(len(data.consep_groups)))]
+        pool = data.consep_groups[group]
+        return mosaic([pool[int(i)] for i in rng.integers(len(pool), size=4)])
+    pool = data.train[source]
+    s = pool[int(rng.integers(len(pool)))]
+    if min(s.image.shape[:2]) < min_size and source == "pannuke":
+        return mosaic([pool[int(i)] for i in rng.integers(len(pool), size=4)])
+    return s
+
+
+def make_batch(data: NucleiData, rng: np.random.Generator, batch_size: int, cfg: AugmentConfig) -> list[Example]:
+    """``batch_size`` augmented examples drawn across sources by :data:`SOURCE_WEIGHTS`."""
+    return [make_example(_draw_sample(data, rng, cfg.size), rng, cfg) for _ in range(batch_size)]
+
+
+def _fixed_val_batch(data: NucleiData, cfg: AugmentConfig, seed: int, n: int = 8) -> list[Example]:
+    """A fixed, un-augmented batch from the held-out samples, to log a validation loss."""
+    rng = np.random.default_rng([seed, 10**9])
+    pools: list[NucleiSample] = list(data.val_monuseg)
+    by_group: dict[str, list[NucleiSample]] = {}
+    for p in data.val_consep:
+        by_group.setdefault(p.group, []).append(p)
+    pools += [mosaic([g[int(j)] for j in rng.integers(len(g), size=4)]) for g in by_group.values()]
+    if not pools:
+        return []
+    return [make_example(pools[i % len(pools)], rng, cfg, augment=False) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+def batch_tensors(batch: Sequence[Example], mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """Stack examples into torch tensors; images normalised with the card's mean/std."""
+    import torch
+
+    img = torch.from_numpy(np.stack([e.image for e in batch])).permute(0, 3, 1, 2).float() / 255.0
+    m = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
+    return {
+        "x": (img - m) / s,
+        "foreground": torch.from_numpy(np.stack([e.foreground for e in batch])),
+        "hv": torch.from_numpy(np.stack([e.hv for e in batch])),
+        "hv_valid": torch.tensor([e.hv_valid for e in batch]),
+        "types": torch.from_numpy(np.stack([e.types for e in batch])),
+    }
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def save_checkpoint(path: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Model + AdamW state as safetensors (no pickle), schedule state as JSON beside it; atomic."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim.{pid}.{k}"] = t.detach().contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    meta = dict(state, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]])
+    jtmp = path.with_suffix(".json.tmp")
+    jtmp.write_text(json.dumps(meta, indent=1))
+    os.replace(jtmp, path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any | None) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the JSON state."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if optimizer is not None:
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        sd = optimizer.state_dict()
+        for g, saved in zip(sd["param_groups"], meta["param_groups"], strict=True):
+            g.update({k: v for k, v in saved.items() if k in g})
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+    return meta
+
+
+def create_trainable_model(name: str, *, weights: Path | None = None) -> Any:
+    """The named model, random-initialised (or from ``weights``), on CPU, in training mode."""
+    from histolens.models import create_model
+
+    model = create_model(name, weights=weights, pretrained=False) if weights is None else create_model(name, weights=weights)
+    return model
+
+
+def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None) -> int:
+    """The nuclei training loop; see the module docstring.
+
+    ``model`` and ``data`` default to ``create_model(args.model)`` (random init) and
+    :func:`load_nuclei_data` at the card's mpp; tests inject small ones.
+    """
+    import torch
+
+    from .losses import nuclei_losses
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out / "train.log")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    ckpt_path = out / "checkpoint.safetensors"
+
+    if model is None:
+        model = create_trainable_model(args.model, weights=args.init_weights)
+    card = model.card
+    if tuple(card.nucleus_types) != NUCLEUS_TYPES:
+        msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains {NUCLEUS_TYPES}"
+        raise ValueError(msg)
+    mpp = float(card.mpp)
+    log.info("model %s: mpp %.3f um/px, %d params", args.model, mpp, sum(p.numel() for p in model.parameters()))
+    t0 = time.time()
+    if data is None:
+        data = load_nuclei_data(
+            args.data, mpp=mpp, val_patients=args.val_patients.split(","), val_consep_tiles=args.val_consep_tiles.split(",")
+        )
+    log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
+    cfg = AugmentConfig(size=args.crop)
+    val_examples = _fixed_val_batch(data, cfg, args.seed)
+    val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    state: dict[str, Any] = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "seed": args.seed, "args": _jsonable(vars(args))}
+    if args.resume and ckpt_path.exists():
+        state.update(load_checkpoint(ckpt_path, model, optimizer))
+        log.info("resumed from %s at step %d (%.1f min trained)", ckpt_path, state["step"], state["elapsed_s"] / 60)
+    budget = args.minutes * 60.0
+    if args.max_steps:
+        state["total_steps"] = args.max_steps
+    use_bf16 = args.precision == "bf16"
+    model.train()
+    last_ckpt = time.time()
+    start_wall = time.time() - state["elapsed_s"]
+    timing_from: tuple[int, float] | None = None
+    running: dict[str, float] = {}
+    step = state["step"]
+    while True:
+        elapsed = time.time() - start_wall
+        if elapsed >= budget or (state["total_steps"] and step >= state["total_steps"]):
+            break
+        # Fix the cosine length from the measured speed after a short warm-up, then keep it.
+        if state["total_steps"] is None:
+            if step == args.warmup and timing_from is None:
+                timing_from = (step, time.time())
+            elif timing_from and step == timing_from[0] + 20:
+                per = (time.time() - timing_from[1]) / 20
+                state["total_steps"] = int(step + (budget - elapsed) / per * 0.95)
+                log.info("%.2f s/step -> cosine schedule over %d steps", per, state["total_steps"])
+        total = state["total_steps"] or int(1e9)
+        lr = _lr_at(step, total if state["total_steps"] else step + 10**6, args.lr, args.warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([args.seed, step])
+        torch.manual_seed(args.seed * 1_000_003 + step)
+        b = batch_tensors(make_batch(data, rng, args.batch_size, cfg), card.mean, card.std)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            pred = model(b["x"])
+        terms = nuclei_losses(pred, b["foreground"], b["hv"], b["hv_valid"], b["types"])
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        step += 1
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + float(v)
+        if step % args.log_every == 0:
+            msg = " ".join(f"{k} {v / args.log_every:.4f}" for k, v in running.items())
+            log.info("step %d  %.1f min  lr %.2e  %s", step, (time.time() - start_wall) / 60, lr, msg)
+            running.clear()
+        if time.time() - last_ckpt >= args.checkpoint_minutes * 60:
+            state.update(step=step, elapsed_s=time.time() - start_wall)
+            _validate(model, val_batch, use_bf16, step)
+            save_checkpoint(ckpt_path, model, optimizer, state)
+            log.info("checkpoint %s at step %d", ckpt_path, step)
+            last_ckpt = time.time()
+    state.update(step=step, elapsed_s=time.time() - start_wall, finished=True)
+    _validate(model, val_batch, use_bf16, step)
+    save_checkpoint(ckpt_path, model, optimizer, state)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
+    log.info("done: %d steps in %.1f min; weights %s", step, state["elapsed_s"] / 60, out / "final.safetensors")
+    return 0
+
+
+def _validate(model: Any, b: dict[str, Any] | None, use_bf16: bool, step: int) -> None:
+    import torch
+
+    if b is None:
+        return
+    from .losses import nuclei_losses
+
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        pred = model(b["x"])
+    terms = nuclei_losses(pred, b["foreground"], b["hv"], b["hv_valid"], b["types"])
+    model.train()
+    log.info("val step %d  %s", step, " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if not callable(v) and not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``histolens train nuclei`` and ``histolens train tiles``."""
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    n = sub.add_parser("nuclei", help="train backbone + nuclei heads (HoVer-style) from random init")
+    n.add_argument("--data", type=Path, default=default_data_root(), help="shared data root (default: %(default)s)")
+    n.add_argument("--out", type=Path, required=True, help="run folder: train.log, checkpoints, final weights")
+    n.add_argument("--model", default="histolens-default", help="registered model to train")
+    n.add_argument("--init-weights", type=Path, default=None, help="start from these weights instead of random init")
+    n.add_argument("--minutes", type=float, default=60.0, help="wall-time budget in minutes (default %(default)s)")
+    n.add_argument("--batch-size", type=int, default=8)
+    n.add_argument("--crop", type=int, default=256, help="training crop side in px at the model's mpp")
+    n.add_argument("--lr", type=float, default=1e-3)
+    n.add_argument("--weight-decay", type=float, default=1e-4)
+    n.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    n.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    n.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on CPU")
+    n.add_argument("--max-steps", type=int, default=None, help="stop (and end the cosine) at this step, if before the time budget")
+    n.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    n.add_argument("--log-every", type=int, default=10)
+    n.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    n.add_argument("--val-patients", default=",".join(DEFAULT_VAL_PATIENTS), help="held-out MoNuSeg patients (comma-separated)")
+    n.add_argument("--val-consep-tiles", default=",".join(DEFAULT_VAL_CONSEP_TILES), help="held-out CoNSeP source tiles")
+    n.set_defaults(_task=train_nuclei)
+    t = sub.add_parser("tiles", help="fit a tile-class head on your own labelled tiles; write new weights + card")
+    from .probe import add_tile_arguments, train_tiles
+
+    add_tile_arguments(t)
+    t.set_defaults(_task=train_tiles)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen training task."""
+    return int(args._task(args) or 0)

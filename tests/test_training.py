@@ -1,0 +1,226 @@
+"""Training data, targets, augmentation, losses and the training loop (tiny stand-in model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from histolens.training.datasets import (
+    NUCLEUS_TYPES,
+    NucleiSample,
+    consep_group,
+    decode_coco_rle,
+    dihedral_dhash,
+    group_near_duplicates,
+    monuseg_patient,
+    mosaic,
+    resample_labels,
+)
+from histolens.training.probe import fit_logistic, grouped_folds
+from histolens.training.targets import AugmentConfig, hv_targets, make_example
+
+
+def _disks(shape=(96, 96), n=6, seed=0, types=True) -> NucleiSample:
+    rng = np.random.default_rng(seed)
+    inst = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for k in range(1, n + 1):
+        cy, cx = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8)
+        inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= int(rng.integers(9, 30))] = k
+    img = np.full((*shape, 3), 230, np.uint8)
+    img[inst > 0] = (90, 40, 140)
+    t = np.where(inst > 0, (inst % 4) + 1, 0).astype(np.int16) if types else None
+    return NucleiSample(f"s{seed}", f"g{seed}", "synthetic", img, inst, inst > 0, t)
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def test_group_names():
+    assert monuseg_patient("TCGA-21-5784-01Z-00-DX1") == "TCGA-21-5784"
+    assert consep_group("train_10_003.jpg") == "train_10"
+    with pytest.raises(ValueError, match="_NNN"):
+        consep_group("train_10")
+
+
+def test_coco_rle_is_column_major():
+    # 3 x 2 image, column-major runs: bg 1, fg 2, bg 3 -> pixels (1,0), (2,0) set
+    m = decode_coco_rle({"size": [3, 2], "counts": [1, 2, 3]})
+    assert m.tolist() == [[False, False], [True, False], [True, False]]
+    with pytest.raises(ValueError, match="sum"):
+        decode_coco_rle({"size": [3, 2], "counts": [1, 2]})
+
+
+def test_resample_labels_is_nearest_and_keeps_ids():
+    lab = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]], np.int32)
+    half = resample_labels(lab, 0.5)
+    assert half.tolist() == [[1, 2], [3, 4]]
+    assert set(np.unique(resample_labels(lab, 1.7))) == {1, 2, 3, 4}
+
+
+def test_mosaic_keeps_instances_apart():
+    parts = [_disks((32, 32), n=3, seed=s) for s in range(4)]
+    m = mosaic(parts)
+    assert m.image.shape == (64, 64, 3)
+    assert m.instances.max() == sum(len(np.unique(p.instances)) - 1 for p in parts)
+    assert np.array_equal(m.foreground, m.instances > 0)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def test_hv_targets_of_a_square_by_hand():
+    inst = np.zeros((7, 7), np.int32)
+    inst[1:6, 2:5] = 1  # 5 rows x 3 columns: centre (3, 3)
+    hv = hv_targets(inst)
+    assert hv[0, 3, 2:5].tolist() == [-1.0, 0.0, 1.0]  # x offsets scaled to [-1, 1]
+    assert hv[1, 1:6, 3].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert np.all(hv[:, inst == 0] == 0)
+
+
+def test_hv_targets_match_the_models_postprocessing_convention():
+    pp = pytest.importorskip("histolens.models.postprocess", reason="histolens.models.postprocess not available yet")
+    if not hasattr(pp, "instances_to_hv"):
+        pytest.skip("histolens.models.postprocess.instances_to_hv not available")
+    inst = _disks().instances
+    np.testing.assert_allclose(hv_targets(inst), pp.instances_to_hv(inst), atol=1e-6)
+
+
+def test_make_example_geometry_and_targets():
+    s = _disks((160, 160), n=10)
+    rng = np.random.default_rng(1)
+    cfg = AugmentConfig(size=64)
+    for _ in range(5):
+        e = make_example(s, rng, cfg)
+        assert e.image.shape == (64, 64, 3) and e.image.dtype == np.uint8
+        assert e.hv.shape == (2, 64, 64) and e.hv_valid
+        assert np.abs(e.hv).max() <= 1.0
+        # Types stay aligned with the foreground after crop, zoom, flips and rotations.
+        assert np.array_equal(e.types > 0, e.foreground > 0)
+        assert np.all(e.hv[:, e.foreground == 0] == 0)
+
+
+def test_binary_only_sample_has_no_hv_and_unknown_types():
+    s = _disks((80, 80))
+    s = NucleiSample("b", "b", "monuseg-binary", s.image, None, s.foreground, None)
+    e = make_example(s, np.random.default_rng(0), AugmentConfig(size=64))
+    assert not e.hv_valid and not e.hv.any()
+    assert set(np.unique(e.types)) <= {-1, 0}
+
+
+def test_dihedral_hash_is_flip_and_rotation_invariant():
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    img[:20, :30] = 20  # some structure so the hash is not degenerate
+    h = dihedral_dhash(img)
+    for k in range(4):
+        assert dihedral_dhash(np.rot90(img, k)) == h
+        assert dihedral_dhash(np.rot90(img, k)[:, ::-1]) == h
+    other = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    groups = group_near_duplicates(np.stack([img, np.rot90(img), other, img[::-1]]))
+    assert groups[0] == groups[1] == groups[3] != groups[2]
+
+
+def test_grouped_folds_never_split_a_group_and_balance_classes():
+    groups = np.repeat(np.arange(40), 3)
+    labels = groups % 4
+    folds = grouped_folds(labels, groups, 5, seed=0)
+    for g in range(40):
+        assert len(set(folds[groups == g])) == 1
+    for f in range(5):
+        assert sorted(set(labels[folds == f])) == [0, 1, 2, 3]
+
+
+def test_logistic_probe_separates_separable_classes():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (50, 5)), rng.normal(3, 1, (50, 5))]).astype(np.float32)
+    y = np.repeat([0, 1], 50)
+    probe = fit_logistic(x, y, 2)
+    assert (probe.predict(x) == y).mean() > 0.95
+
+
+# ----------------------------------------------------------------------------- losses + loop
+
+
+class _Tiny:
+    """Factory for a tiny conv net with the training contract of ``model(x)``."""
+
+    @staticmethod
+    def make():
+        import torch
+        from torch import nn
+
+        class Tiny(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.card = SimpleNamespace(name="tiny", mpp=0.5, nucleus_types=NUCLEUS_TYPES, mean=(0.5,) * 3, std=(0.5,) * 3)
+                self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+                self.out = nn.Conv2d(16, 1 + 2 + len(NUCLEUS_TYPES), 1)
+
+            def forward(self, x):
+                y = self.out(self.body(x))
+                return {"nuclei_logits": y[:, :1], "hv": y[:, 1:3], "type_logits": y[:, 3:]}
+
+        torch.manual_seed(0)
+        return Tiny()
+
+
+def test_losses_are_finite_and_mask_unknown_parts():
+    import torch
+
+    from histolens.training.losses import nuclei_losses
+
+    model = _Tiny.make()
+    ex = [make_example(_disks((64, 64), seed=i), np.random.default_rng(i), AugmentConfig(size=64)) for i in range(2)]
+    from histolens.training.train import batch_tensors
+
+    b = batch_tensors(ex, (0.5,) * 3, (0.5,) * 3)
+    out = model(b["x"])
+    terms = nuclei_losses(out, b["foreground"], b["hv"], b["hv_valid"], b["types"])
+    assert all(torch.isfinite(v) for v in terms.values())
+    # No HV labels and no known types: those terms vanish but keep the graph.
+    terms = nuclei_losses(out, b["foreground"], b["hv"], torch.tensor([False, False]), torch.where(b["types"] > 0, -1, 0))
+    assert float(terms["hv_mse"]) == 0.0 and float(terms["nt_ce"]) == 0.0
+    terms["total"].backward()
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    from histolens.training.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["nuclei", "--out", str(tmp_path), "--crop", "64", "--batch-size", "2", "--warmup", "2",
+                         "--log-every", "2", "--precision", "fp32", *extra])
+
+
+def _tiny_data():
+    from histolens.training.train import NucleiData
+
+    return NucleiData(train={"monuseg": [_disks((96, 96), n=8, seed=i) for i in range(3)]}, val_monuseg=[_disks((64, 64), seed=9)])
+
+
+def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
+    from histolens.training.train import load_checkpoint, train_nuclei
+
+    model = _Tiny.make()
+    assert train_nuclei(_args(tmp_path, "--max-steps", "12"), model=model, data=_tiny_data()) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "done: 12 steps" in log
+    losses = [float(line.split(" total ")[1].split()[0]) for line in log.splitlines() if "  lr " in line]
+    assert len(losses) == 6 and losses[-1] < losses[0], f"training loss did not decrease: {losses}"
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["step"] == 12 and meta["finished"]
+    fresh = _Tiny.make()
+    load_checkpoint(tmp_path / "checkpoint.safetensors", fresh, None)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+    assert (tmp_path / "final.safetensors").is_file()
+    # --resume picks up at step 12 and runs to the new cap.
+    assert train_nuclei(_args(tmp_path, "--max-steps", "14", "--resume"), model=_Tiny.make(), data=_tiny_data()) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "resumed from" in log and "at step 12" in log and "done: 14 steps" in log
