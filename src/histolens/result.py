@@ -1,7 +1,8 @@
 """What one analysis of a region produces, in level-0 pixels, before it becomes layers or files.
 
 Every array here lies on the slide through two numbers: ``downsample`` (level-0 pixels per
-array pixel) and the ``origin`` (level-0 pixel where the array's pixel (0, 0) starts).
+array pixel) and the ``origin`` (level-0 pixel where the array's pixel (0, 0) starts; whole
+numbers when a pyramid level matches the model, fractional when the engine resampled).
 :func:`histolens.region.layer_transform` turns those into napari ``scale``/``translate``.
 """
 
@@ -50,7 +51,7 @@ class NucleiResult:
     labels: np.ndarray
     features: pd.DataFrame
     downsample: float
-    origin: tuple[int, int]
+    origin: tuple[float, float]
     class_names: tuple[str, ...]
     class_colors: tuple[str, ...]
 
@@ -72,7 +73,7 @@ class TileClassResult:
     probabilities: np.ndarray
     embeddings: np.ndarray | None
     cell: float
-    origin: tuple[int, int]
+    origin: tuple[float, float]
     class_names: tuple[str, ...]
     class_colors: tuple[str, ...]
 
@@ -88,7 +89,7 @@ class AttentionMap:
 
     heat: np.ndarray
     downsample: float
-    origin: tuple[int, int]
+    origin: tuple[float, float]
     scale: int
     kind: str = "top-down context reliance"
 

@@ -1,0 +1,796 @@
+"""Region -> tiles -> model -> aligned :class:`~histolens.result.RegionResult`.
+
+:func:`analyze` is a generator: it yields a partial result (``complete=False``) each time a
+batch of tiles finishes, so a GUI can show progress, paint overlays as they arrive and cancel,
+and it ends with the full result (also its return value). :func:`analyze_region` drains it.
+
+Pipeline per region: choose the pyramid level by the model's mpp (``choose_level``), lay the
+global tile grid (:mod:`histolens.tiles`) over the region in *analysis pixels*, look tiles up
+in a byte-bounded LRU cache, read the missing ones in a background thread (prefetching the
+next batch while the model runs the current one), skip glass by a cheap tissue test, run the
+model in batches (halving the batch on an out-of-memory error), post-process nuclei per tile
+and keep the instances whose centroid the tile owns, and paste everything into region-sized
+canvases. Nothing here imports torch at module level; the model object hides it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from .region import LevelChoice, Region, choose_level
+from .result import (
+    NUCLEI_COLUMNS,
+    AttentionMap,
+    NucleiResult,
+    Provenance,
+    RegionResult,
+    TileClassResult,
+)
+from .tiles import (
+    CellCanvas,
+    InstanceCanvas,
+    Tile,
+    TileGrid,
+    TileInstances,
+    cells_covering,
+    iter_batches,
+    keep_instances,
+    plan_grid,
+    read_analysis_box,
+    tissue_fraction,
+)
+
+__all__ = [
+    "ALL_TASKS",
+    "AnalysisPlan",
+    "TileCache",
+    "TileModel",
+    "analyze",
+    "analyze_region",
+    "default_cache",
+    "plan_analysis",
+    "resolve_device",
+    "resolve_precision",
+]
+
+ALL_TASKS: tuple[str, ...] = ("nuclei", "tiles", "attention")
+
+#: Fraction of a tile's owned pixels that must look like tissue for the model to run on it.
+MIN_TISSUE_FRACTION = 0.02
+
+
+@runtime_checkable
+class TileModel(Protocol):
+    """What the engine needs from a model (``histolens.models`` objects satisfy it)."""
+
+    card: Any
+
+    def predict_tiles(
+        self, tiles: np.ndarray, *, tasks: Sequence[str] = ..., precision: str = ...
+    ) -> dict[str, Any]: ...
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TileOutput:
+    """Everything kept from one tile, cropped to the cells/pixels the tile owns."""
+
+    skipped: bool
+    instances: TileInstances | None = None
+    tile_probs: np.ndarray | None = None  # (n, n, C) cells of class_cell_px
+    embeddings: np.ndarray | None = None  # (n, n, D)
+    attention: dict[int, np.ndarray] = field(default_factory=dict)  # scale -> (n, n)
+
+    @property
+    def nbytes(self) -> int:
+        n = 256  # bookkeeping overhead of the entry itself
+        if self.instances is not None:
+            n += self.instances.nbytes
+        for a in (self.tile_probs, self.embeddings, *self.attention.values()):
+            if a is not None:
+                n += int(a.nbytes)
+        return n
+
+
+class TileCache:
+    """LRU of :class:`TileOutput` bounded by bytes; thread-safe.
+
+    Keys hold the slide identity, the model name and weights hash, the analysis mpp, the
+    level and the tile's global box, so panning back (or a region overlapping a previous one)
+    costs only the tiles not seen yet.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        if max_bytes < 0:
+            msg = f"TileCache max_bytes must be >= 0 bytes, got {max_bytes}"
+            raise ValueError(msg)
+        self.max_bytes = int(max_bytes)
+        self._data: OrderedDict[tuple, TileOutput] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> TileOutput | None:
+        with self._lock:
+            out = self._data.get(key)
+            if out is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return out
+
+    def put(self, key: tuple, value: TileOutput) -> None:
+        size = value.nbytes
+        if size > self.max_bytes:
+            return  # would evict everything and still not fit
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._data[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._data:
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+_DEFAULT_CACHE = TileCache()
+
+
+def default_cache() -> TileCache:
+    """The process-wide tile cache used when ``analyze(cache=None)``."""
+    return _DEFAULT_CACHE
+
+
+# Objects without a stable content hash (in-memory slides, random-weight models) get a
+# token that lives as long as they do, so a new object never reuses a dead one's entries.
+_TOKENS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _object_token(obj: Any) -> str:
+    try:
+        tok = _TOKENS.get(obj)
+        if tok is None:
+            tok = uuid.uuid4().hex
+            _TOKENS[obj] = tok
+        return tok
+    except TypeError:  # not weak-referenceable or not hashable
+        return f"id-{id(obj)}"
+
+
+def _slide_key(slide: Any) -> tuple:
+    level0 = slide.levels[0]
+    name = getattr(level0, "name", None)  # dask graph name: a hash of the source
+    path = getattr(slide, "path", None)
+    if name is not None and isinstance(name, str):
+        return (str(path or ""), name, tuple(slide.shape))
+    return (str(path or ""), _object_token(slide), tuple(slide.shape))
+
+
+def _model_key(model: Any) -> tuple:
+    card = model.card
+    sha = getattr(card, "weights_sha256", "") or ""
+    return (str(card.name), sha if sha else _object_token(model))
+
+
+# -- device and precision --------------------------------------------------------------------
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``"cuda"``, then ``"mps"``, then ``"cpu"`` for ``None``/``"auto"``; else ``device`` checked."""
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    dev = str(device)
+    kind = dev.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        msg = f"device {dev!r} asked for but CUDA is not available here; use device='cpu' or 'auto'"
+        raise ValueError(msg)
+    if kind not in ("cpu", "cuda", "mps"):
+        msg = f"unknown device {dev!r}; choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        raise ValueError(msg)
+    return dev
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(device: str, precision: str = "auto") -> str:
+    """``"bf16"``/``"fp16"``/``"fp32"`` for ``device``; ``"auto"`` picks mixed precision where
+    the hardware runs it natively (CUDA, MPS, CPUs with AMX/AVX-512 BF16), fp32 elsewhere."""
+    p = str(precision).lower()
+    if p not in ("auto", "bf16", "fp16", "fp32"):
+        msg = f"precision {precision!r} is not one of 'auto', 'bf16', 'fp16', 'fp32'"
+        raise ValueError(msg)
+    if p != "auto":
+        return p
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind == "mps":
+        return "fp16"
+    return "bf16" if _cpu_has_bf16() else "fp32"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    if "OutOfMemory" in type(exc).__name__:
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_accelerator_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- planning --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalysisPlan:
+    """Where and how a region is analysed.
+
+    ``f`` is level-0 pixels per analysis pixel, ``step`` level pixels per analysis pixel
+    (1.0 when a pyramid level matches the model mpp), ``box`` the region in global analysis
+    pixels (outward-rounded), ``analysis_mpp`` um per analysis pixel.
+    """
+
+    region: Region
+    level: LevelChoice
+    f: float
+    step: float
+    analysis_mpp: float
+    box: Region
+    grid: TileGrid
+
+
+def plan_analysis(
+    region: Region,
+    slide_mpp: float,
+    downsamples: Sequence[float],
+    card: Any,
+    *,
+    tile_size: int | None = None,
+) -> AnalysisPlan:
+    """The level, analysis grid and tile grid for ``region`` (level-0 px) and a model card.
+
+    ``tile_size`` overrides the owned tile side in analysis pixels (default: the card's input
+    size minus its halo on both sides).
+    """
+    lc = choose_level(slide_mpp, downsamples, float(card.mpp))
+    if lc.exact:
+        # Within 2 % of the model's mpp: use the level's own pixels, no resampling.
+        f, step, amp = lc.downsample, 1.0, lc.level_mpp
+    else:
+        f = float(card.mpp) / float(slide_mpp)
+        step, amp = f / lc.downsample, float(card.mpp)
+    eps = 1e-9
+    box = Region(
+        math.floor(region.y0 / f + eps),
+        math.floor(region.x0 / f + eps),
+        math.ceil(region.y1 / f - eps) if region.height else math.floor(region.y1 / f + eps),
+        math.ceil(region.x1 / f - eps) if region.width else math.floor(region.x1 / f + eps),
+    )
+    multiples = [int(card.input_multiple), int(card.class_cell_px), *map(int, card.attention_strides)]
+    grid = plan_grid(int(card.tile_size), int(card.halo), multiples, inner=tile_size)
+    return AnalysisPlan(region, lc, float(f), float(step), float(amp), box, grid)
+
+
+# -- per-tile work ---------------------------------------------------------------------------
+
+
+def _hover_instances(nuclei_prob, hv, type_prob, *, mpp):
+    from .models.postprocess import hover_instances
+
+    return hover_instances(nuclei_prob, hv, type_prob, mpp=mpp)
+
+
+@dataclass
+class _Read:
+    tile: Tile
+    rgb: np.ndarray | None  # None: background, not worth running
+    read_s: float
+    prep_s: float
+
+
+def _read_tiles(level_array: Any, tiles: Sequence[Tile], step: float, skip_background: bool) -> list[_Read]:
+    out = []
+    for t in tiles:
+        t0 = time.perf_counter()
+        rgb = read_analysis_box(level_array, t.outer, step)
+        t1 = time.perf_counter()
+        if skip_background:
+            h = t.inner.y0 - t.outer.y0
+            inner = rgb[h : h + t.inner.height, h : h + t.inner.width]
+            if tissue_fraction(inner) < MIN_TISSUE_FRACTION:
+                rgb = None
+        out.append(_Read(t, rgb, t1 - t0, time.perf_counter() - t1))
+    return out
+
+
+def _predict_with_backoff(
+    model: Any, batch: np.ndarray, tasks: tuple[str, ...], precision: str, state: dict
+) -> list[dict[str, Any]]:
+    """Per-tile outputs of ``model.predict_tiles``; an out-of-memory error halves the batch."""
+    results: list[dict[str, Any]] = []
+    i = 0
+    while i < len(batch):
+        size = max(1, min(state["batch"], len(batch) - i))
+        try:
+            out = model.predict_tiles(batch[i : i + size], tasks=tasks, precision=precision)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            _release_accelerator_memory()
+            if size == 1:
+                msg = (
+                    f"out of memory on a single tile of {batch.shape[1]}x{batch.shape[2]} px; "
+                    "use a smaller tile_size, precision='bf16', or device='cpu'"
+                )
+                raise MemoryError(msg) from exc
+            state["batch"] = size // 2
+            state["oom_retries"] += 1
+            continue
+        for k in range(size):
+            results.append(_slice_output(out, k))
+        i += size
+    return results
+
+
+def _slice_output(out: dict[str, Any], k: int) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for key, val in out.items():
+        if isinstance(val, dict):
+            res[key] = {s: np.asarray(v[k]) for s, v in val.items()}
+        else:
+            res[key] = np.asarray(val[k])
+    return res
+
+
+def _postprocess(tile: Tile, out: dict[str, Any], grid: TileGrid, card: Any, tasks, mpp: float) -> TileOutput:
+    h = grid.halo
+    n = grid.size
+    res = TileOutput(skipped=False)
+    if "nuclei" in tasks:
+        labels, types, probs = _hover_instances(
+            out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp
+        )
+        res.instances = keep_instances(np.asarray(labels), tile, types, probs)
+    if "tiles" in tasks:
+        c = int(card.class_cell_px)
+        sl = slice(h // c, (h + n) // c)
+        res.tile_probs = np.ascontiguousarray(out["tile_probs"][sl, sl], dtype=np.float32)
+        if "embeddings" in out and out["embeddings"] is not None:
+            res.embeddings = np.ascontiguousarray(out["embeddings"][sl, sl], dtype=np.float32)
+    if "attention" in tasks:
+        for scale, heat in out.get("attention", {}).items():
+            s = int(card.attention_strides[int(scale)])
+            sl = slice(h // s, (h + n) // s)
+            res.attention[int(scale)] = np.ascontiguousarray(heat[sl, sl], dtype=np.float32)
+    return res
+
+
+# -- result assembly -------------------------------------------------------------------------
+
+
+def _hex(color: Any) -> str:
+    if isinstance(color, str):
+        return color
+    r, g, b = (int(v) for v in tuple(color)[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _origin(cells0: tuple[int, int], level0_per_cell: float) -> tuple[float, float]:
+    def tidy(v: float) -> float:
+        return float(round(v)) if abs(v - round(v)) < 1e-6 else v
+
+    return (tidy(cells0[0] * level0_per_cell), tidy(cells0[1] * level0_per_cell))
+
+
+class _Assembly:
+    """Region-sized canvases filled tile by tile, and the result built from them."""
+
+    def __init__(self, plan: AnalysisPlan, card: Any, tasks: tuple[str, ...]) -> None:
+        self.plan, self.card, self.tasks = plan, card, tasks
+        self.nuclei = InstanceCanvas(plan.box) if "nuclei" in tasks else None
+        self.cls_box = cells_covering(plan.box, int(card.class_cell_px))
+        self.classes = self.probs = self.emb = None
+        if "tiles" in tasks:
+            nc = len(card.tissue_classes)
+            self.classes = CellCanvas(self.cls_box, (), np.int32, 0)
+            self.probs = CellCanvas(self.cls_box, (nc,), np.float32, 0.0)
+        self.att: dict[int, CellCanvas] = {}
+        if "attention" in tasks:
+            for scale, s in enumerate(card.attention_strides):
+                self.att[scale] = CellCanvas(cells_covering(plan.box, int(s)), (), np.float32, 0.0)
+
+    def paste(self, tile: Tile, out: TileOutput) -> None:
+        if out.skipped:
+            return
+        if self.nuclei is not None and out.instances is not None:
+            self.nuclei.paste(out.instances)
+        if self.probs is not None and out.tile_probs is not None:
+            c = int(self.card.class_cell_px)
+            origin = (tile.inner.y0 // c, tile.inner.x0 // c)
+            self.probs.paste(out.tile_probs, origin)
+            self.classes.paste(np.argmax(out.tile_probs, axis=-1).astype(np.int32) + 1, origin)
+            if out.embeddings is not None:
+                if self.emb is None:
+                    self.emb = CellCanvas(self.cls_box, (out.embeddings.shape[-1],), np.float32, 0.0)
+                self.emb.paste(out.embeddings, origin)
+        for scale, heat in out.attention.items():
+            canvas = self.att.get(scale)
+            if canvas is not None:
+                s = int(self.card.attention_strides[scale])
+                canvas.paste(heat, (tile.inner.y0 // s, tile.inner.x0 // s))
+
+    def build(self, provenance: Provenance, *, complete: bool, copy: bool) -> RegionResult:
+        plan, card = self.plan, self.card
+        f, amp = plan.f, plan.analysis_mpp
+        cp = (lambda a: a.copy()) if copy else (lambda a: a)
+        nuclei = None
+        if self.nuclei is not None:
+            rows = self.nuclei.table()
+            names = tuple(card.nucleus_types)
+            cls = rows[:, 4].astype(np.int64)
+            features = pd.DataFrame(
+                {
+                    "label": rows[:, 0].astype(np.uint32),
+                    # analysis pixel-index centre c lies at level-0 index (c + 0.5) * f - 0.5
+                    "centroid_y": (rows[:, 1] + 0.5) * f - 0.5,
+                    "centroid_x": (rows[:, 2] + 0.5) * f - 0.5,
+                    "area_um2": rows[:, 3] * amp * amp,
+                    "class_id": cls.astype(np.int32),
+                    "class_name": [names[i] if 0 <= i < len(names) else str(i) for i in cls],
+                    "probability": rows[:, 5].astype(np.float32),
+                },
+                columns=list(NUCLEI_COLUMNS),
+            )
+            nuclei = NucleiResult(
+                labels=cp(self.nuclei.labels),
+                features=features,
+                downsample=f,
+                origin=_origin(plan.box.origin, f),
+                class_names=names,
+                class_colors=tuple(_hex(c) for c in card.nucleus_colors),
+            )
+        tiles = None
+        if self.classes is not None:
+            c = int(card.class_cell_px)
+            tiles = TileClassResult(
+                classes=cp(self.classes.data),
+                probabilities=cp(self.probs.data),
+                embeddings=None if self.emb is None else cp(self.emb.data),
+                cell=c * f,
+                origin=_origin(self.cls_box.origin, c * f),
+                class_names=tuple(card.tissue_classes),
+                class_colors=tuple(_hex(col) for col in card.tissue_colors),
+            )
+        attention = []
+        for scale, canvas in self.att.items():
+            s = int(card.attention_strides[scale])
+            attention.append(
+                AttentionMap(
+                    heat=cp(canvas.data),
+                    downsample=s * f,
+                    origin=_origin(canvas.box.origin, s * f),
+                    scale=scale,
+                )
+            )
+        return RegionResult(
+            region=plan.region,
+            mpp=amp,
+            nuclei=nuclei,
+            tiles=tiles,
+            attention=attention,
+            provenance=provenance,
+            complete=complete,
+        )
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def _resolve_model(model: Any, device: str | None) -> Any:
+    if model is None or isinstance(model, str):
+        from .models import create_model
+
+        return create_model(model, device=resolve_device(device))
+    missing = [a for a in ("card", "predict_tiles") if not hasattr(model, a)]
+    if missing:
+        msg = (
+            f"model {model!r} is missing {missing}; pass a model name (see "
+            "histolens.list_models()) or an object with .card and .predict_tiles()"
+        )
+        raise TypeError(msg)
+    if device is not None and hasattr(model, "to"):
+        wanted = resolve_device(device)
+        if str(getattr(model, "device", "")) != wanted:
+            model.to(wanted)
+    return model
+
+
+def _resolve_tasks(tasks: Iterable[str], card: Any) -> tuple[str, ...]:
+    asked = tuple(dict.fromkeys(tasks))
+    unknown = [t for t in asked if t not in ALL_TASKS]
+    if unknown:
+        msg = f"unknown task(s) {unknown}; choose from {ALL_TASKS}"
+        raise ValueError(msg)
+    offered = tuple(getattr(card, "tasks", ALL_TASKS))
+    missing = [t for t in asked if t not in offered]
+    if missing:
+        warnings.warn(
+            f"model {card.name!r} does not do {missing} (it offers {offered}); skipping them",
+            stacklevel=3,
+        )
+    return tuple(t for t in asked if t in offered)
+
+
+def _card_dict(card: Any) -> dict[str, Any]:
+    if hasattr(card, "to_dict"):
+        return dict(card.to_dict())
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(card) if is_dataclass(card) else dict(vars(card))
+
+
+def _cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def analyze(
+    slide: Any,
+    region: Region,
+    *,
+    model: Any = None,
+    tasks: Sequence[str] = ALL_TASKS,
+    mpp: float | None = None,
+    device: str | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    precision: str = "auto",
+    batch_size: int = 4,
+    tile_size: int | None = None,
+    cache: TileCache | bool | None = None,
+    skip_background: bool = True,
+) -> Generator[RegionResult, None, RegionResult]:
+    """Analyse ``region`` (level-0 px) of ``slide``; yield partial results, return the full one.
+
+    Parameters
+    ----------
+    model
+        A registered name, a model object (``.card`` + ``.predict_tiles``), or None for the
+        default model.
+    mpp
+        Level-0 um/px overriding the slide's (required when the slide has none).
+    cancel
+        A ``threading.Event`` or a callable; checked between tiles. A cancelled run ends
+        with the tiles that finished, ``complete=False`` and ``provenance.cancelled``.
+    precision
+        ``"auto"`` (mixed precision where the device runs it natively), ``"bf16"``,
+        ``"fp16"`` or ``"fp32"``.
+    batch_size
+        Tiles per model call (halved automatically on out-of-memory).
+    tile_size
+        Owned tile side in analysis pixels (default from the model card).
+    cache
+        A :class:`TileCache`, None for the process-wide one, False for none.
+    skip_background
+        Skip tiles whose owned area is mostly glass (counted in ``tiles_skipped``).
+    """
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+    slide_mpp = mpp if mpp is not None else getattr(slide, "mpp", None)
+    if slide_mpp is None:
+        msg = (
+            f"slide {getattr(slide, 'name', slide)!r} has no pixel size (mpp) in its metadata; "
+            "pass mpp=<micrometres per level-0 pixel>, e.g. mpp=0.25 for 40x or 0.5 for 20x"
+        )
+        raise ValueError(msg)
+    mpp_source = "user" if mpp is not None else str(getattr(slide, "mpp_source", "slide"))
+    if not isinstance(region, Region):
+        region = Region(*region)
+    shape = tuple(int(v) for v in slide.shape[:2])
+    clipped = region.clip(shape)
+    if not region.is_empty and clipped != region:
+        if clipped.is_empty:
+            msg = (
+                f"region {region.as_tuple()} (y0, x0, y1, x1 in level-0 px) lies outside slide "
+                f"{getattr(slide, 'name', '')!r} of shape {shape}; give a box inside (0, 0, {shape[0]}, {shape[1]})"
+            )
+            raise ValueError(msg)
+        warnings.warn(
+            f"region {region.as_tuple()} extends beyond the slide {shape}; clipped to {clipped.as_tuple()}",
+            stacklevel=2,
+        )
+    region = clipped
+    model = _resolve_model(model, device)
+    card = model.card
+    tasks = _resolve_tasks(tasks, card)
+    dev = str(getattr(model, "device", device or "cpu"))
+    prec = resolve_precision(dev, precision)
+    if batch_size < 1:
+        msg = f"batch_size must be >= 1 tile, got {batch_size}"
+        raise ValueError(msg)
+    plan = plan_analysis(region, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
+    tiles = plan.grid.tiles(plan.box)
+    tile_cache = _DEFAULT_CACHE if cache is None or cache is True else (cache or None)
+
+    prov = Provenance(
+        slide_path=str(getattr(slide, "path", "") or ""),
+        slide_name=str(getattr(slide, "name", "")),
+        region=region,
+        level=plan.level.level,
+        level_downsample=plan.level.downsample,
+        slide_mpp=float(slide_mpp),  # the level-0 mpp actually used (slide's or user's)
+        mpp_source=mpp_source,
+        analysis_mpp=plan.analysis_mpp,
+        model_name=str(card.name),
+        model_card=_card_dict(card),
+        device=dev,
+        precision=prec,
+        started=started,
+        tiles_total=len(tiles),
+    )
+    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0, "stitch": 0.0}
+    prov.timings = timings
+    asm = _Assembly(plan, card, tasks)
+
+    def snapshot(*, complete: bool) -> RegionResult:
+        prov.seconds = time.perf_counter() - t_start
+        p = Provenance(**{**prov.__dict__, "timings": dict(timings)})
+        return asm.build(p, complete=complete, copy=not complete)
+
+    if not tiles:
+        result = snapshot(complete=True)
+        yield result
+        return result
+
+    base_key = (
+        _slide_key(slide),
+        _model_key(model),
+        round(plan.analysis_mpp, 6),
+        plan.level.level,
+        round(plan.step, 6),
+        plan.grid.size,
+        plan.grid.halo,
+        tasks,
+        prec,
+    )
+    cached: dict[int, TileOutput] = {}
+    if tile_cache is not None:
+        for i, t in enumerate(tiles):
+            hit = tile_cache.get((*base_key, t.row, t.col))
+            if hit is not None:
+                cached[i] = hit
+    todo = [t for i, t in enumerate(tiles) if i not in cached]
+    level_array = slide.levels[plan.level.level]
+    state = {"batch": int(batch_size), "oom_retries": 0}
+    batches = list(iter_batches(todo, batch_size))
+
+    def compute() -> Generator[tuple[TileOutput, bool], None, None]:
+        """Outputs of the uncached tiles in order; True marks the last tile of a batch."""
+        if not batches:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histolens-read")
+        try:
+            nxt: Future = pool.submit(_read_tiles, level_array, batches[0], plan.step, skip_background)
+            for b in range(len(batches)):
+                reads = nxt.result()
+                if b + 1 < len(batches):
+                    # Prefetch: the next batch is read and resampled while the model runs.
+                    nxt = pool.submit(_read_tiles, level_array, batches[b + 1], plan.step, skip_background)
+                for r in reads:
+                    timings["read"] += r.read_s
+                    timings["preprocess"] += r.prep_s
+                run = [r for r in reads if r.rgb is not None]
+                outs: dict[int, dict[str, Any]] = {}
+                if run:
+                    t0 = time.perf_counter()
+                    stack = np.stack([r.rgb for r in run])
+                    per_tile = _predict_with_backoff(model, stack, tasks, prec, state)
+                    timings["model"] += time.perf_counter() - t0
+                    outs = {id(r): o for r, o in zip(run, per_tile)}
+                for k, r in enumerate(reads):
+                    if r.rgb is None:
+                        res = TileOutput(skipped=True)
+                    else:
+                        t0 = time.perf_counter()
+                        res = _postprocess(r.tile, outs[id(r)], plan.grid, card, tasks, plan.analysis_mpp)
+                        timings["postprocess"] += time.perf_counter() - t0
+                    if tile_cache is not None:
+                        tile_cache.put((*base_key, r.tile.row, r.tile.col), res)
+                    yield res, k == len(reads) - 1
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    computed = compute()
+    first_partial: float | None = None
+    try:
+        for i, t in enumerate(tiles):
+            if _cancelled(cancel):
+                prov.cancelled = True
+                break
+            if i in cached:
+                out, boundary = cached[i], False
+                prov.tiles_cached += 1
+            else:
+                out, boundary = next(computed)
+            t0 = time.perf_counter()
+            asm.paste(t, out)
+            timings["stitch"] += time.perf_counter() - t0
+            prov.tiles_done += 1
+            prov.tiles_skipped += int(out.skipped)
+            if boundary and prov.tiles_done < len(tiles):
+                if first_partial is None:
+                    first_partial = time.perf_counter() - t_start
+                    timings["first_partial"] = first_partial
+                yield snapshot(complete=False)
+    finally:
+        computed.close()
+    timings["oom_retries"] = float(state["oom_retries"])
+    result = snapshot(complete=not prov.cancelled)
+    yield result
+    return result
+
+
+def analyze_region(slide: Any, region: Region, **kwargs: Any) -> RegionResult:
+    """Run :func:`analyze` to the end and return its last (full or cancelled) result."""
+    result = None
+    for result in analyze(slide, region, **kwargs):
+        pass
+    assert result is not None  # analyze always yields at least once
+    return result

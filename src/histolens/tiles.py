@@ -1,0 +1,410 @@
+"""Tiling with a halo, reading tiles at the analysis resolution, tissue masking and stitching.
+
+Frames used here:
+
+- **analysis pixels**: the grid the model runs on. Analysis pixel ``i`` covers level-0
+  pixels ``[i * f, (i + 1) * f)`` where ``f`` is level-0 pixels per analysis pixel. The grid
+  is anchored at level-0 (0, 0) for the whole slide, so tiles of overlapping regions are the
+  same tiles (that is what makes the tile cache work while panning).
+- **cells of stride s**: coarse outputs (tile classes, attention) where cell ``J`` covers
+  analysis pixels ``[J * s, (J + 1) * s)``, also anchored at (0, 0).
+
+Boxes are :class:`~histolens.region.Region` objects (half-open, ``(y, x)``) in one of those
+frames; the frame is always said in the name or docstring. Pure numpy/scipy, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .region import Region
+
+__all__ = [
+    "CellCanvas",
+    "InstanceCanvas",
+    "Tile",
+    "TileGrid",
+    "TileInstances",
+    "cells_covering",
+    "iter_batches",
+    "keep_instances",
+    "plan_grid",
+    "read_analysis_box",
+    "tissue_fraction",
+]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a :class:`TileGrid`, boxes in global analysis pixels.
+
+    ``inner`` is the part this tile owns; ``outer`` adds the halo on every side and is what
+    the model sees. ``row``/``col`` index the tile on the global grid.
+    """
+
+    row: int
+    col: int
+    inner: Region
+    outer: Region
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Square tiles of ``size`` analysis pixels owned, read with ``halo`` pixels of context.
+
+    The grid is global (tile ``(r, c)`` owns analysis pixels ``[r*size, (r+1)*size)`` x
+    ``[c*size, (c+1)*size)``). ``size`` and ``halo`` are multiples of ``multiple`` so coarse
+    model outputs of every stride line up with the global cell grid.
+    """
+
+    size: int
+    halo: int
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.halo < 0 or self.multiple <= 0:
+            msg = (
+                f"TileGrid(size={self.size}, halo={self.halo}, multiple={self.multiple}) needs "
+                "size > 0, halo >= 0 and multiple > 0 (analysis pixels)"
+            )
+            raise ValueError(msg)
+        if self.size % self.multiple or self.halo % self.multiple:
+            msg = (
+                f"TileGrid size {self.size} and halo {self.halo} must be multiples of "
+                f"{self.multiple} analysis pixels; use plan_grid() to round them"
+            )
+            raise ValueError(msg)
+
+    @property
+    def outer_size(self) -> int:
+        """Side of the model input in analysis pixels."""
+        return self.size + 2 * self.halo
+
+    def tile(self, row: int, col: int) -> Tile:
+        s, h = self.size, self.halo
+        inner = Region(row * s, col * s, (row + 1) * s, (col + 1) * s)
+        outer = Region(inner.y0 - h, inner.x0 - h, inner.y1 + h, inner.x1 + h)
+        return Tile(row, col, inner, outer)
+
+    def tiles(self, box: Region) -> list[Tile]:
+        """Tiles whose inner box meets ``box`` (analysis pixels), row-major."""
+        if box.is_empty:
+            return []
+        s = self.size
+        rows = range(box.y0 // s, -(-box.y1 // s))
+        cols = range(box.x0 // s, -(-box.x1 // s))
+        return [self.tile(r, c) for r in rows for c in cols]
+
+
+def plan_grid(
+    tile_size: int, halo: int, multiples: Sequence[int], *, inner: int | None = None
+) -> TileGrid:
+    """A :class:`TileGrid` from a model's input size and halo (analysis pixels).
+
+    ``multiples`` are the strides the outputs must align to (input multiple, class cell,
+    attention strides). The halo is rounded *up* (never less context than the card asks for);
+    the owned size is ``tile_size - 2 * halo`` (or ``inner``) rounded to the alignment.
+    """
+    align = 1
+    for m in multiples:
+        m = int(m)
+        if m <= 0:
+            msg = f"output strides must be positive integers, got {list(multiples)!r}"
+            raise ValueError(msg)
+        align = align * m // math.gcd(align, m)
+    halo_a = -(-int(halo) // align) * align
+    want = int(inner) if inner is not None else int(tile_size) - 2 * halo_a
+    size = max(align, round(want / align) * align)
+    return TileGrid(size=size, halo=halo_a, multiple=align)
+
+
+def _axis_samples(n: int, start: int, step: float) -> np.ndarray:
+    """Continuous source coordinates (source pixel-index frame) of ``n`` output pixel centres.
+
+    Output pixel ``start + i`` covers source pixels ``[(start + i) * step, ...)`` (edges), so its
+    centre sits at ``(start + i + 0.5) * step - 0.5`` in index coordinates.
+    """
+    return (np.arange(start, start + n, dtype=np.float64) + 0.5) * step - 0.5
+
+
+def _take_padded(level, y0: int, x0: int, y1: int, x1: int, fill: int) -> np.ndarray:
+    """``level[y0:y1, x0:x1]`` as uint8 RGB, with ``fill`` where the box leaves the level."""
+    h_l, w_l = int(level.shape[0]), int(level.shape[1])
+    out = np.full((y1 - y0, x1 - x0, 3), fill, dtype=np.uint8)
+    cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, h_l), min(x1, w_l)
+    if cy1 > cy0 and cx1 > cx0:
+        block = np.asarray(level[cy0:cy1, cx0:cx1])
+        if block.ndim == 2:  # greyscale slides: replicate to RGB
+            block = np.repeat(block[..., None], 3, axis=2)
+        out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = block[..., :3]
+    return out
+
+
+def _interp_axis(img: np.ndarray, coords: np.ndarray, axis: int, origin: int) -> np.ndarray:
+    """Linear interpolation of ``img`` along ``axis`` at ``coords`` (relative to ``origin``)."""
+    c = coords - origin
+    i0 = np.floor(c).astype(np.int64)
+    w = (c - i0).astype(np.float32)
+    n = img.shape[axis]
+    i0c = np.clip(i0, 0, n - 1)
+    i1c = np.clip(i0 + 1, 0, n - 1)
+    a = np.take(img, i0c, axis=axis)
+    b = np.take(img, i1c, axis=axis)
+    shape = [1] * img.ndim
+    shape[axis] = len(coords)
+    w = w.reshape(shape)
+    return a * (1.0 - w) + b * w
+
+
+def read_analysis_box(level, box: Region, step: float, *, fill: int = 255) -> np.ndarray:
+    """RGB uint8 ``(h, w, 3)`` for ``box`` (analysis pixels) read from one pyramid level.
+
+    ``level`` is an array-like ``(Y, X, 3)`` (numpy or lazy dask), ``step`` is level pixels per
+    analysis pixel. ``step == 1`` slices the level as is; otherwise each output pixel is the
+    level sampled at its centre, after a Gaussian anti-alias blur when downsampling
+    (``step > 1``). Pixels outside the level are ``fill`` (white glass), so the result for a
+    pixel depends only on its global position, never on how the region was tiled.
+    """
+    h, w = box.height, box.width
+    if h == 0 or w == 0:
+        return np.zeros((h, w, 3), np.uint8)
+    if abs(step - 1.0) < 1e-9:
+        return _take_padded(level, box.y0, box.x0, box.y1, box.x1, fill)
+    from scipy import ndimage
+
+    ys = _axis_samples(h, box.y0, step)
+    xs = _axis_samples(w, box.x0, step)
+    sigma = max(0.0, (step - 1.0) / 2.0)  # skimage's anti-aliasing choice for a zoom of 1/step
+    # Read enough margin that the blur and the interpolation never see the window edge:
+    # then a pixel's value is the same whichever window it was read in.
+    margin = int(math.ceil(4.0 * sigma)) + 2
+    ry0, rx0 = int(math.floor(ys[0])) - margin, int(math.floor(xs[0])) - margin
+    ry1, rx1 = int(math.ceil(ys[-1])) + margin + 1, int(math.ceil(xs[-1])) + margin + 1
+    src = _take_padded(level, ry0, rx0, ry1, rx1, fill).astype(np.float32)
+    if sigma > 0:
+        src = ndimage.gaussian_filter(src, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0)
+    out = _interp_axis(src, ys, axis=0, origin=ry0)
+    out = _interp_axis(out, xs, axis=1, origin=rx0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def tissue_fraction(rgb: np.ndarray, *, saturation: float = 0.08, darkness: float = 0.88) -> float:
+    """Fraction of pixels that look like stained tissue in an RGB uint8 image.
+
+    A pixel is tissue when its HSV-style saturation ``(max - min) / max`` exceeds
+    ``saturation`` or its brightness ``max / 255`` is below ``darkness``: glass is bright and
+    grey, H&E is coloured, pen marks and folds are dark. Cheap enough to run on every tile.
+    """
+    if rgb.size == 0:
+        return 0.0
+    # Subsample: a tile of 512^2 needs no more than ~16k pixels to decide.
+    stride = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 16384)))
+    px = rgb[::stride, ::stride, :3].astype(np.int16)
+    mx = px.max(axis=2)
+    mn = px.min(axis=2)
+    sat = (mx - mn) / np.maximum(mx, 1)
+    tissue = (sat > saturation) | (mx < darkness * 255)
+    return float(tissue.mean())
+
+
+@dataclass
+class TileInstances:
+    """Instances one tile owns (centroid in its inner box), in global analysis pixels.
+
+    ``labels`` is a crop (uint32, 1..n, 0 = none) whose pixel (0, 0) is global analysis pixel
+    ``origin``; ``centroids`` ``(n, 2)`` are the instances' centroids (global analysis pixel
+    index coordinates, computed on the full tile-level instance); ``types``/``probs`` hold
+    the class index and its probability per instance (index ``k`` -> label ``k + 1``).
+    """
+
+    labels: np.ndarray
+    origin: tuple[int, int]
+    centroids: np.ndarray
+    types: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.labels.nbytes + self.centroids.nbytes + self.types.nbytes + self.probs.nbytes)
+
+    @classmethod
+    def empty(cls) -> TileInstances:
+        return cls(
+            np.zeros((0, 0), np.uint32),
+            (0, 0),
+            np.zeros((0, 2), np.float64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.float32),
+        )
+
+
+def keep_instances(
+    labels: np.ndarray,
+    tile: Tile,
+    types: Sequence[int] | np.ndarray | None = None,
+    probs: Sequence[float] | np.ndarray | None = None,
+) -> TileInstances:
+    """Instances of a tile's label image (over ``tile.outer``) whose centroid is in ``tile.inner``.
+
+    ``types``/``probs`` are indexed by ``label - 1``. Deciding ownership by centroid means a
+    nucleus cut by the seam between two tiles is kept by exactly one of them, whole (the halo
+    lets the owner see all of it), which is the de-duplication rule.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != tile.outer.shape:
+        msg = f"tile labels have shape {labels.shape}, expected the outer box {tile.outer.shape}"
+        raise ValueError(msg)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return TileInstances.empty()
+    flat = labels.ravel().astype(np.int64)
+    yy, xx = np.divmod(np.arange(flat.size, dtype=np.int64), labels.shape[1])
+    counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    sy = np.bincount(flat, weights=yy, minlength=n + 1)
+    sx = np.bincount(flat, weights=xx, minlength=n + 1)
+    present = counts > 0
+    present[0] = False
+    ids = np.nonzero(present)[0]
+    cy = sy[ids] / counts[ids] + tile.outer.y0
+    cx = sx[ids] / counts[ids] + tile.outer.x0
+    inner = tile.inner
+    # Centroid pixel-index coordinates; pixel k spans [k - 0.5, k + 0.5).
+    ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)
+    own = (ry >= inner.y0) & (ry < inner.y1) & (rx >= inner.x0) & (rx < inner.x1)
+    ids = ids[own]
+    if len(ids) == 0:
+        return TileInstances.empty()
+    remap = np.zeros(n + 1, np.uint32)
+    remap[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    local = remap[labels]
+    rows = np.nonzero(local.any(axis=1))[0]
+    cols = np.nonzero(local.any(axis=0))[0]
+    crop = local[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
+    t = np.zeros(len(ids), np.int32) if types is None else np.asarray(types)[ids - 1].astype(np.int32)
+    p = np.ones(len(ids), np.float32) if probs is None else np.asarray(probs)[ids - 1].astype(np.float32)
+    return TileInstances(
+        labels=crop,
+        origin=(tile.outer.y0 + int(rows[0]), tile.outer.x0 + int(cols[0])),
+        centroids=np.stack([cy[own], cx[own]], axis=1),
+        types=t,
+        probs=p,
+    )
+
+
+@dataclass
+class InstanceCanvas:
+    """The nuclei label image of one region, filled tile by tile (global analysis pixels).
+
+    ``box`` is the region's analysis box. An instance is pasted when its centroid lies in
+    ``box`` (a nucleus belongs to the region its centre is in); it only takes pixels still
+    free, so labels never overwrite each other. Labels are numbered in paste order, which is
+    the tile order, so a result does not depend on which tiles came from the cache.
+    """
+
+    box: Region
+    labels: np.ndarray = field(init=False)
+    _rows: list[np.ndarray] = field(init=False, default_factory=list)
+    _next: int = field(init=False, default=1)
+
+    def __post_init__(self) -> None:
+        self.labels = np.zeros(self.box.shape, np.uint32)
+
+    def paste(self, inst: TileInstances) -> None:
+        if inst.count == 0:
+            return
+        b = self.box
+        cy, cx = inst.centroids[:, 0], inst.centroids[:, 1]
+        ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)
+        inside = (ry >= b.y0) & (ry < b.y1) & (rx >= b.x0) & (rx < b.x1)
+        if not inside.any():
+            return
+        oy, ox = inst.origin
+        hy, hx = inst.labels.shape
+        y0, x0 = max(oy, b.y0), max(ox, b.x0)
+        y1, x1 = min(oy + hy, b.y1), min(ox + hx, b.x1)
+        if y1 <= y0 or x1 <= x0:
+            return
+        src = inst.labels[y0 - oy : y1 - oy, x0 - ox : x1 - ox].astype(np.int64)
+        keep = np.zeros(inst.count + 1, bool)
+        keep[1:] = inside
+        dst = self.labels[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]
+        mask = keep[src] & (dst == 0)
+        if not mask.any():
+            return
+        written = src[mask]
+        counts = np.bincount(written, minlength=inst.count + 1)
+        got = np.nonzero(counts[1:] > 0)[0]  # local index k -> label k + 1
+        new_ids = np.zeros(inst.count + 1, np.int64)
+        new_ids[got + 1] = np.arange(self._next, self._next + len(got))
+        dst[mask] = new_ids[written].astype(np.uint32)
+        yy, xx = np.nonzero(mask)
+        sy = np.bincount(written, weights=yy + (y0 - b.y0), minlength=inst.count + 1)
+        sx = np.bincount(written, weights=xx + (x0 - b.x0), minlength=inst.count + 1)
+        k = got + 1
+        self._rows.append(
+            np.stack(
+                [
+                    new_ids[k].astype(np.float64),
+                    sy[k] / counts[k] + b.y0,  # centroid of the pixels actually shown
+                    sx[k] / counts[k] + b.x0,
+                    counts[k].astype(np.float64),
+                    inst.types[got].astype(np.float64),
+                    inst.probs[got].astype(np.float64),
+                ],
+                axis=1,
+            )
+        )
+        self._next += len(got)
+
+    def table(self) -> np.ndarray:
+        """``(n, 6)`` float64 rows: label, centroid y, centroid x (global analysis px), pixel
+        count, class index, probability; sorted by label."""
+        if not self._rows:
+            return np.zeros((0, 6), np.float64)
+        return np.concatenate(self._rows, axis=0)
+
+
+def cells_covering(box: Region, stride: int) -> Region:
+    """The cells of ``stride`` analysis pixels that cover analysis box ``box`` (outward)."""
+    s = int(stride)
+    return Region(box.y0 // s, box.x0 // s, -(-box.y1 // s), -(-box.x1 // s))
+
+
+@dataclass
+class CellCanvas:
+    """A coarse map (``(gh, gw, *channels)``) over global cells, filled tile by tile."""
+
+    box: Region
+    channels: tuple[int, ...] = ()
+    dtype: type = np.float32
+    fill: float = 0.0
+    data: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data = np.full(self.box.shape + tuple(self.channels), self.fill, dtype=self.dtype)
+
+    def paste(self, values: np.ndarray, origin: tuple[int, int]) -> None:
+        """Write ``values`` whose cell (0, 0) is global cell ``origin``; clipped to ``box``."""
+        b = self.box
+        oy, ox = origin
+        y0, x0 = max(oy, b.y0), max(ox, b.x0)
+        y1, x1 = min(oy + values.shape[0], b.y1), min(ox + values.shape[1], b.x1)
+        if y1 <= y0 or x1 <= x0:
+            return
+        self.data[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0] = values[
+            y0 - oy : y1 - oy, x0 - ox : x1 - ox
+        ]
+
+
+def iter_batches(items: Sequence, size: int) -> Iterator[list]:
+    """Consecutive chunks of ``items`` of at most ``size``."""
+    for i in range(0, len(items), max(1, int(size))):
+        yield list(items[i : i + max(1, int(size))])

@@ -1,0 +1,121 @@
+"""Tiling, halo planning, reading at the analysis resolution, tissue test, instance ownership."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histolens.region import Region
+from histolens.tiles import (
+    CellCanvas,
+    InstanceCanvas,
+    TileGrid,
+    cells_covering,
+    keep_instances,
+    plan_grid,
+    read_analysis_box,
+    tissue_fraction,
+)
+
+
+def test_plan_grid_rounds_halo_up_and_aligns():
+    g = plan_grid(256, 20, [32, 64, 16])
+    assert g.multiple == 64
+    assert g.halo == 64  # never less context than asked
+    assert g.size % 64 == 0 and g.size >= 64
+    assert plan_grid(512, 32, [32], inner=300).size == 288
+    with pytest.raises(ValueError, match="multiples"):
+        TileGrid(size=100, halo=32, multiple=32)
+
+
+@pytest.mark.parametrize("box", [Region(0, 0, 100, 100), Region(37, 5, 301, 260), Region(64, 64, 65, 65)])
+def test_tiles_partition_the_box(box):
+    grid = TileGrid(size=64, halo=32, multiple=32)
+    tiles = grid.tiles(box)
+    cover = np.zeros((400, 400), np.int32)
+    for t in tiles:
+        cover[t.inner.y0 : t.inner.y1, t.inner.x0 : t.inner.x1] += 1
+        assert t.outer.y0 == t.inner.y0 - 32 and t.outer.shape == (128, 128)
+    assert (cover[box.y0 : box.y1, box.x0 : box.x1] == 1).all()  # each pixel owned exactly once
+    assert grid.tiles(Region(5, 5, 5, 9)) == []
+
+
+def test_read_exact_level_pads_outside_with_glass():
+    level = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
+    out = read_analysis_box(level, Region(-2, 25, 5, 33), 1.0)
+    assert out.shape == (7, 8, 3)
+    np.testing.assert_array_equal(out[2:, :5], level[0:5, 25:30])
+    assert (out[:2] == 255).all() and (out[:, 5:] == 255).all()
+
+
+def test_read_resampled_is_independent_of_the_window():
+    """A pixel's value depends on its global position only: tiles stitch seamlessly."""
+    rng = np.random.default_rng(1)
+    level = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    step = 2.2026  # e.g. a 0.227 um/px slide analysed at 0.5 um/px
+    whole = read_analysis_box(level, Region(0, 0, 120, 120), step)
+    part = read_analysis_box(level, Region(40, 57, 100, 110), step)
+    np.testing.assert_array_equal(whole[40:100, 57:110], part)
+
+
+def test_read_downsampling_is_anti_aliased():
+    """A 1-px checkerboard read 4x coarser is flat grey (no aliasing moire)."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    board = (((yy + xx) % 2) * 255).astype(np.uint8)
+    level = np.repeat(board[..., None], 3, axis=2)
+    out = read_analysis_box(level, Region(4, 4, 60, 60), 4.0 + 1e-3)
+    assert abs(out.mean() - 127.5) < 3 and out.std() < 4
+
+
+def test_read_upsampling_keeps_geometry():
+    """Upsampling by 2: a bright level pixel k maps to analysis pixels 2k and 2k+1."""
+    level = np.zeros((10, 10, 3), np.uint8)
+    level[4, 6] = 255
+    out = read_analysis_box(level, Region(0, 0, 20, 20), 0.5)[..., 0]
+    peak = np.unravel_index(np.argmax(out), out.shape)
+    assert peak[0] in (8, 9) and peak[1] in (12, 13)
+
+
+def test_tissue_fraction_separates_glass_from_stain():
+    glass = np.full((64, 64, 3), 242, np.uint8)
+    stain = np.empty((64, 64, 3), np.uint8)
+    stain[:] = (200, 120, 190)
+    assert tissue_fraction(glass) == 0.0
+    assert tissue_fraction(stain) == 1.0
+    half = glass.copy()
+    half[:, :32] = stain[:, :32]
+    assert tissue_fraction(half) == pytest.approx(0.5, abs=0.05)
+
+
+def test_seam_nucleus_is_kept_once_and_whole():
+    """A disk straddling the seam of two tiles appears once, with all its pixels."""
+    grid = TileGrid(size=32, halo=16, multiple=16)
+    yy, xx = np.mgrid[0:64, 0:96]
+    disk = ((yy - 20) ** 2 + (xx - 30) ** 2 <= 16).astype(np.uint32)  # centre x=30 in tile 0
+    disk2 = ((yy - 40) ** 2 + (xx - 34) ** 2 <= 16).astype(np.uint32) * 2  # centre x=34 in tile 1
+    full = disk + disk2
+    canvas = InstanceCanvas(Region(0, 0, 64, 64))
+    kept = 0
+    for t in grid.tiles(Region(0, 0, 64, 64)):
+        sub = np.zeros(t.outer.shape, np.uint32)
+        y0, x0 = max(t.outer.y0, 0), max(t.outer.x0, 0)
+        y1, x1 = min(t.outer.y1, 64), min(t.outer.x1, 96)
+        sub[y0 - t.outer.y0 : y1 - t.outer.y0, x0 - t.outer.x0 : x1 - t.outer.x0] = full[y0:y1, x0:x1]
+        inst = keep_instances(sub, t, types=[0, 1], probs=[0.9, 0.8])
+        kept += inst.count
+        canvas.paste(inst)
+    assert kept == 2
+    table = canvas.table()
+    assert sorted(table[:, 0]) == [1, 2]
+    assert set(np.unique(canvas.labels)) == {0, 1, 2}
+    assert (canvas.labels > 0).sum() == (full[:64, :64] > 0).sum()
+    by_type = {int(r[4]): r for r in table}
+    assert by_type[0][2] == pytest.approx(30) and by_type[1][2] == pytest.approx(34)
+
+
+def test_cell_canvas_clips_to_its_box():
+    box = cells_covering(Region(10, 10, 100, 70), 32)
+    assert box == Region(0, 0, 4, 3)
+    canvas = CellCanvas(box, (2,))
+    canvas.paste(np.ones((2, 2, 2), np.float32), (3, 2))
+    assert canvas.data[3, 2].tolist() == [1, 1] and canvas.data.sum() == 2
