@@ -1,0 +1,312 @@
+"""The full model (backbone + heads), its numpy-in/numpy-out inference call, and weight I/O.
+
+Frames: every output of :meth:`HistoLensModel.predict_tiles` is on the model-input pixel grid
+(the tile as given, at ``card.mpp`` um/px); coarser maps are indexed so that output pixel
+``(i, j)`` covers input pixels ``[i*s, (i+1)*s) x [j*s, (j+1)*s)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._paths import card_path_for, file_sha256
+from .card import ALL_TASKS, ModelCard, WeightsError
+from .heads import NucleiDecoder, TileClassHead
+
+__all__ = [
+    "HistoLensModel",
+    "card_path_for",
+    "cpu_bf16_is_faster",
+    "default_device",
+    "file_sha256",
+    "load_model_weights",
+    "save_model_weights",
+]
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            msg = f"unknown device {device!r} ({exc}); choose 'cpu', 'cuda', 'cuda:N' or 'mps'"
+            raise ValueError(msg) from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_BF16_CPU: dict[str, Any] = {}
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Measure once per process whether a bf16 matmul beats fp32 on this CPU (AMX/AVX512-BF16)."""
+    if "faster" not in _BF16_CPU:
+        a = torch.randn(512, 512)
+        times = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x = a.to(dtype)
+            x @ x  # warm-up: first call pays for kernel selection
+            t0 = time.perf_counter()
+            for _ in range(8):
+                x @ x
+            times[dtype] = time.perf_counter() - t0
+        _BF16_CPU.update(times=times, faster=times[torch.bfloat16] < 0.8 * times[torch.float32])
+    return bool(_BF16_CPU["faster"])
+
+
+class HistoLensModel(nn.Module):
+    """A backbone plus nuclei and tile-class heads, described by a frozen :class:`ModelCard`.
+
+    ``forward(x)`` (training) takes a normalised float tensor (B, 3, H, W) -- see
+    :meth:`preprocess` -- with H, W multiples of ``card.input_multiple`` and returns
+    ``nuclei_logits`` (B,1,H,W), ``hv`` (B,2,H,W) (raw regression, trained against HV targets in
+    [-1, 1]), ``type_logits`` (B,T,H,W), ``tile_logits`` (B,C,H/c,W/c), ``embeddings``
+    (B,D,H/c,W/c) with ``c = card.class_cell_px``.
+    """
+
+    def __init__(
+        self,
+        card: ModelCard,
+        backbone: nn.Module,
+        nuclei_head: NucleiDecoder | None,
+        tile_head: TileClassHead | None,
+    ) -> None:
+        super().__init__()
+        self.card = card
+        self.backbone = backbone
+        self.nuclei_head = nuclei_head
+        self.tile_head = tile_head
+        self.register_buffer("mean", torch.tensor(card.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(card.std).view(1, 3, 1, 1), persistent=False)
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def preprocess(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB -> normalised float32 (B, 3, H, W) on the model's device."""
+        t = torch.as_tensor(np.ascontiguousarray(tiles) if isinstance(tiles, np.ndarray) else tiles)
+        t = t.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return (t - self.mean) / self.std
+
+    def _check_input(self, h: int, w: int) -> None:
+        m = self.card.input_multiple
+        if h % m or w % m or h == 0 or w == 0:
+            msg = (
+                f"model {self.card.name!r} needs tiles whose height and width are multiples of "
+                f"card.input_multiple={m} px (at {self.card.mpp} um/px), got {h}x{w}; pad the tile"
+            )
+            raise ValueError(msg)
+
+    def _features(self, x: torch.Tensor, want_attention: bool = False) -> dict:
+        return self.backbone(x, want_attention=want_attention)
+
+    def _heads(self, x: torch.Tensor, feats: dict, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        scales = feats["scales"]
+        if "nuclei" in tasks and self.nuclei_head is not None:
+            out.update(self.nuclei_head(x, feats["pyramid"], scales[min(1, len(scales) - 1)]))
+        if "tiles" in tasks and self.tile_head is not None:
+            out.update(self.tile_head(scales[:2], x.shape[-2:]))
+        return out
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_input(*x.shape[-2:])
+        return self._heads(x, self._features(x), ("nuclei", "tiles"))
+
+    # -- inference ------------------------------------------------------------------------
+    def _use_bf16(self, precision: str) -> bool:
+        if precision not in ("auto", "fp32", "bf16"):
+            msg = f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}"
+            raise ValueError(msg)
+        if precision != "auto":
+            return precision == "bf16"
+        dev = self.device.type
+        if dev == "cuda":
+            return torch.cuda.is_bf16_supported()
+        if dev == "cpu":
+            return cpu_bf16_is_faster()
+        return False
+
+    def predict_tiles(
+        self,
+        tiles: np.ndarray,
+        *,
+        tasks: Iterable[str] = ALL_TASKS,
+        precision: str = "auto",
+    ) -> dict[str, Any]:
+        """Run the model on uint8 RGB tiles (B, H, W, 3) at ``card.mpp``; numpy float32 out.
+
+        Returns (only for the requested tasks the card supports): ``nuclei_prob`` (B,H,W) in
+        [0,1]; ``hv`` (B,2,H,W) in [-1,1], channel 0 = x, 1 = y; ``type_prob`` (B,T,H,W);
+        ``tile_probs`` (B,H/c,W/c,C); ``embeddings`` (B,H/c,W/c,D); ``attention`` {scale:
+        (B,H/s,W/s)} in [0,1] with ``s = card.attention_strides[scale]`` (scales that exist at
+        this tile size; a coarse scale needs a large enough tile).
+        """
+        tasks = tuple(tasks)
+        bad = set(tasks) - set(ALL_TASKS)
+        if bad:
+            msg = f"unknown tasks {sorted(bad)}; choose from {ALL_TASKS}"
+            raise ValueError(msg)
+        tasks = tuple(t for t in tasks if t in self.card.tasks)
+        arr = np.asarray(tiles)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            msg = f"predict_tiles expects uint8 RGB tiles (B, H, W, 3), got {arr.dtype} {arr.shape}"
+            raise ValueError(msg)
+        b, h, w, _ = arr.shape
+        self._check_input(h, w)
+        want_attention = "attention" in tasks and hasattr(self.backbone, "attention_maps")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16(precision)
+            ):
+                x = self.preprocess(arr)
+                feats = self._features(x, want_attention)
+                raw = self._heads(x, feats, tasks)
+                maps = self.backbone.attention_maps(feats, b) if want_attention else {}
+        finally:
+            self.train(was_training)
+        out: dict[str, Any] = {}
+        if "nuclei_logits" in raw:
+            out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
+            out["hv"] = _np(raw["hv"].float().clamp(-1, 1))
+            out["type_prob"] = _np(torch.softmax(raw["type_logits"].float(), 1))
+        if "tile_logits" in raw:
+            out["tile_probs"] = _np(torch.softmax(raw["tile_logits"].float(), 1).permute(0, 2, 3, 1))
+            out["embeddings"] = _np(raw["embeddings"].float().permute(0, 2, 3, 1))
+        if want_attention:
+            strides = self.card.attention_strides
+            att = {}
+            for s, m in maps.items():
+                if s < len(strides):
+                    stride = strides[s]
+                    att[s] = _np(m.float()[:, : h // stride, : w // stride])
+            out["attention"] = att
+        return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+
+# ------------------------------------------------------------------------------------------
+# Weights I/O: safetensors only (no pickle), sha256 checked against the card
+# ------------------------------------------------------------------------------------------
+def save_model_weights(
+    model: HistoLensModel, path: str | Path, *, card: ModelCard | None = None, **card_changes: Any
+) -> ModelCard:
+    """Write ``model``'s weights to ``path`` (``.safetensors``) and its card beside it.
+
+    The card (``card`` or ``model.card``, with ``card_changes`` applied, e.g. ``metrics=...``)
+    gets the file's sha256 and is written to ``<name>.card.json``. Returns that card and sets
+    it on the model.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        msg = f"weights file {path} must end in .safetensors (the only format histolens loads)"
+        raise ValueError(msg)
+    card = (card or model.card).replace(**card_changes) if card_changes else (card or model.card)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"histolens_model": card.name, "format": "histolens-v1"})
+    card = card.replace(weights_sha256=file_sha256(path))
+    card.to_json(card_path_for(path))
+    model.card = card
+    return card
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with a clear error when it is missing or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"weights file {path} does not exist; check the path or rebuild it with `histolens train`"
+        raise WeightsError(msg)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        msg = (
+            f"{path} is not a readable safetensors file ({exc}); histolens loads only .safetensors "
+            "(never pickles) -- re-export it with save_model_weights() or safetensors.torch.save_file"
+        )
+        raise WeightsError(msg) from None
+
+
+def load_model_weights(
+    model: nn.Module, path: str | Path, *, expected_sha256: str = "", prefix: str = ""
+) -> nn.Module:
+    """Load a safetensors file into ``model`` (or into its sub-module ``prefix``), strictly.
+
+    ``expected_sha256`` (usually ``card.weights_sha256``) is checked first; a mismatch, missing
+    or unexpected tensor names and shape mismatches raise :class:`WeightsError` naming the file.
+    """
+    path = Path(path)
+    if expected_sha256:
+        got = file_sha256(path) if path.is_file() else None
+        if got is not None and got != expected_sha256:
+            msg = (
+                f"weights file {path} has sha256 {got[:16]}..., but its model card expects "
+                f"{expected_sha256[:16]}...; the file or the card was changed or mixed up -- "
+                "re-save both together with save_model_weights()"
+            )
+            raise WeightsError(msg)
+    tensors = read_safetensors(path)
+    target = model.get_submodule(prefix) if prefix else model
+    own = target.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k].shape)} "
+                         f"vs model {tuple(own[k].shape)})")
+        msg = (
+            f"weights file {path} does not match the {type(target).__name__} architecture: "
+            + "; ".join(parts)
+            + ". Use the model name the weights were trained for, or retrain/re-save them."
+        )
+        raise WeightsError(msg)
+    target.load_state_dict(tensors, strict=True)
+    return model
+
+
+def build_heads(
+    card: ModelCard, backbone: nn.Module, *, decoder_widths: Mapping[int, int] | None = None,
+    embed_dim: int | None = None,
+) -> tuple[NucleiDecoder | None, TileClassHead | None]:
+    """Heads sized from the backbone's ``pyramid_channels`` and ``num_features`` and the card."""
+    c = backbone.num_features
+    nuclei = (
+        NucleiDecoder(backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {}))
+        if "nuclei" in card.tasks else None
+    )
+    tiles = (
+        TileClassHead([c, c], embed_dim or c, len(card.tissue_classes), card.class_cell_px)
+        if "tiles" in card.tasks else None
+    )
+    return nuclei, tiles
