@@ -39,9 +39,9 @@ def make_result(*, downsample: float = 2.0, origin=(1000, 2000), mpp: float = 0.
         rows.append(
             {
                 "label": k,
-                # centre of array pixel (cy, cx) in level-0 edge coordinates
-                "centroid_y": origin[0] + (cy + 0.5) * downsample,
-                "centroid_x": origin[1] + (cx + 0.5) * downsample,
+                # the engine's convention: level-0 pixel-index coordinates (pixel k centred on k)
+                "centroid_y": origin[0] + (cy + 0.5) * downsample - 0.5,
+                "centroid_x": origin[1] + (cx + 0.5) * downsample - 0.5,
                 "area_um2": float(len(rr)) * (mpp * downsample) ** 2,
                 "class_id": cls,
                 "class_name": NUCLEUS_TYPES[cls],
@@ -112,10 +112,10 @@ def test_polygons_are_closed_ccw_level0_and_match_area():
         pixel_area = np.count_nonzero(nuc.labels == label_id) * nuc.downsample**2
         # marching squares cuts pixel corners: a bit less than the pixel area, never more
         assert 0.8 * pixel_area < area <= pixel_area
-        # centroid of the ring near the features' level-0 centroid (x, y order in GeoJSON)
+        # ring centre = the features' centroid (x, y order; GeoJSON edges = pixel index + 0.5)
         row = nuc.features.set_index("label").loc[label_id]
-        assert abs(ring[:-1, 0].mean() - row.centroid_x) < 1.0
-        assert abs(ring[:-1, 1].mean() - row.centroid_y) < 1.0
+        assert abs(ring[:-1, 0].mean() - (row.centroid_x + 0.5)) < 1.0
+        assert abs(ring[:-1, 1].mean() - (row.centroid_y + 0.5)) < 1.0
 
 
 def test_polygon_of_one_pixel_lies_on_that_level0_pixel():

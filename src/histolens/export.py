@@ -41,6 +41,7 @@ __all__ = [
     "geojson_to_layer_data",
     "labels_feature_collection",
     "labels_to_polygons",
+    "level0_mpp",
     "nuclei_feature_collection",
     "parse_color",
     "render_overview_png",
@@ -322,12 +323,27 @@ def labels_feature_collection(
     return collection
 
 
+def level0_mpp(result: RegionResult) -> float | None:
+    """Micrometres per **level-0** pixel that the result's geometry was computed with.
+
+    The engine records the analysis pixel size (``provenance.analysis_mpp``, um per analysis
+    pixel) and each array's ``downsample`` (level-0 px per array pixel); their ratio is the
+    level-0 pixel size actually used, even when the user overrode the slide's own mpp.
+    """
+    p = result.provenance
+    if result.nuclei is not None and p.analysis_mpp and result.nuclei.downsample:
+        return float(p.analysis_mpp) / float(result.nuclei.downsample)
+    if p.slide_mpp:
+        return float(p.slide_mpp)
+    return float(result.mpp) if result.mpp else None
+
+
 def _result_extra(result: RegionResult, layer: str) -> dict[str, Any]:
     p = result.provenance
     return {
         "layer": layer,
         "frame": "level-0 pixels (x, y), pixel (0, 0) covers [0, 1) x [0, 1)",
-        "mpp": result.mpp,
+        "mpp": level0_mpp(result),
         "slide": p.slide_name,
         "slide_path": p.slide_path,
         "region": result.region.as_tuple(),
@@ -540,11 +556,12 @@ def _smallest_uint(array: np.ndarray) -> np.ndarray:
 def summary_dict(result: RegionResult, *, files: Mapping[str, Path] | None = None) -> dict[str, Any]:
     """What a run produced, for ``summary.json``: counts per class, region, mpp, model, times."""
     p = result.provenance
+    mpp0 = level0_mpp(result)
     out: dict[str, Any] = {
         "slide": {"name": p.slide_name, "path": p.slide_path, "mpp": p.slide_mpp, "mpp_source": p.mpp_source},
         "region_level0_px": {"y0": result.region.y0, "x0": result.region.x0, "y1": result.region.y1, "x1": result.region.x1},
-        "region_mm2": (result.region.area * result.mpp**2 / 1e6) if result.mpp else None,
-        "mpp": result.mpp,
+        "region_mm2": (result.region.area * mpp0**2 / 1e6) if mpp0 else None,
+        "mpp": mpp0,
         "analysis_mpp": p.analysis_mpp,
         "level": p.level,
         "level_downsample": p.level_downsample,
@@ -576,7 +593,7 @@ def summary_dict(result: RegionResult, *, files: Mapping[str, Path] | None = Non
     if result.tiles is not None:
         tiles = result.tiles
         classes = np.asarray(tiles.classes)
-        cell_mm2 = (float(tiles.cell) * result.mpp) ** 2 / 1e6 if result.mpp else None
+        cell_mm2 = (float(tiles.cell) * mpp0) ** 2 / 1e6 if mpp0 else None
         per_class = {}
         for k, name in enumerate(tiles.class_names):
             n = int(np.count_nonzero(classes == k + 1))
@@ -624,6 +641,7 @@ def write_result(
     files: dict[str, Path] = {}
     timings: dict[str, float] = {}
     nuc, tiles = result.nuclei, result.tiles
+    mpp0 = level0_mpp(result)
 
     def timed(kind: str, fn, *args, **kwargs) -> None:
         t0 = time.perf_counter()
@@ -644,11 +662,11 @@ def write_result(
         if fmt not in wanted:
             continue
         if nuc is not None:
-            px, org = _mask_geometry(result.mpp, nuc.downsample, nuc.origin)
+            px, org = _mask_geometry(mpp0, nuc.downsample, nuc.origin)
             name = "nuclei_labels" + suffix
             timed(name, saver, out / name, _smallest_uint(np.asarray(nuc.labels)), pixel_um=px, origin_um=org, name="nuclei")
         if tiles is not None:
-            px, org = _mask_geometry(result.mpp, tiles.cell, tiles.origin)
+            px, org = _mask_geometry(mpp0, tiles.cell, tiles.origin)
             name = "tile_classes" + suffix
             classes = _smallest_uint(np.asarray(tiles.classes).clip(min=0))
             timed(name, saver, out / name, classes, pixel_um=px, origin_um=org, name="tile classes")
@@ -766,8 +784,9 @@ def _draw_legend(img: Any, entries: list[tuple[str, list[int], str]], result: Re
     size = max(11, min(22, img.width // 60))
     font = _font(size)
     title = f"{result.provenance.slide_name}  {result.provenance.model_name}"
-    if result.mpp:
-        title += f"  {result.mpp:.3g} um/px"
+    mpp0 = level0_mpp(result)
+    if mpp0:
+        title += f"  {mpp0:.3g} um/px"
     lines = [(title, None, "")] + [(t, c, k) for t, c, k in entries]
     pad, box = size // 2, size
     widths = [draw.textlength(t, font=font) + (box + pad if c is not None else 0) for t, c, _ in lines]
