@@ -667,7 +667,15 @@ def analyze(
         raise ValueError(msg)
     plan = plan_analysis(region, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
     tiles = plan.grid.tiles(plan.box)
-    tile_cache = _DEFAULT_CACHE if cache is None or cache is True else (cache or None)
+    if cache is None or cache is True:
+        tile_cache: TileCache | None = _DEFAULT_CACHE
+    elif cache is False:
+        tile_cache = None
+    elif isinstance(cache, TileCache):
+        tile_cache = cache  # (an empty cache is falsy: do not test it with `or`)
+    else:
+        msg = f"cache must be a TileCache, None (process-wide cache) or False (none), got {cache!r}"
+        raise TypeError(msg)
 
     prov = Provenance(
         slide_path=str(getattr(slide, "path", "") or ""),
