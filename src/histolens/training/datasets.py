@@ -45,7 +45,7 @@ __all__ = [
 
 #: The default model's nucleus types: the four merged CoNSeP classes, the only source here with
 #: a complete type scheme (PanNuke's "neoplastic" maps onto "epithelial").
-NUCLEUS_TYPES = ("other", "inflammatory", "epithelial", "spindle")
+NUCLEUS_TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 #: Native resolutions (um/px) of the 40x sources.
 MONUSEG_MPP = 0.25
 CONSEP_MPP = 0.25

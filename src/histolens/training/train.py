@@ -231,11 +231,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any | None) -> dict[str, 
 
 
 def create_trainable_model(name: str, *, weights: Path | None = None) -> Any:
-    """The named model, random-initialised (or from ``weights``), on CPU, in training mode."""
+    """The named model, random-initialised (or loaded from ``weights``), in training mode."""
     from histolens.models import create_model
 
-    model = create_model(name, weights=weights, pretrained=False) if weights is None else create_model(name, weights=weights)
-    return model
+    model = create_model(name, pretrained=False) if weights is None else create_model(name, weights=weights)
+    return model.train()
 
 
 def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None) -> int:
@@ -258,8 +258,8 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
     if model is None:
         model = create_trainable_model(args.model, weights=args.init_weights)
     card = model.card
-    if tuple(card.nucleus_types) != NUCLEUS_TYPES:
-        msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains {NUCLEUS_TYPES}"
+    if len(card.nucleus_types) != len(NUCLEUS_TYPES):
+        msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains the CoNSeP 4 {NUCLEUS_TYPES}"
         raise ValueError(msg)
     mpp = float(card.mpp)
     log.info("model %s: mpp %.3f um/px, %d params", args.model, mpp, sum(p.numel() for p in model.parameters()))
@@ -316,7 +316,7 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
         optimizer.step()
         step += 1
         for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + float(v)
+            running[k] = running.get(k, 0.0) + float(v.detach())
         if step % args.log_every == 0:
             msg = " ".join(f"{k} {v / args.log_every:.4f}" for k, v in running.items())
             log.info("step %d  %.1f min  lr %.2e  %s", step, (time.time() - start_wall) / 60, lr, msg)
