@@ -174,7 +174,8 @@ def _open_frames(path: Path) -> dict[str, Any]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, defer_size=1024, force=False)
+        # Header only: the frames are located and decoded lazily below.
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
         raise SlideError(path, f"pydicom cannot read it ({exc})", "check that it is a DICOM file") from None
     sop = str(getattr(ds, "SOPClassUID", ""))

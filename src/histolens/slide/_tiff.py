@@ -7,6 +7,7 @@ the tiles under it (JPEG / JPEG 2000 / LZW ... through imagecodecs).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -111,21 +112,27 @@ def _main_series(tif: Any, vendor: str) -> Any:
     return candidates[0]
 
 
-def _check_tiles(path: Path, series_levels: list[tuple[Any, int]], size: int) -> None:
-    """Fail early when tile data lies past the end of the file (a truncated copy)."""
-    for k, (series, index) in enumerate(series_levels):
-        for page in series.levels[index].pages:
-            if page is None:
-                continue
-            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-            counts = np.asarray(page.databytecounts, dtype=np.int64)
-            if offsets.size and int((offsets + counts).max()) > size:
-                raise SlideError(
-                    path,
-                    f"the file is truncated: level {k} tile data ends at byte "
-                    f"{int((offsets + counts).max())} but the file has {size} bytes",
-                    "copy or download the slide again and compare its size with the original",
-                )
+def _check_tiles(path: Path, series_list: list[Any], size: int) -> None:
+    """Fail early when image data lies past the end of the file (a truncated copy).
+
+    Looks at every level of every series (associated images too): only the offset tables
+    are read, which is cheap even for 100,000-tile levels.
+    """
+    for series in series_list:
+        for k, level in enumerate(series.levels):
+            for page in level.pages:
+                if page is None:
+                    continue
+                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+                counts = np.asarray(page.databytecounts, dtype=np.int64)
+                end = int((offsets + counts).max()) if offsets.size else 0
+                if end > size:
+                    raise SlideError(
+                        path,
+                        f"the file is truncated: image {series.name or 'main'!r} level {k} "
+                        f"ends at byte {end} but the file has {size} bytes",
+                        "copy or download the slide again and compare its size with the original",
+                    )
 
 
 def _metadata(tif: Any, vendor: str, page0: Any) -> dict[str, Any]:
@@ -176,6 +183,18 @@ def _find_mpp(tif: Any, vendor: str, page0: Any) -> tuple[float | None, str]:
     return None, "none"
 
 
+class _TiffLog(logging.Handler):
+    """Collects tifffile's complaints while a file is parsed: it skips a damaged IFD chain
+    (e.g. "invalid page offset" past the end of a truncated file) with only a log message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def open_tiff(path: Path) -> dict[str, Any]:
     """Open ``path`` with tifffile; return the keyword arguments of :class:`Slide`.
 
@@ -184,19 +203,34 @@ def open_tiff(path: Path) -> dict[str, Any]:
     """
     import tifffile
 
+    log = _TiffLog()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(log)
     try:
-        tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
-        raise SlideError(
-            path,
-            f"tifffile cannot parse it as TIFF ({exc})",
-            "check that the file is a complete whole-slide image (re-copy it if it was truncated)",
-        ) from None
-    try:
-        return _open_tiff(tif, path)
-    except BaseException:
-        tif.close()
-        raise
+        try:
+            tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+            raise SlideError(
+                path,
+                f"tifffile cannot parse it as TIFF ({exc})",
+                "check that the file is a complete whole-slide image (re-copy it if it was "
+                "truncated)",
+            ) from None
+        try:
+            parts = _open_tiff(tif, path)
+            broken = [m for m in log.messages if "offset" in m.lower()]
+            if broken:
+                raise SlideError(
+                    path,
+                    f"the file is truncated or damaged: its image list is broken ({broken[0]})",
+                    "copy or download the slide again and compare its size with the original",
+                )
+            return parts
+        except BaseException:
+            tif.close()
+            raise
+    finally:
+        logger.removeHandler(log)
 
 
 def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
@@ -215,7 +249,7 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
             "histolens reads brightfield slides",
         )
     series_levels = _series_pyramid(tif, main)
-    _check_tiles(path, series_levels, path.stat().st_size)
+    _check_tiles(path, list(series_list), path.stat().st_size)
     axes = tiff_plane_axes(main) or main.axes
     levels: list[da.Array] = []
     for series, index in series_levels:
