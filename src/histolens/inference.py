@@ -450,6 +450,8 @@ class _Assembly:
             self.classes = CellCanvas(self.cls_box, (), np.int32, 0)
             self.probs = CellCanvas(self.cls_box, (nc,), np.float32, 0.0)
         self.att: dict[int, CellCanvas] = {}
+        # A model may export only the scales that exist at its tile size: show those only.
+        self.att_seen: set[int] = set()
         if "attention" in tasks:
             for scale, s in enumerate(card.attention_strides):
                 self.att[scale] = CellCanvas(cells_covering(plan.box, int(s)), (), np.float32, 0.0)
@@ -471,6 +473,7 @@ class _Assembly:
         for scale, heat in out.attention.items():
             canvas = self.att.get(scale)
             if canvas is not None:
+                self.att_seen.add(scale)
                 s = int(self.card.attention_strides[scale])
                 canvas.paste(heat, (tile.inner.y0 // s, tile.inner.x0 // s))
 
@@ -491,7 +494,7 @@ class _Assembly:
                     "centroid_x": (rows[:, 2] + 0.5) * f - 0.5,
                     "area_um2": rows[:, 3] * amp * amp,
                     "class_id": cls.astype(np.int32),
-                    "class_name": [names[i] if 0 <= i < len(names) else str(i) for i in cls],
+                    "class_name": [names[i] if 0 <= i < len(names) else "unknown" for i in cls],
                     "probability": rows[:, 5].astype(np.float32),
                 },
                 columns=list(NUCLEI_COLUMNS),
@@ -518,6 +521,8 @@ class _Assembly:
             )
         attention = []
         for scale, canvas in self.att.items():
+            if scale not in self.att_seen:
+                continue
             s = int(card.attention_strides[scale])
             attention.append(
                 AttentionMap(

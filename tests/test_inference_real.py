@@ -1,0 +1,99 @@
+"""The engine with the project's real models (``histolens.models``), not the numpy fake."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from test_inference_fakes import match_instances, pyramid_slide, synthetic_image
+
+from histolens.inference import analyze, analyze_region
+from histolens.region import Region
+
+torch = pytest.importorskip("torch")
+models = pytest.importorskip("histolens.models", reason="histolens.models not importable")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "randomly initialised" is the point of test-tiny
+        return models.create_model("test-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def slide():
+    img, _ = synthetic_image(512, n=50)
+    return pyramid_slide(img, mpp=0.5)
+
+
+def test_tiny_model_tiled_matches_whole(tiny, slide):
+    """Tiled vs one-tile runs of the real network: same grids, tile classes agree.
+
+    Atlas attends across the whole tile, so outputs are not strictly local; the halo keeps
+    tile-class probabilities close (not equal). Nuclei: random weights find none, which both
+    runs must agree on; the trained-weights check is ``test_default_model_nuclei_tiled_vs_whole``.
+    """
+    region = Region(0, 0, 448, 448)
+    tiled = analyze_region(slide, region, model=tiny, tile_size=128, cache=False, skip_background=False)
+    whole = analyze_region(slide, region, model=tiny, tile_size=448, cache=False, skip_background=False)
+    assert tiled.tiles_total == 16 and whole.tiles_total == 1
+    assert tiled.tiles.classes.shape == whole.tiles.classes.shape == (14, 14)
+    assert (tiled.tiles.classes == whole.tiles.classes).mean() >= 0.9
+    assert np.abs(tiled.tiles.probabilities - whole.tiles.probabilities).max() < 0.1
+    assert tiled.tiles.embeddings.shape == whole.tiles.embeddings.shape
+    assert tiled.tiles.embeddings.shape[:2] == (14, 14)
+    assert [a.heat.shape for a in tiled.attention] == [a.heat.shape for a in whole.attention] == [(28, 28)]
+    assert tiled.nuclei.count == whole.nuclei.count
+    matched, na, _ = match_instances(tiled.nuclei.labels, whole.nuclei.labels)
+    assert matched == na
+    prov = tiled.provenance
+    assert prov.model_name == "test-tiny" and prov.device == "cpu" and prov.precision in ("bf16", "fp32")
+    assert prov.model_card["name"] == "test-tiny"
+
+
+def test_tiny_model_by_name_and_precisions(slide):
+    """``model`` given as a name; bf16 and fp32 give the same tile classes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r32 = analyze_region(slide, Region(0, 0, 256, 256), model="test-tiny", device="cpu",
+                             precision="fp32", cache=False)
+        r16 = analyze_region(slide, Region(0, 0, 256, 256), model="test-tiny", device="cpu",
+                             precision="bf16", cache=False)
+    assert r32.provenance.precision == "fp32" and r16.provenance.precision == "bf16"
+    assert (r32.tiles.classes == r16.tiles.classes).mean() >= 0.9
+    assert np.abs(r32.tiles.probabilities - r16.tiles.probabilities).max() < 0.05
+
+
+def test_tiny_model_partials_then_full(tiny, slide):
+    seen = list(analyze(slide, Region(0, 0, 512, 512), model=tiny, tile_size=128, batch_size=4, cache=False))
+    assert [r.complete for r in seen] == [False] * (len(seen) - 1) + [True]
+    assert len(seen) >= 3
+
+
+@pytest.mark.slow
+def test_default_model_nuclei_tiled_vs_whole(wsi_dir):
+    """With trained default weights: nuclei from 256-px tiles match a one-tile run (IoU >= 0.9)."""
+    from histolens.models import create_model
+    from histolens.slide import open_slide
+
+    torch.set_num_threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(None, device="cpu")
+    if not model.card.weights_sha256:
+        pytest.skip("histolens-default has no trained weights in this checkout yet")
+    slide = open_slide(wsi_dir / "CMU-1-Small-Region.svs")
+    region = Region(700, 900, 1340, 1540)
+    tiled = analyze_region(slide, region, model=model, tile_size=256, cache=False, precision="fp32")
+    whole = analyze_region(slide, region, model=model, tile_size=768, cache=False, precision="fp32")
+    # Ignore nuclei touching the region's own border: their context differs by construction.
+    core = np.zeros(tiled.nuclei.labels.shape, bool)
+    core[16:-16, 16:-16] = True
+    a = np.where(core, tiled.nuclei.labels, 0)
+    b = np.where(core, whole.nuclei.labels, 0)
+    matched, na, nb = match_instances(a, b)
+    assert na > 20
+    assert matched >= 0.9 * max(na, nb)
