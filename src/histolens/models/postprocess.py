@@ -14,6 +14,8 @@ neighbourhood of each pixel.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
@@ -48,7 +50,7 @@ def hover_parameters(mpp: float) -> dict[str, int]:
         msg = f"mpp must be a positive number of um/px, got {mpp!r}"
         raise ValueError(msg)
     f = REFERENCE_MPP / mpp
-    return {"sobel_size": _odd(5 * f), "min_size": max(1, int(round(10 * f * f)))}
+    return {"sobel_size": _odd(5 * f), "min_size": max(1, math.ceil(10 * f * f - 1e-9))}
 
 
 def sobel_kernel(size: int) -> tuple[np.ndarray, np.ndarray]:
