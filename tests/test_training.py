@@ -83,14 +83,6 @@ def test_hv_targets_of_a_square_by_hand():
     assert np.all(hv[:, inst == 0] == 0)
 
 
-def test_hv_targets_match_the_models_postprocessing_convention():
-    pp = pytest.importorskip("histolens.models.postprocess", reason="histolens.models.postprocess not available yet")
-    if not hasattr(pp, "instances_to_hv"):
-        pytest.skip("histolens.models.postprocess.instances_to_hv not available")
-    inst = _disks().instances
-    np.testing.assert_allclose(hv_targets(inst), pp.instances_to_hv(inst), atol=1e-6)
-
-
 def test_make_example_geometry_and_targets():
     s = _disks((160, 160), n=10)
     rng = np.random.default_rng(1)

@@ -24,33 +24,13 @@ __all__ = [
 def hv_targets(instances: np.ndarray) -> np.ndarray:
     """HoVer-Net horizontal/vertical distance maps of an instance map, float32 (2, H, W).
 
-    For each nucleus, the x (channel 0) and y (channel 1) offsets of its pixels from its
-    rounded centre of mass, the negative side scaled to [-1, 0] and the positive side to
-    [0, 1] separately; background is 0.
+    Channel 0 = x, 1 = y offsets from each nucleus's rounded centre of mass, each side scaled
+    to [-1, 0] / [0, 1]; background 0. Delegates to the post-processing module so the targets
+    and the watershed that reads them share one convention.
     """
-    from scipy.ndimage import find_objects
+    from histolens.models.postprocess import instances_to_hv
 
-    inst = np.asarray(instances)
-    hv = np.zeros((2, *inst.shape), np.float32)
-    if inst.max() <= 0:
-        return hv
-    for lab, sl in enumerate(find_objects(inst.astype(np.int64, copy=False)), start=1):
-        if sl is None:
-            continue
-        m = inst[sl] == lab
-        yy, xx = np.nonzero(m)
-        # Rounded centroid, as HoVer-Net does: the zero line sits on a pixel.
-        dy = (yy - int(np.round(yy.mean()))).astype(np.float32)
-        dx = (xx - int(np.round(xx.mean()))).astype(np.float32)
-        for d in (dx, dy):
-            neg, pos = d < 0, d > 0
-            if neg.any():
-                d[neg] /= -d[neg].min()
-            if pos.any():
-                d[pos] /= d[pos].max()
-        hv[0][sl][m] = dx
-        hv[1][sl][m] = dy
-    return hv
+    return instances_to_hv(instances)
 
 
 @dataclass(frozen=True)

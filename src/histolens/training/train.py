@@ -389,6 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_tile_arguments(t)
     t.set_defaults(_task=train_tiles)
+    r = sub.add_parser("release", help="evaluate a finished nuclei run, fit the Kather tile head, write weights + card")
+    from .release import add_release_arguments, release
+
+    add_release_arguments(r)
+    r.set_defaults(_task=release)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,207 @@
+"""``histolens train release``: evaluate a finished nuclei run, fit the tile head, ship the weights.
+
+From a run folder of ``histolens train nuclei`` (``final.safetensors``, ``checkpoint.json``):
+
+1. nuclei on the held-out MoNuSeg patients (native 0.25 um/px tiles through the same
+   :func:`~histolens.training.nuclei_cli.segment_nuclei` path users run), model *and* classical
+   baseline, scored by :func:`~histolens.training.evaluate.evaluate_images`;
+2. nucleus types on the held-out CoNSeP source tiles (instance accuracy and per-type F1 over
+   IoU > 0.5 matches);
+3. tile probes on the trained backbone's embeddings with grouped CV on Kather 2016 and LC25000
+   (and, for contrast, an ungrouped CV on LC25000 that leaks near-duplicates);
+4. installs the Kather 8-class probe as the tile head and writes the weights + card (licence,
+   data, recipe, metrics, sha256) with ``save_model_weights``; a JSON report goes to the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .train import DEFAULT_VAL_CONSEP_TILES, DEFAULT_VAL_PATIENTS, default_data_root, setup_logging
+
+__all__ = ["KATHER_EFFECTIVE_MPP", "add_release_arguments", "release"]
+
+log = logging.getLogger("histolens.train")
+
+#: Kather 2016 tiles: 150 px at 0.495 um/px upsampled to 224 px by the source -> 0.3315 um/px.
+KATHER_EFFECTIVE_MPP = 0.495 * 150 / 224
+
+LICENCE = (
+    "weights: CC BY-NC-SA 4.0 (non-commercial, share-alike), inherited from the MoNuSeg and PanNuke "
+    "training labels; also trained on CoNSeP (research use, cite HoVer-Net) and a Kather 2016 tile "
+    "head (CC BY 4.0). Code: BSD-3-Clause."
+)
+
+
+def add_release_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``histolens train release``."""
+    parser.add_argument("--run", type=Path, required=True, help="run folder of `histolens train nuclei` (final.safetensors)")
+    parser.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors); card beside it")
+    parser.add_argument("--data", type=Path, default=default_data_root())
+    parser.add_argument("--model", default="histolens-default")
+    parser.add_argument("--lc25000-tiles", type=int, default=900, help="LC25000 tiles (whole dHash groups) used for the probe CV")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_run_model(run: Path, name: str) -> Any:
+    from safetensors.torch import load_file
+
+    from .train import create_trainable_model
+
+    weights = run / "final.safetensors"
+    if not weights.is_file():
+        msg = f"{weights} is missing: finish `histolens train nuclei --out {run}` first"
+        raise FileNotFoundError(msg)
+    model = create_trainable_model(name)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval()
+
+
+def _nuclei_validation(model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]) -> None:
+    from .evaluate import classical_nuclei, evaluate_images, find_pairs
+    from .nuclei_cli import segment_nuclei
+
+    mon = data / "monuseg" / "train"
+    pairs = [p for p in find_pairs(mon / "images", mon / "labels") if p[0].stem[:12] in DEFAULT_VAL_PATIENTS]
+    t0 = time.perf_counter()
+    df_m = evaluate_images(pairs, lambda img, stem: segment_nuclei(img, mpp=0.25, model=model, name=stem)[0])
+    per_tile_s = (time.perf_counter() - t0) / len(pairs)
+    df_b = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=0.25))
+    for tag, df in (("model", df_m), ("baseline", df_b)):
+        log.info("MoNuSeg held-out patients, %s:\n%s", tag, df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        report[f"monuseg_val_{tag}"] = df.to_dict("records")
+        prefix = "monuseg_val" if tag == "model" else "baseline_monuseg_val"
+        for c in ("dice", "aji", "pq"):
+            metrics[f"{prefix}_{c}"] = round(float(df[c].mean()), 4)
+    metrics["cpu_seconds_per_1000px_tile_0.25mpp"] = round(per_tile_s, 2)
+
+
+def _type_validation(model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]) -> None:
+    from .datasets import NUCLEUS_TYPES, load_consep
+    from .evaluate import classical_nuclei, evaluate_types
+    from .metrics import panoptic_quality
+    from .nuclei_cli import segment_nuclei
+
+    names = list(model.card.nucleus_types)
+    samples = [s for s in load_consep(data, mpp=0.25) if s.group in DEFAULT_VAL_CONSEP_TILES]
+
+    def predict(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels, table = segment_nuclei(img, mpp=0.25, model=model)
+        types = np.full(int(labels.max()) + 1, -1)
+        types[table["label"].to_numpy(int) - 1] = [names.index(t) for t in table["type"]]
+        return labels, types
+
+    res = evaluate_types(samples, predict, len(NUCLEUS_TYPES))
+    # The baseline has no types: only its PQ on the same patches.
+    base_pq = float(np.mean([panoptic_quality(s.instances, classical_nuclei(s.image, mpp=0.25)).pq for s in samples]))
+    for k, name in enumerate(names):
+        res[name] = res.pop(f"type{k}")
+    report["consep_val_types"] = res
+    report["consep_val_baseline_pq"] = base_pq
+    log.info("CoNSeP held-out tiles %s: %s", DEFAULT_VAL_CONSEP_TILES, json.dumps(res, indent=1))
+    metrics["consep_val_pq"] = round(res["pq_mean"], 4)
+    metrics["baseline_consep_val_pq"] = round(base_pq, 4)
+    metrics["consep_val_type_accuracy"] = round(res["accuracy"], 4)
+    metrics["consep_val_type_macro_f1"] = round(res["macro_f1"], 4)
+    for name in names:
+        f1 = res[name]["f1"]
+        if np.isfinite(f1):
+            metrics[f"consep_val_f1_{name}"] = round(f1, 4)
+
+
+def _probes(model: Any, data: Path, args: argparse.Namespace, report: dict[str, Any], metrics: dict[str, float]) -> Any:
+    from .datasets import load_kather, load_lc25000
+    from .probe import cross_validate, fit_logistic, tile_embeddings
+
+    kather = load_kather(data)
+    xk = tile_embeddings(model, kather.images, image_mpp=KATHER_EFFECTIVE_MPP)
+    cv_k = cross_validate(xk, kather.labels, kather.groups, len(kather.classes), k=args.folds, seed=args.seed)
+    report["kather_probe"] = cv_k
+    metrics["kather_probe_grouped_cv_accuracy"] = round(cv_k["accuracy_mean"], 4)
+    metrics["kather_probe_grouped_cv_balanced_accuracy"] = round(cv_k["balanced_accuracy_mean"], 4)
+    log.info("Kather probe grouped %d-fold CV: %s", args.folds, cv_k)
+
+    lc = load_lc25000(data)
+    rng = np.random.default_rng(args.seed)
+    groups = np.unique(lc.groups)
+    rng.shuffle(groups)
+    # Whole dHash families only, so the subsample keeps every near-duplicate with its family.
+    chosen, n = [], 0
+    for g in groups:
+        if n >= args.lc25000_tiles:
+            break
+        chosen.append(g)
+        n += int((lc.groups == g).sum())
+    idx = np.nonzero(np.isin(lc.groups, chosen))[0]
+    sizes = np.bincount(lc.groups)
+    report["lc25000_grouping"] = {"tiles": len(lc.groups), "groups": int(len(groups)), "largest_group": int(sizes.max()),
+                                  "mean_group_size": float(sizes.mean()), "probe_tiles": len(idx)}
+    xl = tile_embeddings(model, lc.images[idx])  # mpp unknown: run at the tiles' own scale
+    yl, gl = lc.labels[idx], lc.groups[idx]
+    cv_l = cross_validate(xl, yl, gl, len(lc.classes), k=args.folds, seed=args.seed)
+    leaky = cross_validate(xl, yl, np.arange(len(yl)), len(lc.classes), k=args.folds, seed=args.seed)
+    report["lc25000_probe_grouped"] = cv_l
+    report["lc25000_probe_ungrouped_leaky"] = leaky
+    metrics["lc25000_probe_grouped_cv_accuracy"] = round(cv_l["accuracy_mean"], 4)
+    metrics["lc25000_probe_ungrouped_cv_accuracy_leaky"] = round(leaky["accuracy_mean"], 4)
+    log.info("LC25000 probe grouped CV: %s; ungrouped (leaky): %s", cv_l, leaky)
+    return fit_logistic(xk, kather.labels, len(kather.classes)), kather
+
+
+def release(args: argparse.Namespace) -> int:
+    """See the module docstring."""
+    import torch
+
+    from histolens.models._model import save_model_weights
+
+    from .probe import install_linear_head
+
+    torch.set_num_threads(args.threads)
+    setup_logging(args.run / "release.log")
+    t0 = time.time()
+    model = _load_run_model(args.run, args.model)
+    state = json.loads((args.run / "checkpoint.json").read_text())
+    report: dict[str, Any] = {"run": str(args.run), "train_steps": state["step"], "train_minutes": state["elapsed_s"] / 60}
+    metrics: dict[str, float] = {"train_steps": int(state["step"]), "train_minutes": round(state["elapsed_s"] / 60, 1)}
+    _nuclei_validation(model, args.data, report, metrics)
+    _type_validation(model, args.data, report, metrics)
+    probe, kather = _probes(model, args.data, args, report, metrics)
+    card = model.card
+    install_linear_head(model, probe, card.tissue_classes, card.tissue_colors)
+    targs = state.get("args", {})
+    recipe = (
+        f"histolens train nuclei --minutes {targs.get('minutes')} --lr {targs.get('lr')} --batch-size "
+        f"{targs.get('batch_size')} --crop {targs.get('crop')} --seed {targs.get('seed')}: random init, AdamW "
+        f"(wd {targs.get('weight_decay')}), warm-up + cosine, bf16 autocast on CPU, {state['step']} steps in "
+        f"{state['elapsed_s'] / 60:.0f} min on 2 CPU cores; losses NP BCE+Dice, HV MSE+MSGE (nuclei pixels), "
+        "NT CE+Dice (known types only); augmentation flips/rot90, HED stain jitter, brightness/contrast, "
+        "scale jitter 0.8-1.25 around 0.5 um/px. Tile head: logistic regression on the tile embeddings "
+        "of the 100 Kather 2016 tiles (all of them; CV figures from grouped 5-fold). "
+        "`histolens train release` wrote this card."
+    )
+    training_data = (
+        "MoNuSeg 2018 train (10 instance-labelled + 17 binary-mask tiles; patients "
+        f"{', '.join(DEFAULT_VAL_PATIENTS)} held out), CoNSeP train (24 of 27 source tiles; "
+        f"{', '.join(DEFAULT_VAL_CONSEP_TILES)} held out), 25 PanNuke breast patches (neoplastic -> epithelial), "
+        "all resampled to 0.5 um/px; tile head: Kather 2016 100-tile sample."
+    )
+    card = card.replace(
+        licence=LICENCE, training_data=training_data, recipe=recipe, metrics=metrics,
+        description=card.description + f"; trained by the project's recipe (release {time.strftime('%Y-%m-%d')})",
+    )
+    card = save_model_weights(model, args.out, card=card)
+    size_mb = args.out.stat().st_size / 1e6
+    report.update(metrics=metrics, weights=str(args.out), weights_mb=size_mb, sha256=card.weights_sha256,
+                  release_minutes=(time.time() - t0) / 60)
+    (args.run / "release_report.json").write_text(json.dumps(report, indent=1, default=float))
+    log.info("wrote %s (%.2f MB, sha256 %s) and its card; metrics %s", args.out, size_mb, card.weights_sha256, metrics)
+    return 0
