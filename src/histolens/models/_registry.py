@@ -136,7 +136,7 @@ def create_model(
             path = None
         elif card is None and card_path_for(path).is_file():
             use_card = ModelCard.from_json(card_path_for(path))
-    if pretrained and path is None and not entry.foundation and not entry.requires_weights:
+    if pretrained and path is None and entry.weights is not None and not entry.foundation:
         warnings.warn(f"model {name!r} has no trained weights here; it is randomly initialised",
                       stacklevel=2)
     if entry.foundation:
