@@ -1,0 +1,76 @@
+"""The wsidicom path: the shared DICOM made standard-complete in tmp_path, read both ways."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histolens.region import Region
+from histolens.slide import open_slide
+
+pydicom = pytest.importorskip("pydicom")
+pytest.importorskip("wsidicom")
+
+
+@pytest.fixture(scope="module")
+def complete_dicom(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_dicom.dcm`` plus the attributes wsidicom requires, and a 0.5 um pixel spacing.
+
+    The source labels its JPEG frames RGB although they are JFIF YCbCr; the copy says
+    YBR_FULL_422 so that wsidicom's decoder converts colours as the frames require.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # over-long UIDs/names in the source header
+        ds = pydicom.dcmread(wsi_dir / "small_dicom.dcm")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    measures = Dataset()
+    measures.PixelSpacing = [0.0005, 0.0005]  # mm
+    measures.SliceThickness = 0.001
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.NumberOfOpticalPaths = 1
+    illumination = Dataset()
+    illumination.CodeValue, illumination.CodingSchemeDesignator = "414298005", "SCT"
+    illumination.CodeMeaning = "Brightfield illumination"
+    path_item = Dataset()
+    path_item.OpticalPathIdentifier = "1"
+    path_item.IlluminationTypeCodeSequence = Sequence([illumination])
+    ds.OpticalPathSequence = Sequence([path_item])
+    ds.ContainerIdentifier, ds.PatientName, ds.PatientID, ds.StudyID = "slide", "anon", "anon", "1"
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out = tmp_path_factory.mktemp("dicom") / "complete.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_wsidicom_reads_pixel_spacing_and_same_pixels(complete_dicom: Path, wsi_dir: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the spacing is there: no mpp warning
+        slide = open_slide(complete_dicom)
+    assert slide.metadata["reader"] == "wsidicom"
+    assert slide.shape == (2638, 3236)
+    assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "dicom"  # 0.0005 mm
+    assert slide.tile_shape == (500, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = open_slide(wsi_dir / "small_dicom.dcm")
+    assert direct.metadata["reader"] == "histolens-frames"
+    region = Region(700, 1200, 1300, 2100)
+    for level in (0, 2):
+        a = slide.read_region(region, level=level).astype(int)
+        b = direct.read_region(region, level=level).astype(int)
+        # Two JPEG decoders (Pillow's in wsidicom, imagecodecs' here): equal up to rounding.
+        assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
