@@ -1,0 +1,104 @@
+"""``histolens nuclei`` / ``histolens evaluate nuclei`` end to end, and the classical baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from histolens.training.evaluate import classical_nuclei, score_pair
+from histolens.training.nuclei_cli import NUCLEI_TABLE_COLUMNS, labels_to_input_grid
+
+
+def _disk_image(shape=(200, 200), n=12, seed=0):
+    """H&E-like synthetic tile: dark purple disks (nuclei) on pink, and their instance labels."""
+    rng = np.random.default_rng(seed)
+    inst = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    k = 0
+    while k < n:
+        cy, cx, r = rng.integers(12, shape[0] - 12), rng.integers(12, shape[1] - 12), rng.integers(5, 9)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (inst[np.pad(disk, 0)] > 0).any() or (inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= (r + 3) ** 2] > 0).any():
+            continue
+        k += 1
+        inst[disk] = k
+    img = np.empty((*shape, 3), np.uint8)
+    img[:] = (235, 180, 210)
+    img[inst > 0] = (70, 40, 130)
+    img = np.clip(img.astype(int) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+    return img, inst
+
+
+def test_classical_baseline_finds_separate_disks():
+    img, inst = _disk_image()
+    pred = classical_nuclei(img, mpp=0.5)
+    s = score_pair(inst, pred.astype(np.int64))
+    assert s["dice"] > 0.9 and s["pq"] > 0.8, s
+
+
+def test_labels_to_input_grid_inverts_a_downsample_of_two():
+    lab = np.array([[1, 2], [3, 0]], np.uint32)
+    up = labels_to_input_grid(lab, 2.0, (0, 0), (4, 5))
+    assert up.shape == (4, 5)
+    assert up[:2, :2].tolist() == [[1, 1], [1, 1]] and up[3, 3] == 0 and up[0, 3] == 2
+    assert (up[:, 4] == 0).all()  # beyond the label array
+
+
+def test_nuclei_cli_writes_labels_and_table(tmp_path):
+    from histolens.cli import main
+
+    img, _ = _disk_image((150, 170))
+    src = tmp_path / "tile.tif"
+    tifffile.imwrite(src, img)
+    out = tmp_path / "out"
+    assert main(["nuclei", str(src), "--mpp", "0.25", "--out", str(out), "--model", "test-tiny"]) == 0
+    labels = tifffile.imread(out / "tile.tif")
+    assert labels.shape == (150, 170) and labels.dtype == np.uint32
+    table = pd.read_csv(out / "tile.csv")
+    assert tuple(table.columns) == NUCLEI_TABLE_COLUMNS
+    # Every row is a label present in the image, with its pixel area; and vice versa.
+    ids = set(np.unique(labels[labels > 0]).tolist())
+    assert set(table["label"]) == ids
+    for _, r in table.head(5).iterrows():
+        assert (labels == r["label"]).sum() == r["area_px"]
+        assert r["area_um2"] == pytest.approx(r["area_px"] * 0.25 * 0.25)
+
+
+def test_evaluate_cli_scores_predictions_and_baseline(tmp_path, capsys):
+    from histolens.cli import main
+
+    imgs, labs, preds = (tmp_path / d for d in ("images", "labels", "pred"))
+    for d in (imgs, labs, preds):
+        d.mkdir()
+    for i in range(2):
+        img, inst = _disk_image(seed=i)
+        tifffile.imwrite(imgs / f"t{i}.tif", img)
+        tifffile.imwrite(labs / f"t{i}.tif", inst.astype(np.uint16))
+        tifffile.imwrite(preds / f"t{i}.tif", inst.astype(np.uint32))  # perfect predictions
+    assert main(["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5", "--pred", str(preds)]) == 0
+    out = capsys.readouterr().out
+    assert "mean  dice 1.0000  aji 1.0000  pq 1.0000" in out
+    js = tmp_path / "b.json"
+    assert main(["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5", "--baseline", "--json", str(js)]) == 0
+    import json
+
+    mean = json.loads(js.read_text())["mean"]
+    assert 0.7 < mean["pq"] <= 1.0
+
+
+def test_evaluate_on_a_real_monuseg_tile_baseline(shared_data):
+    """The baseline on one real labelled tile: plausible, far from perfect (a sanity anchor)."""
+    from histolens.training.nuclei_cli import read_rgb
+
+    mon = shared_data / "monuseg" / "train"
+    if not mon.is_dir():
+        pytest.skip(f"{mon} is absent")
+    name = "TCGA-B0-5710-01Z-00-DX1"
+    from PIL import Image
+
+    img = read_rgb(mon / "images" / f"{name}.tif")
+    true = np.asarray(Image.open(mon / "labels" / f"{name}.png")).astype(np.int64)
+    s = score_pair(true, classical_nuclei(img, mpp=0.25).astype(np.int64))
+    assert 0.6 < s["dice"] < 0.95 and 0.3 < s["pq"] < 0.8, s
