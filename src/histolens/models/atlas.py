@@ -289,7 +289,8 @@ class MSABlock(nn.Module):
         attn: dict[str, dict[int, torch.Tensor]] = {"top_down": {}, "bottom_up": {}}
         for s in range(n):
             lay = layouts[s]
-            xs[s] = xs[s] + blocks[s].pos(window_coords(lay.mh, lay.mw, xs[s].device)).to(xs[s].dtype)
+            coords = window_coords(lay.mh, lay.mw, xs[s].device).to(blocks[s].pos[0].weight.dtype)
+            xs[s] = xs[s] + blocks[s].pos(coords).to(xs[s].dtype)
         # Bottom-up max-pool residual: each scale also sees the strongest responses below it.
         for s in range(n - 1):
             fine, coarse = layouts[s], layouts[s + 1]
