@@ -1,4 +1,4 @@
-"""Region reads: histolens (tifffile + zarr + dask) against openslide-python, same files, same boxes.
+"""Region reads: histolens (tifffile + zarr + dask) vs openslide-python, same files, same boxes.
 
 Files: the bundled CMU-1-Small-Region.svs and a synthetic JPEG pyramid written here (levels in
 the main IFD chain, which OpenSlide's generic-TIFF reader understands). For each file and
@@ -39,9 +39,12 @@ def bench_file(path: Path, levels: list[int], n: int, size: int, seed: int) -> l
     t0 = time.perf_counter()
     osr = openslide.OpenSlide(str(path))
     t_open_os = time.perf_counter() - t0
-    print(f"\n{path.name}: level-0 {slide.shape[1]} x {slide.shape[0]} px, {len(slide.levels)} levels "
-          f"(openslide: {osr.level_count}); open: histolens {t_open_ours * 1e3:.1f} ms, "
-          f"openslide {t_open_os * 1e3:.1f} ms")
+    print(
+        f"\n{path.name}: level-0 {slide.shape[1]} x {slide.shape[0]} px, "
+        f"{len(slide.levels)} levels "
+        f"(openslide: {osr.level_count}); open: histolens {t_open_ours * 1e3:.1f} ms, "
+        f"openslide {t_open_os * 1e3:.1f} ms"
+    )
     rng = np.random.default_rng(seed)
     rows = []
     for level in levels:
@@ -70,16 +73,19 @@ def bench_file(path: Path, levels: list[int], n: int, size: int, seed: int) -> l
         row = {
             "file": path.name, "level": level, "downsample": f, "box": s, "n": n,
             "ours_ms": 1e3 * statistics.median(ours), "os_ms": 1e3 * statistics.median(theirs),
-            "ours_mean_ms": 1e3 * statistics.fmean(ours), "os_mean_ms": 1e3 * statistics.fmean(theirs),
+            "ours_mean_ms": 1e3 * statistics.fmean(ours),
+            "os_mean_ms": 1e3 * statistics.fmean(theirs),
             "mean_abs_diff": statistics.fmean(equal),
             "os_how": "stored level" if os_level is not None else "level 0 + mean",
         }  # fmt: skip
         rows.append(row)
-        print(f"  level {level} (x{f:g}) {s}x{s} px, {n} boxes: histolens median "
-              f"{row['ours_ms']:.1f} ms (mean {row['ours_mean_ms']:.1f}), openslide "
-              f"[{row['os_how']}] median {row['os_ms']:.1f} ms (mean {row['os_mean_ms']:.1f}); "
-              f"openslide/histolens = {row['os_ms'] / row['ours_ms']:.2f}; "
-              f"mean |diff| {row['mean_abs_diff']:.2f} grey levels")
+        print(
+            f"  level {level} (x{f:g}) {s}x{s} px, {n} boxes: histolens median "
+            f"{row['ours_ms']:.1f} ms (mean {row['ours_mean_ms']:.1f}), openslide "
+            f"[{row['os_how']}] median {row['os_ms']:.1f} ms (mean {row['os_mean_ms']:.1f}); "
+            f"openslide/histolens = {row['os_ms'] / row['ours_ms']:.2f}; "
+            f"mean |diff| {row['mean_abs_diff']:.2f} grey levels"
+        )
     slide.close()
     osr.close()
     return rows
@@ -97,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import openslide  # noqa: F401
     except ImportError:
-        print("openslide-python is needed: pip install napari-histolens[openslide]", file=sys.stderr)
+        print(
+            "openslide-python is needed: pip install napari-histolens[openslide]", file=sys.stderr
+        )
         return 2
     import dask
 
@@ -106,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (8 if args.quick else 20)
     side = args.synthetic_size or (16384 if args.quick else 65536)
     dask.config.set(scheduler="threads", num_workers=args.threads)
-    print(f"{n} random {args.size} x {args.size} boxes per level; histolens on {args.threads} "
-          "dask threads, openslide single-threaded; times include decoding, not file opening")
+    print(
+        f"{n} random {args.size} x {args.size} boxes per level; histolens on {args.threads} "
+        "dask threads, openslide single-threaded; times include decoding, not file opening"
+    )
     # Warm-up: the first open pays for importing zarr/imagecodecs; keep that out of the figures.
     from histolens.slide import open_slide
 
@@ -116,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         syn = write_synthetic_pyramid(Path(tmp) / "synthetic.tif", side, tile=512)
         size_mb = syn.path.stat().st_size / 1e6
-        print(f"wrote {side} x {side} px synthetic pyramid ({len(syn.level_shapes)} levels, "
-              f"{size_mb:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote {side} x {side} px synthetic pyramid ({len(syn.level_shapes)} levels, "
+            f"{size_mb:.0f} MB) in {time.perf_counter() - t0:.1f} s"
+        )
         bench_file(sample_slide_path(), [0, 1], n, args.size, args.seed)
         bench_file(syn.path, [0, 2], n, args.size, args.seed)
     return 0

@@ -33,7 +33,12 @@ def test_svs_reader_gives_a_multiscale_layer_in_micrometres(wsi_dir: Path) -> No
     assert layer.multiscale and layer.rgb
     np.testing.assert_allclose(layer.scale, (0.499, 0.499))
     assert str(layer.units[0]) == "micrometer"
-    assert [tuple(s) for s in layer.level_shapes] == [(2967, 2220), (1483, 1110), (741, 555), (370, 277)]
+    assert [tuple(s) for s in layer.level_shapes] == [
+        (2967, 2220),
+        (1483, 1110),
+        (741, 555),
+        (370, 277),
+    ]
     meta = layer.metadata
     assert meta["path"] == str(wsi_dir / "CMU-1-Small-Region.svs")
     assert meta["mpp"] == pytest.approx(0.499) and meta["vendor"] == "aperio"
@@ -98,7 +103,10 @@ def test_geojson_is_delegated_to_export(tmp_path: Path) -> None:
     feature = {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [[[10, 10], [30, 10], [30, 30], [10, 10]]]},
-        "properties": {"objectType": "detection", "classification": {"name": "tumor", "color": [255, 0, 0]}},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": "tumor", "color": [255, 0, 0]},
+        },
     }
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     reader = napari_get_reader(str(path))

@@ -46,6 +46,8 @@ def test_svs_single_level_gets_lazy_coarser_levels(svs: Slide) -> None:
     assert max(svs.level_shapes[-1]) < 512
     for lvl in svs.levels:
         assert lvl.dtype == np.uint8 and lvl.shape[2] == 3
+        # Chunks stay the native 240 px tiles, so napari loads small pieces at every level.
+        assert lvl.chunksize[:2] == (240, 240)
 
 
 def _reference_halvings(level0: np.ndarray, n: int) -> list[np.ndarray]:

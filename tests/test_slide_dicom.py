@@ -74,3 +74,12 @@ def test_wsidicom_reads_pixel_spacing_and_same_pixels(complete_dicom: Path, wsi_
         b = direct.read_region(region, level=level).astype(int)
         # Two JPEG decoders (Pillow's in wsidicom, imagecodecs' here): equal up to rounding.
         assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
+
+
+def test_folder_of_instances_opens_and_reader_claims_it(complete_dicom: Path) -> None:
+    from histolens._reader import napari_get_reader
+
+    folder = complete_dicom.parent
+    slide = open_slide(folder)
+    assert slide.shape == (2638, 3236) and slide.metadata["reader"] == "wsidicom"
+    assert napari_get_reader(str(folder)) is not None

@@ -13,7 +13,10 @@ from histolens.slide._mpp import (
     mpp_from_ventana,
 )
 
-APERIO = "Aperio Image Library v11.2.1\r\n46000x32914 (256x256) JPEG/RGB Q=30|AppMag = 20|MPP = 0.4990|Filename = CMU-1"
+APERIO = (
+    "Aperio Image Library v11.2.1\r\n46000x32914 (256x256) JPEG/RGB Q=30"
+    "|AppMag = 20|MPP = 0.4990|Filename = CMU-1"
+)
 
 
 def test_aperio() -> None:
@@ -67,7 +70,8 @@ def test_resolution(xres, unit, expected) -> None:
 def test_philips_and_ventana() -> None:
     philips = (
         '<DataObject><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" '
-        'PMSVR="IDoubleArray">&quot;0.000243902&quot; &quot;0.000243902&quot;</Attribute></DataObject>'
+        'PMSVR="IDoubleArray">&quot;0.000243902&quot; &quot;0.000243902&quot;'
+        "</Attribute></DataObject>"
     )
     assert mpp_from_philips(philips) == pytest.approx(0.243902)
     assert mpp_from_philips("<DataObject/>") is None

@@ -121,4 +121,3 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
     if not items or not all(_handles(p) for p in items):
         return None
     return read_slides
-

@@ -80,9 +80,7 @@ def _open_wsidicom(path: Path) -> dict[str, Any]:
 
         levels.append(tiled_dask_array(read, height, width, tile, name="dicom"))
         downsamples.append(
-            (base.size.width / width + base.size.height / height) / 2.0
-            if i
-            else 1.0
+            (base.size.width / width + base.size.height / height) / 2.0 if i else 1.0
         )
     mpp = None
     spacing = getattr(base, "pixel_spacing", None)
@@ -105,9 +103,7 @@ def _open_wsidicom(path: Path) -> dict[str, Any]:
     }
 
 
-def _frame_offsets(
-    fh: Any, start: int, size: int, nframes: int
-) -> list[list[tuple[int, int]]]:
+def _frame_offsets(fh: Any, start: int, size: int, nframes: int) -> list[list[tuple[int, int]]]:
     """``(offset, length)`` of the fragments of each frame of encapsulated pixel data.
 
     Reads only the 8-byte item headers. Frames are one fragment each unless the Basic Offset
@@ -177,12 +173,15 @@ def _open_frames(path: Path) -> dict[str, Any]:
         # Header only: the frames are located and decoded lazily below.
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
-        raise SlideError(path, f"pydicom cannot read it ({exc})", "check that it is a DICOM file") from None
+        raise SlideError(
+            path, f"pydicom cannot read it ({exc})", "check that it is a DICOM file"
+        ) from None
     sop = str(getattr(ds, "SOPClassUID", ""))
     if sop != "1.2.840.10008.5.1.4.1.1.77.1.6":
         raise SlideError(
             path,
-            f"it is a DICOM file but not a VL Whole Slide Microscopy image (SOP class {sop or 'missing'})",
+            "it is a DICOM file but not a VL Whole Slide Microscopy image "
+            f"(SOP class {sop or 'missing'})",
             "open whole-slide DICOM instances (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6)",
         )
     organisation = str(getattr(ds, "DimensionOrganizationType", "TILED_FULL"))
@@ -200,7 +199,8 @@ def _open_frames(path: Path) -> dict[str, Any]:
     if across * down != nframes:
         raise SlideError(
             path,
-            f"{nframes} frames do not tile a {width} x {height} matrix in {tile[1]} x {tile[0]} tiles",
+            f"{nframes} frames do not tile a {width} x {height} matrix "
+            f"in {tile[1]} x {tile[0]} tiles",
             "the file is incomplete; export the slide again",
         )
     syntax = str(ds.file_meta.TransferSyntaxUID)
@@ -222,7 +222,9 @@ def _open_frames(path: Path) -> dict[str, Any]:
         frames = _frame_offsets(fh, _pixel_data_start(fh), size, nframes)
     except (ValueError, IndexError, struct.error) as exc:
         fh.close()
-        raise SlideError(path, f"its encapsulated pixel data is damaged: {exc}", "re-copy the file") from None
+        raise SlideError(
+            path, f"its encapsulated pixel data is damaged: {exc}", "re-copy the file"
+        ) from None
     lock = threading.Lock()
 
     def frame(index: int) -> np.ndarray:
@@ -245,14 +247,18 @@ def _open_frames(path: Path) -> dict[str, Any]:
                 ty0, tx0 = ty * tile[0], tx * tile[1]
                 sy0, sx0 = max(y0, ty0), max(x0, tx0)
                 sy1, sx1 = min(y1, ty0 + tile[0]), min(x1, tx0 + tile[1])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = t[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0]
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = t[
+                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+                ]
         return out
 
     try:
         read(0, 0, min(tile[0], height), min(tile[1], width))
     except Exception as exc:
         fh.close()
-        raise SlideError(path, f"its first frame cannot be decoded ({exc})", "re-copy the file") from None
+        raise SlideError(
+            path, f"its first frame cannot be decoded ({exc})", "re-copy the file"
+        ) from None
     level0 = tiled_dask_array(read, height, width, tile, name="dicom")
     mpp = _dicom_mpp(ds)
     meta = {"format": "dicom", "reader": "histolens-frames", "dicom.TransferSyntaxUID": syntax}

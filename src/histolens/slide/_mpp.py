@@ -79,9 +79,7 @@ def mpp_from_ome(ome_xml: str, image: int = 0) -> float | None:
     return plausible_mpp(sizes[0]) if sizes else None
 
 
-def mpp_from_resolution(
-    xres: tuple[int, int] | float | None, unit: int | None
-) -> float | None:
+def mpp_from_resolution(xres: tuple[int, int] | float | None, unit: int | None) -> float | None:
     """um/px from TIFF ``XResolution`` (pixels per unit) and ``ResolutionUnit`` (2 inch, 3 cm).
 
     Unit 1 (none) carries no physical size, so it gives ``None``.

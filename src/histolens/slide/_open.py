@@ -84,7 +84,9 @@ def _open_backend(path: Path, kind: str) -> dict[str, Any]:
     except ImportError:
         raise
     except Exception as exc:  # openslide.OpenSlideError and friends
-        raise SlideError(path, f"OpenSlide cannot read it ({exc})", "check that the file is complete") from None
+        raise SlideError(
+            path, f"OpenSlide cannot read it ({exc})", "check that the file is complete"
+        ) from None
 
 
 def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Slide:
@@ -106,7 +108,9 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
     path = Path(os.fspath(path)).expanduser()
     user_mpp = _check_mpp(mpp, "open_slide(mpp=...)")
     if not path.exists():
-        raise SlideError(path, "no such file or folder", "check the path (and the working directory)")
+        raise SlideError(
+            path, "no such file or folder", "check the path (and the working directory)"
+        )
     kind = _sniff(path)
     parts = _open_backend(path, kind)
     closers = parts.pop("closers", ())

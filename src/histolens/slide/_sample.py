@@ -11,7 +11,7 @@ SAMPLE_SLIDE = "CMU-1-Small-Region.svs"
 
 
 def sample_slide_path() -> Path:
-    """Path of ``CMU-1-Small-Region.svs`` (Aperio SVS, 2220 x 2967 px, 0.499 um/px) in the package."""
+    """Path of the bundled ``CMU-1-Small-Region.svs`` (Aperio, 2220 x 2967 px, 0.499 um/px)."""
     resource = files("histolens").joinpath("_data", SAMPLE_SLIDE)
     path = Path(str(resource))
     if not path.is_file():

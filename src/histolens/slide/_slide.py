@@ -17,7 +17,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from ..region import Region
+from histolens.region import Region
 
 __all__ = ["LazyImages", "Slide", "SlideError", "as_rgb_uint8", "derive_levels"]
 
@@ -123,7 +123,9 @@ def as_rgb_uint8(array: Any, axes: str = "YXS") -> Any:
     elif dtype.kind == "f":
         array = (lib.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     else:
-        msg = f"pixel type {dtype} is not supported; slides are 8-bit (uint8) or 16-bit (uint16) RGB"
+        msg = (
+            f"pixel type {dtype} is not supported; slides are 8-bit (uint8) or 16-bit (uint16) RGB"
+        )
         raise ValueError(msg)
     if nchan in (2, 4):
         # Composite onto white so transparent areas look like glass, as viewers do.
@@ -182,7 +184,8 @@ class Slide:
     downsamples : level-0 pixels per level pixel, ``1.0`` first.
     mpp : micrometres per level-0 pixel, or ``None`` when unknown.
     mpp_source : where ``mpp`` came from: ``"aperio"``, ``"ome"``, ``"tiff-resolution"``,
-        ``"dicom"``, ``"philips"``, ``"ventana"``, ``"leica"``, ``"openslide"``, ``"user"``, ``"none"``.
+        ``"dicom"``, ``"philips"``, ``"ventana"``, ``"leica"``, ``"openslide"``, ``"user"``,
+        ``"none"``.
     vendor : the format, e.g. ``"aperio"``, ``"ome"``, ``"dicom"``, ``"memory"``.
     metadata : vendor properties (JSON-friendly values).
     associated : ``thumbnail``/``label``/``macro`` images, decoded on first access.
@@ -267,7 +270,10 @@ class Slide:
         never depends on where the box sits. Only the tiles under the box are decoded.
         """
         if not isinstance(region, Region):
-            msg = f"read_region needs a histolens.Region in level-0 pixels, got {type(region).__name__}"
+            msg = (
+                "read_region needs a histolens.Region in level-0 pixels, "
+                f"got {type(region).__name__}"
+            )
             raise TypeError(msg)
         if not (-len(self.levels) <= level < len(self.levels)):
             msg = f"level {level} does not exist; this slide has levels 0..{len(self.levels) - 1}"
@@ -329,7 +335,7 @@ class Slide:
         )
 
     def with_mpp(self, mpp: float) -> Slide:
-        """The same pixels with a user-given level-0 ``mpp`` (um/px); ``mpp_source`` = ``"user"``."""
+        """The same pixels with a user-given level-0 ``mpp`` (um/px), ``mpp_source="user"``."""
         value = _check_mpp(mpp, "with_mpp(mpp)")
         if value is None:
             raise ValueError("with_mpp(mpp) needs a number of micrometres per pixel, got None")
@@ -355,8 +361,15 @@ class Slide:
             return (_reopen_slide, (self._reopen, user_mpp))
         return (
             _rebuild,
-            (self.levels, self.downsamples, self.mpp, self.mpp_source, self.vendor,
-             dict(self.metadata), self.name),
+            (
+                self.levels,
+                self.downsamples,
+                self.mpp,
+                self.mpp_source,
+                self.vendor,
+                dict(self.metadata),
+                self.name,
+            ),
         )
 
     def __repr__(self) -> str:

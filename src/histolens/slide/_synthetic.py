@@ -50,7 +50,7 @@ class SyntheticPyramid:
 
 
 def _variant_pixels(n: int, tile: int, seed: int) -> np.ndarray:
-    """``n`` H&E-like tiles: pink background, darker fibres, purple disks (flat, so JPEG is small)."""
+    """``n`` H&E-like tiles: pink ground, darker fibres, purple disks (flat: small JPEGs)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:tile, 0:tile]
     tiles = np.empty((n, tile, tile, 3), dtype=np.uint8)
@@ -67,9 +67,7 @@ def _variant_pixels(n: int, tile: int, seed: int) -> np.ndarray:
     return tiles
 
 
-def _encode_variants(
-    pixels: np.ndarray, tile: int, quality: int
-) -> tuple[list[bytes], np.ndarray]:
+def _encode_variants(pixels: np.ndarray, tile: int, quality: int) -> tuple[list[bytes], np.ndarray]:
     """JPEG bytes of each variant exactly as tifffile encodes a tile, and tifffile's decoding."""
     import tifffile
 

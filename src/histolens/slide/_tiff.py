@@ -238,7 +238,9 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
     try:
         series_list = tif.series
     except Exception as exc:  # tifffile raises many types on corrupt IFDs
-        raise SlideError(path, f"its TIFF structure is damaged ({exc})", "re-copy the file") from None
+        raise SlideError(
+            path, f"its TIFF structure is damaged ({exc})", "re-copy the file"
+        ) from None
     main = _main_series(tif, vendor) if series_list else None
     if main is None:
         shapes = ", ".join(f"{s.axes} {s.shape}" for s in series_list) or "no images"
@@ -276,7 +278,7 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
         key = _ASSOCIATED.get(s.name.lower())
         s_axes = tiff_plane_axes(s)
         if key and s_axes and s is not main and key not in assoc:
-            assoc[key] = (lambda s=s, a=s_axes: as_rgb_uint8(s.asarray(), a))
+            assoc[key] = lambda s=s, a=s_axes: as_rgb_uint8(s.asarray(), a)
     return {
         "levels": tuple(levels),
         "downsamples": tuple(downsamples),

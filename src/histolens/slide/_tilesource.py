@@ -17,6 +17,7 @@ __all__ = ["BoxReader", "tiled_dask_array"]
 #: ``read(y0, x0, y1, x1) -> (y1-y0, x1-x0, 3) uint8`` in the level's own pixels.
 BoxReader = Callable[[int, int, int, int], np.ndarray]
 
+
 class _LevelView:
     """Array-like (shape, dtype, ndim, __getitem__ with slices) over a :data:`BoxReader`."""
 
@@ -40,7 +41,7 @@ class _LevelView:
 def tiled_dask_array(
     read: BoxReader, height: int, width: int, tile: tuple[int, int], *, name: str
 ) -> da.Array:
-    """A ``(height, width, 3) uint8`` dask array whose chunk ``(i, j)`` is ``read`` of tile ``(i, j)``."""
+    """A ``(height, width, 3) uint8`` dask array; chunk ``(i, j)`` = ``read`` of tile ``(i, j)``."""
     view = _LevelView(read, height, width)
     # A unique graph key per opened level (also across processes): two slides must never
     # share cached or scheduled chunks.
