@@ -116,3 +116,27 @@ def test_geojson_is_delegated_to_export(tmp_path: Path) -> None:
         layers = reader(str(path))
     assert layers and all(len(t) == 3 for t in layers)
     napari.layers.Layer.create(*layers[0])
+
+
+def test_through_napari_with_the_repository_manifest(wsi_dir: Path) -> None:
+    # Goes through npe2 and napari.yaml's python_names, as napari's File > Open does.
+    npe2 = pytest.importorskip("npe2")
+    manifest = Path(__file__).resolve().parents[1] / "napari.yaml"
+    if not manifest.is_file():
+        pytest.skip("napari.yaml is not beside the tests (installed package)")
+    pm = npe2.PluginManager.instance()
+    registered_here = False
+    if "napari-histolens" not in pm._manifests:  # editable installs may not expose it
+        pm.register(npe2.PluginManifest.from_file(manifest))
+        registered_here = True
+    try:
+        viewer = napari.components.ViewerModel()
+        path = str(wsi_dir / "CMU-1-Small-Region.svs")
+        (layer,) = viewer.open(path, plugin="napari-histolens")
+        assert layer.multiscale and layer.metadata["path"] == path
+        np.testing.assert_allclose(layer.scale, (0.499, 0.499))
+        (sample,) = viewer.open_sample("napari-histolens", "cmu1_small_region")
+        assert sample.data[0].shape == (2967, 2220, 3)
+    finally:
+        if registered_here:
+            pm.unregister("napari-histolens")
