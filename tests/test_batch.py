@@ -1,0 +1,200 @@
+"""Whole-slide batch runs: blocks == whole-region engine run == dask.distributed run; failures skip."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from histolens import Region
+from histolens.batch import group_work, run, run_batch, tiles_in_mask, tissue_mask
+from histolens.inference import analyze_region, plan_analysis
+from histolens.models import get_card
+from histolens.slide import open_slide, write_synthetic_pyramid
+from histolens.tiles import TileGrid, group_tiles
+
+TASKS = ("nuclei", "tiles", "attention")
+
+
+class ThresholdModel:
+    """A deterministic numpy stand-in for a network: dark purple pixels are nuclei.
+
+    It has the test-tiny card (tile 256, halo 32, 0.5 um/px) so the engine plans the same
+    grid, but produces real, image-dependent nuclei, so block seams are actually exercised.
+    """
+
+    def __init__(self) -> None:
+        self.card = get_card("test-tiny")
+
+    def predict_tiles(self, tiles: np.ndarray, *, tasks=TASKS, precision: str = "auto") -> dict:
+        x = tiles.astype(np.float32) / 255.0
+        grey = x.mean(axis=-1)
+        b, h, w = grey.shape
+        prob = (grey < 0.55).astype(np.float32)
+        red = x[..., 0]
+        c = int(self.card.class_cell_px)
+        pooled = grey.reshape(b, h // c, c, w // c, c).mean(axis=(2, 4))
+        tile_probs = np.stack([1 - pooled, pooled, np.zeros_like(pooled)], axis=-1) + 1e-3
+        s = int(self.card.attention_strides[0])
+        return {
+            "nuclei_prob": prob,
+            "hv": np.zeros((b, 2, h, w), np.float32),
+            "type_prob": np.stack([red, 1 - red], axis=1),
+            "tile_probs": tile_probs / tile_probs.sum(-1, keepdims=True),
+            "embeddings": np.stack([pooled, pooled**2], axis=-1),
+            "attention": {0: grey.reshape(b, h // s, s, w // s, s).mean(axis=(2, 4))},
+        }
+
+
+@pytest.fixture(scope="module")
+def synthetic_slide(tmp_path_factory) -> Path:
+    """1024 x 1024 px H&E-like pyramid at 0.5 um/px: with the test-tiny card, 3 x 3 work units
+    at block_px=384 (the last row and column partly beyond the slide)."""
+    path = tmp_path_factory.mktemp("slides") / "synthetic.tif"
+    write_synthetic_pyramid(path, 1024, tile=256, mpp=0.5)
+    return path
+
+
+def _plan(slide, region=None):
+    return plan_analysis(region or Region.full(slide.shape), slide.mpp, slide.downsamples, get_card("test-tiny"))
+
+
+def _assert_same(a, b) -> None:
+    assert a.nuclei.count == b.nuclei.count
+    np.testing.assert_array_equal(a.nuclei.labels, b.nuclei.labels)
+    pd.testing.assert_frame_equal(a.nuclei.features, b.nuclei.features)
+    np.testing.assert_array_equal(a.tiles.classes, b.tiles.classes)
+    np.testing.assert_array_equal(a.tiles.probabilities, b.tiles.probabilities)
+    np.testing.assert_array_equal(a.tiles.embeddings, b.tiles.embeddings)
+    assert [m.scale for m in a.attention] == [m.scale for m in b.attention]
+    for x, y in zip(a.attention, b.attention):
+        np.testing.assert_array_equal(x.heat, y.heat)
+        assert (x.downsample, x.origin) == (y.downsample, y.origin)
+
+
+def test_work_units_hold_whole_model_blocks_row_major():
+    grid = TileGrid(size=64, halo=32, multiple=32)
+    tiles = grid.tiles(Region(0, 0, 10 * 64, 7 * 64))
+    blocks = group_tiles(tiles, grid, 3)  # 3 x 3 tiles per model block, as the engine runs them
+    units = group_work(blocks, work_px=384)  # two model blocks (2 x 192 px) per side
+    assert [len(u) for u in units] == [4, 2, 4, 2]
+    assert sorted((t.row, t.col) for u in units for b in u for t in b.tiles) == sorted(
+        (t.row, t.col) for t in tiles
+    )
+    for unit in units:
+        corners = {(b.inner.y0 // 384, b.inner.x0 // 384) for b in unit}
+        assert len(corners) == 1
+
+
+def test_tiles_in_mask_keep_exactly_the_tiles_touching_tissue():
+    grid = TileGrid(size=100, halo=0)
+    tiles = grid.tiles(Region(0, 0, 400, 400))
+    mask = np.zeros((40, 40), bool)  # 20 level-0 px per mask pixel at f = 2 analysis -> level-0
+    mask[12, 30] = True  # level-0 y in [240, 260), x in [600, 620) -> analysis (120..130, 300..310)
+    keep = tiles_in_mask(tiles, 2.0, mask, (20.0, 20.0))
+    assert [(t.row, t.col) for t, k in zip(tiles, keep) if k] == [(1, 3)]
+
+
+def test_tissue_mask_on_a_real_slide(wsi_dir: Path):
+    slide = open_slide(wsi_dir / "CMU-1-Small-Region.svs")
+    mask, (sy, sx) = tissue_mask(slide)
+    assert mask.shape == (1483, 1110) and sy == pytest.approx(2.0, abs=0.01)
+    # the section covers about a third of the image; the left and top-left are glass
+    assert 0.25 < mask.mean() < 0.5
+    assert mask[:, :100].mean() < 0.05 and mask[-300:, 350:700].mean() > 0.9
+
+
+def test_blocks_match_the_whole_region_engine_run(synthetic_slide: Path, tmp_path: Path):
+    model = ThresholdModel()
+    got = {}
+    outcomes = run_batch(
+        [synthetic_slide], tmp_path, model=model, tasks=TASKS, tissue=False, block_px=384,
+        progress=False, on_result=lambda p, r: got.setdefault("batch", r),
+    )  # fmt: skip
+    slide = open_slide(synthetic_slide)
+    n_tiles = len(_plan(slide).grid.tiles(_plan(slide).box))
+    assert [o.ok for o in outcomes] == [True] and outcomes[0].tiles_run == n_tiles
+    whole = analyze_region(slide, Region.full(slide.shape), model=model, tasks=TASKS, cache=False)
+    batch = got["batch"]
+    assert batch.nuclei.count > 50
+    # nuclei cut by the seam between blocks (analysis column 384) are kept whole, once
+    seam = set(np.unique(batch.nuclei.labels[:, 383])) & set(np.unique(batch.nuclei.labels[:, 384]))
+    assert seam - {0}
+    _assert_same(batch, whole)
+
+
+def test_distributed_run_on_loopback_equals_single_process(synthetic_slide: Path, tmp_path: Path):
+    pytest.importorskip("distributed")
+    import cloudpickle
+
+    # The stand-in model lives in this test module, which spawned workers cannot import.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    model = ThresholdModel()
+    got: dict[str, object] = {}
+    kw = dict(model=model, tasks=TASKS, block_px=384, progress=False, formats=("geojson", "csv", "ome-tiff", "summary"))
+    run_batch([synthetic_slide], tmp_path / "local", on_result=lambda p, r: got.setdefault("local", r), **kw)
+    outcomes = run_batch(
+        [synthetic_slide], tmp_path / "dask", workers=2, on_result=lambda p, r: got.setdefault("dask", r), **kw
+    )
+    assert outcomes[0].ok, outcomes[0].error
+    _assert_same(got["local"], got["dask"])
+    for name in ("nuclei.geojson", "tiles.geojson", "nuclei.csv", "tiles.csv"):
+        a = (tmp_path / "local" / "synthetic" / name).read_bytes()
+        b = (tmp_path / "dask" / "synthetic" / name).read_bytes()
+        assert a == b, name
+
+
+def test_cli_skips_a_corrupt_slide_and_reports_it(synthetic_slide: Path, tmp_path: Path, capsys, monkeypatch):
+    import argparse
+
+    from histolens import batch
+
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00garbage" * 100)
+    parser = argparse.ArgumentParser()
+    batch.add_arguments(parser)
+    args = parser.parse_args([str(bad), str(synthetic_slide), "--out", str(tmp_path / "out"), "--quiet",
+                              "--tasks", "nuclei", "tiles", "--block-px", "384"])  # fmt: skip
+    args.model = ThresholdModel()
+    code = run(args)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FAILED" in captured.out and "broken.svs" in captured.out
+    assert "1 of 2 slide(s) failed" in captured.err
+    summary = json.loads((tmp_path / "out" / "synthetic" / "summary.json").read_text())
+    n_tiles = len(_plan(open_slide(synthetic_slide)).grid.tiles(_plan(open_slide(synthetic_slide)).box))
+    assert summary["nuclei"]["count"] > 50 and summary["tiles"]["total"] == n_tiles
+    assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_tissue_mask_skips_glass(tmp_path: Path, monkeypatch):
+    """A slide half glass: the masked-out tiles are never read and count as skipped."""
+    import histolens.slide as slide_mod
+    from histolens.slide import Slide
+
+    rgb = np.full((768, 768, 3), 245, np.uint8)  # glass
+    yy, xx = np.mgrid[0:370, 0:768]
+    # stained top band, ending far enough above analysis row 384 (tile row 2) that the
+    # one-pixel mask dilation does not reach it
+    rgb[:370] = np.stack([200 + 0 * xx, 120 + (xx % 40), 170 + (yy % 30)], -1)
+    slide = Slide.from_array(rgb, mpp=0.5, name="half")
+    monkeypatch.setattr(slide_mod, "open_slide", lambda path, mpp=None: slide)
+    got = {}
+    outcomes = run_batch(
+        ["half"], tmp_path, model=ThresholdModel(), tasks=("tiles",), progress=False,
+        on_result=lambda p, r: got.setdefault("r", r),
+    )  # fmt: skip
+    assert outcomes[0].ok, outcomes[0].error
+    result = got["r"]
+    size = _plan(slide).grid.size
+    n, stained = math.ceil(768 / size), math.ceil(370 / size)  # tiles per side, stained tile rows
+    assert outcomes[0].tiles_total == n * n and outcomes[0].tiles_run == stained * n
+    assert result.provenance.tiles_skipped == (n - stained) * n
+    rows = stained * size // 32  # class cells of 32 analysis px in the stained tile rows
+    classes = result.tiles.classes
+    assert (classes[:rows] > 0).all() and (classes[rows:] == 0).all()
