@@ -21,3 +21,15 @@ __all__ = [
     "sample_slide_path",
     "write_synthetic_pyramid",
 ]
+
+# Public objects report their public home (histolens.slide.Slide in reprs, docs and pickles).
+for _obj in (
+    Slide,
+    SlideError,
+    SyntheticPyramid,
+    open_slide,
+    sample_slide_path,
+    write_synthetic_pyramid,
+):
+    _obj.__module__ = __name__
+del _obj
