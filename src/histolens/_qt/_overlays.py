@@ -13,7 +13,7 @@ from typing import Any
 
 from ._viewport import LayerFrame, rebase_transform
 
-__all__ = ["OVERLAY_TAG", "is_overlay", "overlay_group", "update_overlays"]
+__all__ = ["OVERLAY_TAG", "is_overlay", "overlay_group", "overlay_mpp", "update_overlays"]
 
 #: ``layer.metadata`` key that marks a layer as a HistoLens overlay; its value is the
 #: overlay's name in the result (``"nuclei"``, ...), even if napari had to rename the layer.
@@ -34,6 +34,18 @@ def _find(viewer: Any, name: str, layer_type: str) -> Any | None:
         if layer.metadata.get(OVERLAY_TAG) == name and layer._type_string == layer_type:
             return layer
     return None
+
+
+def overlay_mpp(result: Any) -> float:
+    """The level-0 um/px that ``result.to_layer_data()`` used for ``scale``/``translate``."""
+    try:
+        # histolens.layers decides it (slide mpp, or the user's); ask it rather than guess.
+        from ..layers import _slide_mpp
+
+        return float(_slide_mpp(result))
+    except ImportError:
+        prov = result.provenance
+        return float(prov.slide_mpp or result.mpp)
 
 
 def overlay_group(name: str) -> str:
@@ -68,6 +80,10 @@ def update_overlays(
         scale, translate = rebase_transform(
             meta.get("scale", (mpp, mpp)), meta.get("translate", (0.0, 0.0)), mpp, frame
         )
+        if (tuple(scale), tuple(translate)) != (
+            tuple(meta.get("scale", ())), tuple(meta.get("translate", ()))
+        ):
+            meta.pop("units", None)  # the slide layer is not in micrometres: follow its units
         meta["scale"], meta["translate"] = scale, translate
         metadata = {**dict(meta.get("metadata") or {}), OVERLAY_TAG: name}
         meta["metadata"] = metadata

@@ -31,11 +31,18 @@ from superqt.utils import qdebounced
 
 from ..region import Region
 from ..result import RegionResult
-from ._overlays import is_overlay, overlay_group, update_overlays
+from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
 from ._viewport import CameraState, LayerFrame, level0_to_world, view_region
-from ._worker import AnalysisRequest, JobOutcome, ModelCache, analysis_job
+from ._worker import (
+    AnalysisRequest,
+    JobOutcome,
+    ModelCache,
+    analysis_job,
+    export_job,
+    preload_model_stack,
+)
 
 __all__ = ["HistoLensWidget"]
 
@@ -161,7 +168,7 @@ class HistoLensWidget(QWidget):
 
         layers = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and not is_overlay(lyr)]
         # Slides opened by the HistoLens reader first, then any other image.
-        return sorted(layers, key=lambda lyr: 0 if "histolens" in lyr.metadata else 1)
+        return sorted(layers, key=lambda lyr: 0 if "slide" in lyr.metadata else 1)
 
     def _refresh_layer_choices(self, *_: Any) -> None:
         current = self.layer_combo.currentText()
@@ -259,6 +266,11 @@ class HistoLensWidget(QWidget):
         captured = self._capture()
         if captured is None:
             return None
+        try:
+            preload_model_stack()
+        except Exception as exc:  # noqa: BLE001
+            show_error(f"HistoLens needs torch and timm to analyse: {type(exc).__name__}: {exc}")
+            return None
         self._stop_worker()
         request, frame = captured
         self._request, self._frame = request, frame
@@ -277,11 +289,14 @@ class HistoLensWidget(QWidget):
         return request
 
     def cancel(self) -> None:
-        """Stop the running analysis at the next tile; the layers keep the tiles done."""
+        """Stop the running analysis after the current tile batch; the layers keep the tiles done.
+
+        Only the engine's cancel event is set (no ``worker.quit()``): the engine then ends
+        with one last result holding every finished tile, so layers and review agree.
+        """
         if self._request is not None:
             self._request.cancel.set()
-        if self._worker is not None:
-            self._worker.quit()
+            self.status.setText("cancelling after the current tiles ...")
 
     def _stop_worker(self) -> None:
         # The old worker finishes in the background; its signals carry an old stamp and are
@@ -356,7 +371,7 @@ class HistoLensWidget(QWidget):
             update_overlays(
                 self.viewer,
                 result.to_layer_data(),
-                mpp=float(result.mpp),
+                mpp=overlay_mpp(result),
                 frame=frame,
                 opacity=self.opacities(),
                 prune=final and result.complete,
@@ -418,22 +433,29 @@ class HistoLensWidget(QWidget):
         if folder:
             self.export_to(folder)
 
-    def export_to(self, folder: str) -> dict[str, Any] | None:
-        """Write the shown result with :func:`histolens.export.write_result` into ``folder``."""
+    def export_to(self, folder: str) -> Any | None:
+        """Write the shown result with :func:`histolens.export.write_result` into ``folder``.
+
+        Runs in a worker (masks and the overview PNG take a moment on big views); returns it.
+        """
         if self.result is None:
             show_warning("HistoLens: nothing to export yet; click 'Analyze view' first")
             return None
         layer = self.slide_layer()
         slide = self._slide(layer, quiet=True) if layer is not None else None
-        try:
-            from ..export import write_result
-
-            paths = write_result(self.result, folder, slide=slide)
-        except Exception as exc:  # noqa: BLE001
-            show_error(f"HistoLens could not export to {folder}: {type(exc).__name__}: {exc}")
-            return None
-        show_info(f"HistoLens: wrote {len(paths)} files to {folder}")
-        return dict(paths)
+        worker = create_worker(export_job, self.result, folder, slide, _ignore_errors=True)
+        worker.returned.connect(
+            lambda paths: show_info(f"HistoLens: wrote {len(paths)} files to {folder}")
+        )
+        worker.errored.connect(
+            lambda exc: show_error(
+                f"HistoLens could not export to {folder}: {type(exc).__name__}: {exc}"
+            )
+        )
+        self.export_button.setEnabled(False)
+        worker.finished.connect(lambda: self.export_button.setEnabled(self.result is not None))
+        worker.start()
+        return worker
 
     def region(self) -> Region | None:
         """The level-0 region of the request shown or running (None before the first)."""

@@ -9,6 +9,7 @@ would create a notification widget off the main thread (napari#2598, #4982).
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Generator
@@ -18,11 +19,49 @@ from typing import Any
 from ..region import Region
 from ..result import RegionResult
 
-__all__ = ["MAX_VIEW_PIXELS", "AnalysisRequest", "JobOutcome", "ModelCache", "analysis_job"]
+__all__ = [
+    "MAX_VIEW_PIXELS",
+    "AnalysisError",
+    "AnalysisRequest",
+    "JobOutcome",
+    "ModelCache",
+    "analysis_job",
+    "export_job",
+    "preload_model_stack",
+]
 
 #: Largest view analysed interactively, in pixels at the model's mpp (about 6300 x 6300).
 #: Beyond it the dock asks to zoom in, or to run ``histolens analyze`` for whole slides.
 MAX_VIEW_PIXELS = 40_000_000
+
+
+class AnalysisError(Exception):
+    """A RuntimeError raised inside a worker, re-raised under a type the worker reports.
+
+    superqt's ``WorkerBase.run`` treats a ``RuntimeError`` coming out of the work function as
+    "the Qt object was deleted": it emits neither ``errored`` nor ``finished``, so the dock
+    would stay on "Cancel" forever. torch raises RuntimeError for everyday failures (no CUDA
+    driver, out of memory), so the job converts them.
+    """
+
+
+def preload_model_stack() -> None:
+    """Import torch and timm on the calling (main) thread, once, before any worker needs them.
+
+    Measured here (napari 0.9.2 + PyQt5 under xvfb/Mesa llvmpipe, torch 2.14): once napari has
+    a GL context, importing timm segfaults in triton's C extension (pulled in through
+    torchvision -> torch._dynamo); the two LLVM copies clash. Triton only serves CUDA
+    kernels, so without CUDA we mark it absent, which torch treats as "no triton". With CUDA
+    the import goes ahead unchanged. Doing it on the main thread also keeps a multi-second
+    C-extension import out of the worker.
+    """
+    if "timm" in sys.modules:
+        return
+    import torch
+
+    if not torch.cuda.is_available() and "triton" not in sys.modules:
+        sys.modules["triton"] = None  # type: ignore[assignment]
+    import timm  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -90,16 +129,29 @@ def analysis_job(
     last: RegionResult | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = models.get(request.model_name, request.device)
-        _check_size(request, model)
-        for partial in analyze(
-            request.slide,
-            request.region,
-            model=model,
-            tasks=request.tasks,
-            cancel=request.cancel,
-        ):
-            last = partial
-            yield request.stamp, partial
+        try:
+            model = models.get(request.model_name, request.device)
+            _check_size(request, model)
+            for partial in analyze(
+                request.slide,
+                request.region,
+                model=model,
+                tasks=request.tasks,
+                cancel=request.cancel,
+            ):
+                last = partial
+                yield request.stamp, partial
+        except RuntimeError as exc:
+            raise AnalysisError(f"{type(exc).__name__}: {exc}") from exc
     texts = tuple(dict.fromkeys(str(w.message) for w in caught))  # unique, in order
     return JobOutcome(stamp=request.stamp, result=last, warnings=texts)
+
+
+def export_job(result: RegionResult, folder: str, slide: Any = None) -> dict[str, Any]:
+    """:func:`histolens.export.write_result` for a worker (RuntimeError converted, see above)."""
+    from ..export import write_result
+
+    try:
+        return dict(write_result(result, folder, slide=slide))
+    except RuntimeError as exc:
+        raise AnalysisError(f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,272 @@
+"""The HistoLens dock on a real Qt viewer (run under ``xvfb-run -a``).
+
+The real CMU-1-Small-Region.svs is opened through the plugin's reader, the dock analyses
+the view with the fast ``test-tiny`` model, and the overlays must sit on the analysed region.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+qtpy = pytest.importorskip("qtpy")
+from qtpy.QtCore import Qt  # noqa: E402
+
+from histolens._qt import HistoLensWidget  # noqa: E402
+from histolens._qt import _widget as widget_module  # noqa: E402
+from histolens._qt._viewport import CameraState, LayerFrame, level0_to_world, view_region  # noqa: E402
+
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture
+def cmu_path(wsi_dir: Path) -> Path:
+    path = wsi_dir / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (real Aperio sample from ../shared/data/wsi)")
+    return path
+
+
+def _open_with_plugin_reader(viewer, path: Path):
+    """Add the layers the HistoLens reader contribution returns for ``path``."""
+    reader_mod = pytest.importorskip("histolens._reader")
+    from napari.layers import Layer
+
+    reader = reader_mod.napari_get_reader(str(path))
+    assert reader is not None, f"the HistoLens reader refused {path}"
+    added = []
+    for data, meta, layer_type in reader(str(path)):
+        added.append(viewer.add_layer(Layer.create(data, meta, layer_type)))
+    return added
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Messages the dock sends to napari notifications, by kind."""
+    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        real = getattr(widget_module, f"show_{kind}")
+
+        def fake(msg, _kind=kind, _real=real):
+            seen[_kind].append(str(msg))
+            _real(msg)
+
+        monkeypatch.setattr(widget_module, f"show_{kind}", fake)
+    return seen
+
+
+@pytest.fixture
+def dock(make_napari_viewer, cmu_path, qtbot):
+    models = pytest.importorskip("histolens.models")
+    if "test-tiny" not in models.list_models():
+        pytest.skip("the test-tiny model is not registered")
+    viewer = make_napari_viewer()
+    layers = _open_with_plugin_reader(viewer, cmu_path)
+    widget = HistoLensWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoLens")
+    widget.model_combo.setCurrentText("test-tiny")
+    widget.device_combo.setCurrentText("cpu")
+    assert widget.slide_layer() is layers[0]
+    yield viewer, widget
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+
+
+def _look_at(viewer, layer, center_px, height_px):
+    """Camera on level-0 pixel ``center_px`` showing about ``height_px`` level-0 rows."""
+    frame = LayerFrame.from_layer(layer)
+    viewer.scene.camera.center = level0_to_world(center_px, frame)
+    h = viewer.canvas.size[0]
+    viewer.scene.camera.zoom = h / (height_px * frame.scale[0])
+    return view_region(CameraState.from_viewer(viewer), frame)
+
+
+def _world_box(layer):
+    """World ``(y0, x0, y1, x1)`` covered by a 2D overlay's pixels (edges, not centres)."""
+    scale, translate = np.asarray(layer.scale), np.asarray(layer.translate)
+    shape = np.asarray(layer.data.shape[:2])
+    lo = translate - scale / 2
+    hi = translate + scale * (shape - 0.5)
+    return lo, hi, scale
+
+
+def _check_on_region(layer, region, mpp):
+    """The overlay covers exactly the analysed level-0 box, to within one of its pixels."""
+    lo, hi, scale = _world_box(layer)
+    want_lo = (np.array(region.origin) - 0.5) * mpp
+    want_hi = (np.array([region.y1, region.x1]) - 0.5) * mpp
+    assert np.all(np.abs(lo - want_lo) <= scale + 1e-6), (layer.name, lo, want_lo)
+    assert np.all(hi >= want_hi - scale - 1e-6), (layer.name, hi, want_hi)
+    assert np.all(hi <= want_hi + scale + 1e-6), (layer.name, hi, want_hi)
+
+
+def test_analyze_view_puts_aligned_overlays_on_the_view(dock, qtbot, notes):
+    viewer, widget = dock
+    slide_layer = widget.slide_layer()
+    mpp = float(slide_layer.scale[-1])
+    assert mpp == pytest.approx(0.499, abs=1e-3)
+    expected = _look_at(viewer, slide_layer, (1100, 1500), 420)
+    assert not expected.is_empty
+
+    qtbot.mouseClick(widget.analyze_button, Qt.LeftButton)
+    assert widget.analyze_button.text() == "Cancel"
+    assert widget.region() == expected  # exactly the box on screen
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    assert widget.analyze_button.text() == "Analyze view"
+    result = widget.result
+    assert result is not None and result.complete
+    assert widget.progress.value() == widget.progress.maximum() == result.tiles_total
+
+    names = [layer.name for layer in viewer.layers]
+    assert "nuclei" in names and "tile classes" in names
+    attention = [n for n in names if n.startswith("attention s")]
+    assert attention, names
+
+    nuclei = viewer.layers["nuclei"]
+    labels = np.unique(np.asarray(nuclei.data))
+    labels = labels[labels != 0]
+    assert len(nuclei.features) == len(labels) == result.nuclei.count
+    assert set(nuclei.features["index"]) == set(labels.tolist())
+    for name in ["nuclei", "tile classes", *attention]:
+        _check_on_region(viewer.layers[name], expected, mpp)
+
+    if len(labels):
+        # A nucleus drawn by the Labels layer sits at its features centroid on the slide.
+        row = nuclei.features.iloc[int(np.argmax(nuclei.features["area_um2"]))]
+        ys, xs = np.nonzero(np.asarray(nuclei.data) == int(row["index"]))
+        world = np.asarray(nuclei.translate) + np.asarray(nuclei.scale) * [ys.mean(), xs.mean()]
+        want = level0_to_world((row["centroid_y"], row["centroid_x"]), LayerFrame.from_layer(slide_layer))
+        assert np.allclose(world, want, atol=float(nuclei.scale[0]) + 1e-6)
+
+        # Review table: clicking the row centres the camera on that nucleus.
+        table = widget.review.table
+        assert table.rowCount() == min(len(labels), 5000)
+        widget.review._on_cell_clicked(0, 0)
+        y = float(table.item(0, 4).data(Qt.DisplayRole))
+        x = float(table.item(0, 5).data(Qt.DisplayRole))
+        center = viewer.scene.camera.center[-2:]
+        assert np.allclose(center, (y * mpp, x * mpp), atol=0.1 * mpp)
+    assert str(result.nuclei.count) in widget.review.header.text()
+
+    # Re-analysing another view updates the same layers instead of stacking new ones.
+    before = {layer.name: id(layer) for layer in viewer.layers}
+    second = _look_at(viewer, slide_layer, (600, 900), 300)
+    widget.analyze_view()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    assert {layer.name: id(layer) for layer in viewer.layers} == before
+    for name in ["nuclei", "tile classes", *attention]:
+        _check_on_region(viewer.layers[name], second, mpp)
+
+
+class _SlowModel:
+    """The real test-tiny model, 0.3 s slower per batch, so a cancel lands mid-run."""
+
+    def __init__(self, model):
+        self._model = model
+        self.card = model.card
+        self.device = model.device
+
+    def predict_tiles(self, *args, **kwargs):
+        time.sleep(0.3)
+        return self._model.predict_tiles(*args, **kwargs)
+
+
+def test_cancel_midway_leaves_consistent_ui_and_layers(dock, qtbot, notes):
+    viewer, widget = dock
+    from histolens.models import create_model
+
+    widget._models._models[("test-tiny", "cpu")] = _SlowModel(create_model("test-tiny", device="cpu"))
+    viewer.reset_view()  # the whole slide: many tiles
+    widget.analyze_view()
+    assert widget.analyze_button.text() == "Cancel"
+    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=TIMEOUT_MS)
+    qtbot.mouseClick(widget.analyze_button, Qt.LeftButton)  # "Cancel"
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+
+    assert not notes["error"], notes["error"]
+    assert widget.analyze_button.text() == "Analyze view"
+    result = widget.result
+    assert result is not None
+    assert not result.complete and result.provenance.cancelled
+    assert 0 < result.tiles_done < result.tiles_total
+    assert "cancelled" in widget.status.text()
+    nuclei = viewer.layers["nuclei"]
+    labels = np.unique(np.asarray(nuclei.data))
+    # The layer shows exactly the result the review panel describes.
+    assert len(nuclei.features) == len(labels[labels != 0]) == result.nuclei.count
+    assert widget.review.summary is not None
+    assert widget.review.summary.n_nuclei == result.nuclei.count
+    assert widget.review.summary.tiles_done == result.tiles_done
+    # and a new analysis starts cleanly afterwards
+    _look_at(viewer, widget.slide_layer(), (1100, 1500), 256)
+    widget.analyze_view()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert widget.result.complete
+
+
+def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
+    viewer, widget = dock
+    layer = widget.slide_layer()
+    _look_at(viewer, layer, (800, 800), 256)
+    stamp0 = widget._stamp
+    widget.live_box.setChecked(True)  # analyses the current view at once
+    assert widget._stamp == stamp0 + 1
+    # a burst of camera moves inside the debounce window -> a single new request
+    for i in range(5):
+        viewer.scene.camera.center = level0_to_world((900 + 40 * i, 1200), LayerFrame.from_layer(layer))
+        qtbot.wait(50)
+    final_view = view_region(CameraState.from_viewer(viewer), LayerFrame.from_layer(layer))
+    qtbot.waitUntil(lambda: widget._stamp == stamp0 + 2, timeout=5_000)
+    qtbot.wait(widget_module.LIVE_DEBOUNCE_MS + 200)
+    assert widget._stamp == stamp0 + 2
+    assert widget.region() == final_view
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    assert widget.result is not None and widget.result.region == final_view
+    widget.live_box.setChecked(False)
+
+
+def test_errors_become_notifications(dock, qtbot, notes):
+    viewer, widget = dock
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to provoke a device error")
+    _look_at(viewer, widget.slide_layer(), (1000, 1000), 256)
+    widget.device_combo.setCurrentText("cuda")
+    widget.analyze_view()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert widget.analyze_button.text() == "Analyze view"
+    assert notes["error"] and "could not analyse" in notes["error"][0]
+
+
+def test_image_without_mpp_asks_for_the_override(make_napari_viewer, qtbot, notes):
+    pytest.importorskip("histolens.models")
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    viewer.add_image(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), name="plain")
+    widget = HistoLensWidget(viewer)
+    assert "override" in widget.mpp_label.text()
+    assert widget.analyze_view() is None
+    assert notes["warning"] and "mpp override" in notes["warning"][0]
+    assert widget.analyze_button.text() == "Analyze view"
+
+
+def test_export_writes_the_shown_result(dock, qtbot, tmp_path, notes):
+    viewer, widget = dock
+    _look_at(viewer, widget.slide_layer(), (1100, 1500), 256)
+    widget.analyze_view()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    worker = widget.export_to(str(tmp_path / "out"))
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.export_button.isEnabled(), timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "summary.json" in written and "nuclei.csv" in written
