@@ -270,3 +270,14 @@ def test_export_writes_the_shown_result(dock, qtbot, tmp_path, notes):
     assert not notes["error"], notes["error"]
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert "summary.json" in written and "nuclei.csv" in written
+
+
+def test_view_command_opens_the_slide_with_the_dock(make_napari_viewer, cmu_path):
+    from histolens._qt._launch import open_viewer
+
+    viewer, dock = open_viewer(cmu_path, model="test-tiny", viewer=make_napari_viewer())
+    assert dock.slide_layer() is viewer.layers[0]
+    assert dock.model_combo.currentText() == "test-tiny"
+    assert viewer.layers[0].multiscale and viewer.layers[0].scale[-1] == pytest.approx(0.499, abs=1e-3)
+    with pytest.raises(ValueError, match="unknown model"):
+        open_viewer(cmu_path, model="no-such-model", viewer=make_napari_viewer())

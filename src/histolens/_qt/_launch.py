@@ -29,16 +29,24 @@ def open_viewer(
 ) -> tuple[Any, Any]:
     """Open ``slide_path`` through the HistoLens reader and dock the widget; returns ``(viewer, dock)``."""
     import napari
+    from napari.layers import Layer
 
+    from .._reader import read_slides
     from ..slide import sample_slide_path
     from ._widget import HistoLensWidget
+    from ._worker import preload_model_stack
 
     path = Path(slide_path) if slide_path is not None else Path(sample_slide_path())
     if not path.exists():
         msg = f"slide {path} does not exist; give a path to a whole-slide image (e.g. .svs, .ome.tif)"
         raise FileNotFoundError(msg)
+    # torch/timm before the first GL context: see preload_model_stack for the crash it avoids
+    preload_model_stack()
     viewer = viewer if viewer is not None else napari.Viewer(title=f"HistoLens - {path.name}")
-    viewer.open(str(path), plugin="napari-histolens")
+    # The reader contribution's own function, called directly: it does not depend on the
+    # manifest being discoverable (an editable install does not package napari.yaml).
+    for data, meta, layer_type in read_slides(path):
+        viewer.add_layer(Layer.create(data, meta, layer_type))
     dock = HistoLensWidget(viewer)
     viewer.window.add_dock_widget(dock, name="HistoLens", area="right")
     if model is not None:
