@@ -259,3 +259,26 @@ def test_slide_from_array_and_real_svs(wsi_dir, monkeypatch):
     res = _run(svs, Region(600, 800, 1112, 1312), model=FakeModel(), tile_size=128)
     assert res.provenance.analysis_mpp == pytest.approx(0.499, abs=0.01)
     assert res.nuclei.labels.shape == (512, 512) and res.provenance.tiles_skipped < res.tiles_total
+
+
+def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postprocess):
+    """Default planning runs uncached tiles in blocks; results equal a one-tile run, and
+    the cache keeps per-tile entries, so a shifted region reuses part of a block."""
+    img, _ = image
+    slide = pyramid_slide(img, mpp=0.5)
+    model = FakeModel(fake_card(tile_size=512, halo=32))
+    plan = plan_analysis(Region(0, 0, 700, 700), 0.5, slide.downsamples, model.card)
+    assert plan.grid.size == 128 and plan.grid.halo == 64 and plan.block_cells == 3
+    region = Region(37, 21, 700, 650)
+    blocks = _run(slide, region, model=model, skip_background=False)
+    assert len(model.calls) < blocks.tiles_total  # several tiles per model input
+    whole = _run(slide, region, model=model, tile_size=768, skip_background=False)
+    matched, na, nb = match_instances(blocks.nuclei.labels, whole.nuclei.labels)
+    assert na == nb > 60 and matched == na
+    np.testing.assert_allclose(blocks.tiles.probabilities, whole.tiles.probabilities, atol=1e-6)
+    cache = TileCache()
+    model.calls.clear()
+    first = analyze_region(slide, Region(0, 0, 384, 384), model=model, cache=cache, skip_background=False)
+    assert first.tiles_total == 9 and model.calls == [1]  # one 3 x 3 block
+    shifted = analyze_region(slide, Region(0, 128, 384, 512), model=model, cache=cache, skip_background=False)
+    assert shifted.provenance.tiles_cached == 6 and model.calls == [1, 1]  # new column: one 3 x 1 block

@@ -128,11 +128,14 @@ class FakeModel:
             prob = np.clip((ndimage.uniform_filter(dark, size=(1, 3, 3)) - 0.35) * 5.0, 0, 1)
             # A centre-pointing vector field: the negative gradient of a blurred blob map.
             blob = ndimage.gaussian_filter(prob, sigma=(0, 3, 3), truncate=3.0)
-            gy = ndimage.sobel(blob, axis=1)
-            gx = ndimage.sobel(blob, axis=2)
-            scale = np.maximum(np.abs(np.stack([gx, gy], 1)).max(axis=(2, 3), keepdims=True), 1e-6)
+            # Per tile: ndimage.sobel smooths along every other axis, the batch axis included.
+            gy = np.stack([ndimage.sobel(t, axis=0) for t in blob])
+            gx = np.stack([ndimage.sobel(t, axis=1) for t in blob])
+            # A fixed scale (about the peak gradient of a painted disk), never a per-tile max:
+            # that would make the output depend on the whole tile.
+            hv = np.clip(-np.stack([gx, gy], axis=1) / 3.8, -1, 1) * (prob[:, None] > 0.05)
             out["nuclei_prob"] = prob.astype(np.float32)
-            out["hv"] = (-np.stack([gx, gy], axis=1) / scale * (prob[:, None] > 0.05)).astype(np.float32)
+            out["hv"] = hv.astype(np.float32)
             t1 = np.clip((dark - 0.55) * 10, 0, 1)
             out["type_prob"] = np.stack([1 - t1, t1], axis=1).astype(np.float32)
         c = self.card.class_cell_px

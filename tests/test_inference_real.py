@@ -58,9 +58,9 @@ def test_tiny_model_by_name_and_precisions(slide):
     """``model`` given as a name; bf16 and fp32 give the same tile classes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r32 = analyze_region(slide, Region(0, 0, 256, 256), model="test-tiny", device="cpu",
+        r32 = analyze_region(slide, Region(0, 0, 128, 128), model="test-tiny", device="cpu",
                              precision="fp32", cache=False)
-        r16 = analyze_region(slide, Region(0, 0, 256, 256), model="test-tiny", device="cpu",
+        r16 = analyze_region(slide, Region(0, 0, 128, 128), model="test-tiny", device="cpu",
                              precision="bf16", cache=False)
     assert r32.provenance.precision == "fp32" and r16.provenance.precision == "bf16"
     assert (r32.tiles.classes == r16.tiles.classes).mean() >= 0.9
@@ -68,7 +68,7 @@ def test_tiny_model_by_name_and_precisions(slide):
 
 
 def test_tiny_model_partials_then_full(tiny, slide):
-    seen = list(analyze(slide, Region(0, 0, 512, 512), model=tiny, tile_size=128, batch_size=4, cache=False))
+    seen = list(analyze(slide, Region(0, 0, 384, 384), model=tiny, tile_size=128, batch_size=4, cache=False))
     assert [r.complete for r in seen] == [False] * (len(seen) - 1) + [True]
     assert len(seen) >= 3
 

@@ -119,3 +119,21 @@ def test_cell_canvas_clips_to_its_box():
     canvas = CellCanvas(box, (2,))
     canvas.paste(np.ones((2, 2, 2), np.float32), (3, 2))
     assert canvas.data[3, 2].tolist() == [1, 1] and canvas.data.sum() == 2
+
+
+def test_group_tiles_makes_rectangles_of_free_tiles():
+    from histolens.tiles import group_tiles
+
+    grid = TileGrid(size=64, halo=32, multiple=32)
+    tiles = grid.tiles(Region(0, 0, 64 * 4, 64 * 5))
+    cached = {(0, 0), (2, 3)}
+    todo = [t for t in tiles if (t.row, t.col) not in cached]
+    blocks = group_tiles(todo, grid, 3)
+    owned = [(t.row, t.col) for b in blocks for t in b.tiles]
+    assert sorted(owned) == sorted((t.row, t.col) for t in todo)  # each uncached tile once
+    for b in blocks:
+        rows = {t.row for t in b.tiles}
+        cols = {t.col for t in b.tiles}
+        assert len(rows) <= 3 and len(cols) <= 3 and len(b.tiles) == len(rows) * len(cols)
+        assert b.outer.height == b.inner.height + 64 and b.inner.height == 64 * len(rows)
+    assert len(group_tiles(todo, grid, 1)) == len(todo)

@@ -41,13 +41,14 @@ from .result import (
     TileClassResult,
 )
 from .tiles import (
+    Block,
     CellCanvas,
     InstanceCanvas,
     Tile,
     TileGrid,
     TileInstances,
     cells_covering,
-    iter_batches,
+    group_tiles,
     keep_instances,
     plan_grid,
     read_analysis_box,
@@ -282,7 +283,8 @@ class AnalysisPlan:
 
     ``f`` is level-0 pixels per analysis pixel, ``step`` level pixels per analysis pixel
     (1.0 when a pyramid level matches the model mpp), ``box`` the region in global analysis
-    pixels (outward-rounded), ``analysis_mpp`` um per analysis pixel.
+    pixels (outward-rounded), ``analysis_mpp`` um per analysis pixel. Uncached tiles are run
+    in blocks of up to ``block_cells`` x ``block_cells`` tiles.
     """
 
     region: Region
@@ -292,6 +294,7 @@ class AnalysisPlan:
     analysis_mpp: float
     box: Region
     grid: TileGrid
+    block_cells: int = 1
 
 
 def plan_analysis(
@@ -304,8 +307,8 @@ def plan_analysis(
 ) -> AnalysisPlan:
     """The level, analysis grid and tile grid for ``region`` (level-0 px) and a model card.
 
-    ``tile_size`` overrides the owned tile side in analysis pixels (default: the card's input
-    size minus its halo on both sides).
+    ``tile_size`` fixes the owned tile side in analysis pixels and runs every tile alone;
+    by default tiles are a third of the card's owned size and run in blocks of up to 3 x 3.
     """
     lc = choose_level(slide_mpp, downsamples, float(card.mpp))
     if lc.exact:
@@ -322,8 +325,18 @@ def plan_analysis(
         math.ceil(region.x1 / f - eps) if region.width else math.floor(region.x1 / f + eps),
     )
     multiples = [int(card.input_multiple), int(card.class_cell_px), *map(int, card.attention_strides)]
-    grid = plan_grid(int(card.tile_size), int(card.halo), multiples, inner=tile_size)
-    return AnalysisPlan(region, lc, float(f), float(step), float(amp), box, grid)
+    largest = plan_grid(int(card.tile_size), int(card.halo), multiples)
+    if tile_size is not None:
+        grid, cells = plan_grid(int(card.tile_size), int(card.halo), multiples, inner=tile_size), 1
+    else:
+        # Cache on a fine global grid (a third of the largest owned size), but run uncached
+        # neighbours together as one input of up to the card's tile size: panning reuses
+        # small tiles while a fresh view pays the halo only once per block.
+        a = largest.multiple
+        fine = max(a, largest.size // 3 // a * a)
+        grid = TileGrid(fine, largest.halo, a)
+        cells = max(1, largest.size // fine)
+    return AnalysisPlan(region, lc, float(f), float(step), float(amp), box, grid, cells)
 
 
 # -- per-tile work ---------------------------------------------------------------------------
@@ -337,25 +350,30 @@ def _hover_instances(nuclei_prob, hv, type_prob, *, mpp):
 
 @dataclass
 class _Read:
-    tile: Tile
-    rgb: np.ndarray | None  # None: background, not worth running
+    block: Block
+    rgb: np.ndarray | None  # None: all background, not worth running
+    tissue: list[bool]  # per tile of the block
     read_s: float
     prep_s: float
 
 
-def _read_tiles(level_array: Any, tiles: Sequence[Tile], step: float, skip_background: bool) -> list[_Read]:
-    out = []
-    for t in tiles:
-        t0 = time.perf_counter()
-        rgb = read_analysis_box(level_array, t.outer, step)
-        t1 = time.perf_counter()
+def _read_block(level_array: Any, block: Block, step: float, skip_background: bool) -> _Read:
+    t0 = time.perf_counter()
+    rgb = read_analysis_box(level_array, block.outer, step)
+    t1 = time.perf_counter()
+    tissue = []
+    for t in block.tiles:
         if skip_background:
-            h = t.inner.y0 - t.outer.y0
-            inner = rgb[h : h + t.inner.height, h : h + t.inner.width]
-            if tissue_fraction(inner) < MIN_TISSUE_FRACTION:
-                rgb = None
-        out.append(_Read(t, rgb, t1 - t0, time.perf_counter() - t1))
-    return out
+            y, x = t.inner.y0 - block.outer.y0, t.inner.x0 - block.outer.x0
+            own = rgb[y : y + t.inner.height, x : x + t.inner.width]
+            tissue.append(tissue_fraction(own) >= MIN_TISSUE_FRACTION)
+        else:
+            tissue.append(True)
+    return _Read(block, rgb if any(tissue) else None, tissue, t1 - t0, time.perf_counter() - t1)
+
+
+def _read_blocks(level_array: Any, blocks: Sequence[Block], step: float, skip_background: bool) -> list[_Read]:
+    return [_read_block(level_array, b, step, skip_background) for b in blocks]
 
 
 def _predict_with_backoff(
@@ -397,27 +415,38 @@ def _slice_output(out: dict[str, Any], k: int) -> dict[str, Any]:
     return res
 
 
-def _postprocess(tile: Tile, out: dict[str, Any], grid: TileGrid, card: Any, tasks, mpp: float) -> TileOutput:
-    h = grid.halo
-    n = grid.size
-    res = TileOutput(skipped=False)
+def _postprocess(
+    block: Block, tissue: Sequence[bool], out: dict[str, Any], card: Any, tasks, mpp: float
+) -> list[TileOutput]:
+    """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order)."""
+    labels = types = probs = None
     if "nuclei" in tasks:
-        labels, types, probs = _hover_instances(
-            out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp
-        )
-        res.instances = keep_instances(np.asarray(labels), tile, types, probs)
-    if "tiles" in tasks:
-        c = int(card.class_cell_px)
-        sl = slice(h // c, (h + n) // c)
-        res.tile_probs = np.ascontiguousarray(out["tile_probs"][sl, sl], dtype=np.float32)
-        if "embeddings" in out and out["embeddings"] is not None:
-            res.embeddings = np.ascontiguousarray(out["embeddings"][sl, sl], dtype=np.float32)
-    if "attention" in tasks:
-        for scale, heat in out.get("attention", {}).items():
-            s = int(card.attention_strides[int(scale)])
-            sl = slice(h // s, (h + n) // s)
-            res.attention[int(scale)] = np.ascontiguousarray(heat[sl, sl], dtype=np.float32)
-    return res
+        # Post-process the whole block once: its halo covers every tile's seam nuclei.
+        labels, types, probs = _hover_instances(out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp)
+        labels = np.asarray(labels)
+    results = []
+    for tile, is_tissue in zip(block.tiles, tissue):
+        if not is_tissue:
+            results.append(TileOutput(skipped=True))
+            continue
+        res = TileOutput(skipped=False)
+        oy, ox = tile.inner.y0 - block.outer.y0, tile.inner.x0 - block.outer.x0
+        n = tile.inner.height
+        if labels is not None:
+            res.instances = keep_instances(labels, block.tile_in_block(tile), types, probs)
+        if "tiles" in tasks:
+            c = int(card.class_cell_px)
+            sy, sx = slice(oy // c, (oy + n) // c), slice(ox // c, (ox + n) // c)
+            res.tile_probs = np.ascontiguousarray(out["tile_probs"][sy, sx], dtype=np.float32)
+            if out.get("embeddings") is not None:
+                res.embeddings = np.ascontiguousarray(out["embeddings"][sy, sx], dtype=np.float32)
+        if "attention" in tasks:
+            for scale, heat in out.get("attention", {}).items():
+                st = int(card.attention_strides[int(scale)])
+                sy, sx = slice(oy // st, (oy + n) // st), slice(ox // st, (ox + n) // st)
+                res.attention[int(scale)] = np.ascontiguousarray(heat[sy, sx], dtype=np.float32)
+        results.append(res)
+    return results
 
 
 # -- result assembly -------------------------------------------------------------------------
@@ -483,7 +512,10 @@ class _Assembly:
         cp = (lambda a: a.copy()) if copy else (lambda a: a)
         nuclei = None
         if self.nuclei is not None:
-            rows = self.nuclei.table()
+            if complete:
+                labels, rows = self.nuclei.canonical()
+            else:
+                labels, rows = cp(self.nuclei.labels), self.nuclei.table()
             names = tuple(card.nucleus_types)
             cls = rows[:, 4].astype(np.int64)
             features = pd.DataFrame(
@@ -500,7 +532,7 @@ class _Assembly:
                 columns=list(NUCLEI_COLUMNS),
             )
             nuclei = NucleiResult(
-                labels=cp(self.nuclei.labels),
+                labels=labels,
                 features=features,
                 downsample=f,
                 origin=_origin(plan.box.origin, f),
@@ -723,29 +755,30 @@ def analyze(
         tasks,
         prec,
     )
-    cached: dict[int, TileOutput] = {}
-    if tile_cache is not None:
-        for i, t in enumerate(tiles):
-            hit = tile_cache.get((*base_key, t.row, t.col))
-            if hit is not None:
-                cached[i] = hit
-    todo = [t for i, t in enumerate(tiles) if i not in cached]
+    cached: list[tuple[Tile, TileOutput]] = []
+    todo: list[Tile] = []
+    for t in tiles:
+        hit = tile_cache.get((*base_key, t.row, t.col)) if tile_cache is not None else None
+        if hit is None:
+            todo.append(t)
+        else:
+            cached.append((t, hit))
     level_array = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
-    batches = list(iter_batches(todo, batch_size))
+    batches = _batch_blocks(group_tiles(todo, plan.grid, plan.block_cells), batch_size)
 
-    def compute() -> Generator[tuple[TileOutput, bool], None, None]:
-        """Outputs of the uncached tiles in order; True marks the last tile of a batch."""
+    def compute() -> Generator[list[tuple[Tile, TileOutput]], None, None]:
+        """Outputs of the uncached tiles, one list per batch of blocks."""
         if not batches:
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histolens-read")
         try:
-            nxt: Future = pool.submit(_read_tiles, level_array, batches[0], plan.step, skip_background)
+            nxt: Future = pool.submit(_read_blocks, level_array, batches[0], plan.step, skip_background)
             for b in range(len(batches)):
                 reads = nxt.result()
                 if b + 1 < len(batches):
                     # Prefetch: the next batch is read and resampled while the model runs.
-                    nxt = pool.submit(_read_tiles, level_array, batches[b + 1], plan.step, skip_background)
+                    nxt = pool.submit(_read_blocks, level_array, batches[b + 1], plan.step, skip_background)
                 for r in reads:
                     timings["read"] += r.read_s
                     timings["preprocess"] += r.prep_s
@@ -753,51 +786,79 @@ def analyze(
                 outs: dict[int, dict[str, Any]] = {}
                 if run:
                     t0 = time.perf_counter()
-                    stack = np.stack([r.rgb for r in run])
-                    per_tile = _predict_with_backoff(model, stack, tasks, prec, state)
+                    per_input = _predict_with_backoff(model, np.stack([r.rgb for r in run]), tasks, prec, state)
                     timings["model"] += time.perf_counter() - t0
-                    outs = {id(r): o for r, o in zip(run, per_tile)}
-                for k, r in enumerate(reads):
+                    outs = {id(r): o for r, o in zip(run, per_input)}
+                done: list[tuple[Tile, TileOutput]] = []
+                for r in reads:
                     if r.rgb is None:
-                        res = TileOutput(skipped=True)
+                        results = [TileOutput(skipped=True) for _ in r.block.tiles]
                     else:
                         t0 = time.perf_counter()
-                        res = _postprocess(r.tile, outs[id(r)], plan.grid, card, tasks, plan.analysis_mpp)
+                        results = _postprocess(r.block, r.tissue, outs[id(r)], card, tasks, plan.analysis_mpp)
                         timings["postprocess"] += time.perf_counter() - t0
-                    if tile_cache is not None:
-                        tile_cache.put((*base_key, r.tile.row, r.tile.col), res)
-                    yield res, k == len(reads) - 1
+                    for tile, res in zip(r.block.tiles, results):
+                        if tile_cache is not None:
+                            tile_cache.put((*base_key, tile.row, tile.col), res)
+                        done.append((tile, res))
+                yield done
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    computed = compute()
-    first_partial: float | None = None
-    try:
-        for i, t in enumerate(tiles):
-            if _cancelled(cancel):
-                prov.cancelled = True
-                break
-            if i in cached:
-                out, boundary = cached[i], False
-                prov.tiles_cached += 1
-            else:
-                out, boundary = next(computed)
-            t0 = time.perf_counter()
-            asm.paste(t, out)
-            timings["stitch"] += time.perf_counter() - t0
+    def paste(items: Sequence[tuple[Tile, TileOutput]]) -> None:
+        t0 = time.perf_counter()
+        for tile, out in items:
+            asm.paste(tile, out)
             prov.tiles_done += 1
             prov.tiles_skipped += int(out.skipped)
-            if boundary and prov.tiles_done < len(tiles):
-                if first_partial is None:
-                    first_partial = time.perf_counter() - t_start
-                    timings["first_partial"] = first_partial
-                yield snapshot(complete=False)
+        timings["stitch"] += time.perf_counter() - t0
+
+    def partial() -> RegionResult:
+        timings.setdefault("first_partial", time.perf_counter() - t_start)
+        return snapshot(complete=False)
+
+    # Cached tiles first: panning back paints the known part at once.
+    paste(cached)
+    prov.tiles_cached = len(cached)
+    if cached and batches:
+        yield partial()
+    computed = compute()
+    try:
+        if _cancelled(cancel):
+            prov.cancelled = True
+        else:
+            for items in computed:
+                paste(items)
+                if prov.tiles_done < len(tiles):
+                    yield partial()
+                # Checked after the consumer had the partial result, before the next batch runs.
+                if _cancelled(cancel):
+                    prov.cancelled = prov.tiles_done < len(tiles)
+                    break
     finally:
         computed.close()
     timings["oom_retries"] = float(state["oom_retries"])
     result = snapshot(complete=not prov.cancelled)
     yield result
     return result
+
+
+def _batch_blocks(blocks: Sequence[Block], batch_size: int) -> list[list[Block]]:
+    """Consecutive blocks of the same input shape, up to ``batch_size`` per model call; the
+    first batch holds one block so the first partial result comes after one model call."""
+    batches: list[list[Block]] = []
+    for b in blocks:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and len(batches) > 1  # the first batch stays alone
+            and len(last) < batch_size
+            and last[0].outer.shape == b.outer.shape  # one stacked input array per call
+        ):
+            last.append(b)
+        else:
+            batches.append([b])
+    return batches
 
 
 def analyze_region(slide: Any, region: Region, **kwargs: Any) -> RegionResult:

@@ -24,12 +24,14 @@ import numpy as np
 from .region import Region
 
 __all__ = [
+    "Block",
     "CellCanvas",
     "InstanceCanvas",
     "Tile",
     "TileGrid",
     "TileInstances",
     "cells_covering",
+    "group_tiles",
     "iter_batches",
     "keep_instances",
     "plan_grid",
@@ -98,6 +100,52 @@ class TileGrid:
         rows = range(box.y0 // s, -(-box.y1 // s))
         cols = range(box.x0 // s, -(-box.x1 // s))
         return [self.tile(r, c) for r in rows for c in cols]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Adjacent tiles run as one model input (global analysis pixels).
+
+    ``inner`` is the union of the tiles' inner boxes (a rectangle), ``outer`` adds the grid's
+    halo. Every tile in a block sees at least ``halo`` pixels of context, so splitting a
+    block's outputs back into tiles gives what each tile alone would (for a local model),
+    at a fraction of the halo overhead.
+    """
+
+    tiles: tuple[Tile, ...]
+    inner: Region
+    outer: Region
+
+    def tile_in_block(self, tile: Tile) -> Tile:
+        """``tile`` with ``outer`` replaced by the block's outer box (for ownership tests)."""
+        return Tile(tile.row, tile.col, tile.inner, self.outer)
+
+
+def group_tiles(tiles: Sequence[Tile], grid: TileGrid, max_cells: int) -> list[Block]:
+    """Greedy row-major grouping of ``tiles`` into rectangles of at most ``max_cells`` per side.
+
+    Only tiles in ``tiles`` are grouped (cached ones are left out by the caller); a block is
+    grown right, then down, while every tile it would take is present and free.
+    """
+    k = max(1, int(max_cells))
+    free = {(t.row, t.col): t for t in tiles}
+    blocks: list[Block] = []
+    for t in tiles:
+        if (t.row, t.col) not in free:
+            continue
+        r, c = t.row, t.col
+        w = 1
+        while w < k and (r, c + w) in free:
+            w += 1
+        h = 1
+        while h < k and all((r + h, c + j) in free for j in range(w)):
+            h += 1
+        members = tuple(free.pop((r + i, c + j)) for i in range(h) for j in range(w))
+        s, hl = grid.size, grid.halo
+        inner = Region(r * s, c * s, (r + h) * s, (c + w) * s)
+        outer = Region(inner.y0 - hl, inner.x0 - hl, inner.y1 + hl, inner.x1 + hl)
+        blocks.append(Block(members, inner, outer))
+    return blocks
 
 
 def plan_grid(
@@ -363,6 +411,22 @@ class InstanceCanvas:
             )
         )
         self._next += len(got)
+
+    def canonical(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and :meth:`table` renumbered 1..n by centroid (y, then x).
+
+        Paste order depends on which tiles came from the cache; renumbering by position
+        makes the final result independent of it.
+        """
+        rows = self.table()
+        if len(rows) == 0:
+            return self.labels.copy(), rows
+        order = np.lexsort((rows[:, 2], rows[:, 1]))
+        lut = np.zeros(int(rows[:, 0].max()) + 1, np.uint32)
+        lut[rows[order, 0].astype(np.int64)] = np.arange(1, len(rows) + 1, dtype=np.uint32)
+        out = rows[order].copy()
+        out[:, 0] = np.arange(1, len(rows) + 1)
+        return lut[self.labels], out
 
     def table(self) -> np.ndarray:
         """``(n, 6)`` float64 rows: label, centroid y, centroid x (global analysis px), pixel
