@@ -43,7 +43,7 @@ __all__ = [
 
 #: Side of a work block in analysis pixels (rounded to whole tiles): big enough that a task's
 #: scheduling overhead is small next to its model time, small enough to balance 2+ workers.
-DEFAULT_BLOCK_PX = 2048
+DEFAULT_BLOCK_PX = 1024
 #: Longest side of the low-resolution image the tissue mask is computed on.
 MASK_MAX_SIDE = 2048
 

@@ -749,7 +749,7 @@ def render_overview_png(
         present = np.unique(classes[classes > 0])
         for k in present:
             name = tiles.class_names[int(k) - 1]
-            legend.append((f"{name} ({int(np.count_nonzero(classes == k))} tiles)", parse_color(tiles.class_colors[int(k) - 1]), "fill"))
+            legend.append((f"{name} ({int(np.count_nonzero(classes == k))} cells)", parse_color(tiles.class_colors[int(k) - 1]), "fill"))
 
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
