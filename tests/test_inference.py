@@ -282,3 +282,24 @@ def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postproces
     assert first.tiles_total == 9 and model.calls == [1]  # one 3 x 3 block
     shifted = analyze_region(slide, Region(0, 128, 384, 512), model=model, cache=cache, skip_background=False)
     assert shifted.provenance.tiles_cached == 6 and model.calls == [1, 1]  # new column: one 3 x 1 block
+
+
+def test_device_and_precision_resolution(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from histolens.inference import resolve_device, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) in ("mps", "cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    assert resolve_precision("cpu", "fp32") == "fp32"
+    assert resolve_precision("mps") == "fp16"
+    monkeypatch.setattr(inference, "_cpu_has_bf16", lambda: False)
+    assert resolve_precision("cpu") == "fp32"  # no native bf16: stay in fp32
+    monkeypatch.setattr(inference, "_cpu_has_bf16", lambda: True)
+    assert resolve_precision("cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("cpu", "int8")
