@@ -372,7 +372,13 @@ class Atlas(nn.Module):
             msg = f"Atlas input {hh}x{ww} px must be a multiple of {self.stride} px; pad the tile"
             raise ValueError(msg)
         pyr = self.stem(x)
-        tokens = pyr[16]
+        out = self.forward_tokens(pyr[16], want_attention)
+        out["pyramid"] = {2: pyr[2], 4: pyr[4], 8: pyr[8], 16: out["scales"][0]}
+        return out
+
+    def forward_tokens(self, tokens: torch.Tensor, want_attention: bool = False) -> dict:
+        """The MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention)."""
+        b = tokens.shape[0]
         h, w = tokens.shape[-2:]
         layouts, (ph, pw) = self.layouts_for(h, w)
         if (ph, pw) != (h, w):
@@ -386,8 +392,7 @@ class Atlas(nn.Module):
         for si, stage in enumerate(self.stages):
             active = layouts[first:]
             for blk in stage:
-                xs_new, a = blk(xs, active, b, want_attention, first)
-                xs = xs_new
+                xs, a = blk(xs, active, b, want_attention, first)
                 if want_attention:
                     # Re-key scales to absolute scale indices.
                     attention.append({k: {first + s: t for s, t in v.items()} for k, v in a.items()})
@@ -404,8 +409,7 @@ class Atlas(nn.Module):
             oh, ow = -(-h // self.cfg.g**s), -(-w // self.cfg.g**s)
             scales.append(grid[:, :, :oh, :ow])
             strides.append(lay.stride)
-        out = {"pyramid": {2: pyr[2], 4: pyr[4], 8: pyr[8], 16: scales[0]}, "scales": scales,
-               "strides": strides}
+        out: dict = {"scales": scales, "strides": strides}
         if want_attention:
             out["attention"] = attention
             out["layouts"] = layouts
