@@ -82,3 +82,24 @@ def test_napari_accepts_the_imported_layers(tmp_path: Path):
     assert layer.data.max() == 6
     # the re-imported labels sit on the same slide pixels as the original (same rule, same frame)
     assert tuple(layer.scale) == pytest.approx(layer_transform(result.mpp, 2.0, lmeta["metadata"]["origin"])[0])
+
+
+def test_writer_takes_the_layers_stage_output(tmp_path: Path):
+    """The tuples histolens.layers makes (what napari hands back) export without loss."""
+    from histolens.layers import result_to_layer_data
+
+    result = make_result(downsample=2.0, origin=(1000, 2000), mpp=0.25)
+    layers = [t for t in result_to_layer_data(result) if t[2] == "labels"]
+    if "mpp" not in layers[0][1]["metadata"]:
+        # the writer needs the level-0 mpp to undo the layer transform; without it, it warns
+        with pytest.warns(UserWarning, match="no level-0 mpp"):
+            write_geojson(str(tmp_path / "warn.geojson"), [layers[0]])
+    for _, meta, _ in layers:
+        meta["metadata"].setdefault("mpp", result.provenance.slide_mpp)
+    (out,) = write_geojson(str(tmp_path / "all.geojson"), layers)
+    feats = json.loads(Path(out).read_text())["features"]
+    kinds = [f["properties"]["objectType"] for f in feats]
+    assert kinds.count("detection") == 6 and kinds.count("annotation") == len(TISSUE)
+    direct = export.nuclei_feature_collection(result)["features"]
+    for a, b in zip([f for f in feats if f["properties"]["objectType"] == "detection"], direct):
+        np.testing.assert_allclose(a["geometry"]["coordinates"][0], b["geometry"]["coordinates"][0], atol=0.011)

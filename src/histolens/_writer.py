@@ -10,6 +10,7 @@ level-0 pixels (the file says so in its ``histolens.frame`` member).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ def level0_geometry(meta: Mapping[str, Any]) -> tuple[float, tuple[float, float]
     md = _histolens_meta(meta)
     mpp = md.get("mpp", md.get("slide_mpp"))
     mpp = float(mpp) if mpp else None
+    if mpp is None:
+        warnings.warn(
+            f"layer {meta.get('name')!r} carries no level-0 mpp in its metadata ('mpp'); its "
+            "GeoJSON is written in the layer's world units, not slide pixels. Export from the "
+            "HistoLens dock (or histolens.export.write_result) for level-0 pixel coordinates",
+            stacklevel=3,
+        )
     if "downsample" in md and "origin" in md:
         oy, ox = (float(v) for v in md["origin"])
         return float(md["downsample"]), (oy, ox), mpp
@@ -96,7 +104,7 @@ def write_geojson(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
         f, origin, mpp = level0_geometry(meta)
         colors = _class_colors(md)
         table = _features(meta)
-        if name in _CLASS_MAP_NAMES or md.get("kind") == "class map":
+        if name in _CLASS_MAP_NAMES or md.get("histolens") in _CLASS_MAP_NAMES or md.get("kind") == "class map":
             class_names = list(md.get("class_names") or ())
             values = np.unique(labels[labels > 0])
             table = pd.DataFrame(
