@@ -303,3 +303,19 @@ def test_device_and_precision_resolution(monkeypatch):
     assert resolve_precision("cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("cpu", "int8")
+
+
+def test_first_model_call_is_one_tile_at_the_centre(image, monkeypatch):
+    """A fresh view paints first where the user looks: the centre tile alone, then blocks."""
+    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    img, _ = image
+    slide = pyramid_slide(img, mpp=0.5)
+    model = FakeModel(fake_card(tile_size=512, halo=32))  # 128-px tiles, halo 64, 3 x 3 blocks
+    gen = analyze(slide, Region(0, 0, 768, 768), model=model, cache=False, skip_background=False)
+    first = next(gen)
+    assert model.shapes[0] == (256, 256) and first.tiles_done == 1
+    painted = np.nonzero(first.tiles.classes)
+    # class cells are 32 px: the centre tile (rows/cols 256..384 px) is cells 8..11
+    assert set(painted[0]) <= set(range(8, 12)) and set(painted[1]) <= set(range(8, 12))
+    rest = list(gen)
+    assert rest[-1].complete and max(s[0] for s in model.shapes) == 512  # then 3 x 3 blocks

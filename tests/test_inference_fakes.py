@@ -114,6 +114,7 @@ class FakeModel:
         self.card = card or fake_card()
         self.device = "cpu"
         self.calls: list[int] = []  # batch size of each call
+        self.shapes: list[tuple[int, int]] = []  # input (H, W) of each call
 
     def predict_tiles(self, tiles, *, tasks=("nuclei", "tiles", "attention"), precision="auto"):
         x = np.asarray(tiles, np.float32) / 255.0
@@ -122,6 +123,7 @@ class FakeModel:
         if h % m or w % m:
             raise ValueError(f"fake model needs multiples of {m}, got {h}x{w}")
         self.calls.append(b)
+        self.shapes.append((h, w))
         dark = 1.0 - x.mean(axis=3)  # (B, H, W)
         out = {}
         if "nuclei" in tasks:

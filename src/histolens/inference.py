@@ -730,7 +730,8 @@ def analyze(
         started=started,
         tiles_total=len(tiles),
     )
-    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0, "stitch": 0.0}
+    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0, "stitch": 0.0,
+               "model_input_px": 0.0}
     prov.timings = timings
     asm = _Assembly(plan, card, tasks)
 
@@ -765,7 +766,7 @@ def analyze(
             cached.append((t, hit))
     level_array = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
-    batches = _batch_blocks(group_tiles(todo, plan.grid, plan.block_cells), batch_size)
+    batches = _batch_blocks(_order_blocks(todo, plan), batch_size)
 
     def compute() -> Generator[list[tuple[Tile, TileOutput]], None, None]:
         """Outputs of the uncached tiles, one list per batch of blocks."""
@@ -788,6 +789,8 @@ def analyze(
                     t0 = time.perf_counter()
                     per_input = _predict_with_backoff(model, np.stack([r.rgb for r in run]), tasks, prec, state)
                     timings["model"] += time.perf_counter() - t0
+                    # Pixels the model saw (halo included): the compute actually spent.
+                    timings["model_input_px"] += float(sum(r.block.outer.area for r in run))
                     outs = {id(r): o for r, o in zip(run, per_input)}
                 done: list[tuple[Tile, TileOutput]] = []
                 for r in reads:
@@ -841,6 +844,25 @@ def analyze(
     result = snapshot(complete=not prov.cancelled)
     yield result
     return result
+
+
+def _order_blocks(todo: Sequence[Tile], plan: AnalysisPlan) -> list[Block]:
+    """Blocks to run, the tile nearest the region's centre first and alone, then outwards.
+
+    The first model call is then one small input where the user is looking (fast first
+    paint); the rest are grouped into blocks for throughput.
+    """
+    if len(todo) <= plan.block_cells**2 or plan.block_cells == 1:  # one block: no gain
+        return group_tiles(todo, plan.grid, plan.block_cells)
+    cy = (plan.box.y0 + plan.box.y1) / 2.0
+    cx = (plan.box.x0 + plan.box.x1) / 2.0
+
+    def dist(region: Region) -> float:
+        return ((region.y0 + region.y1) / 2.0 - cy) ** 2 + ((region.x0 + region.x1) / 2.0 - cx) ** 2
+
+    first = min(todo, key=lambda t: dist(t.inner))
+    rest = group_tiles([t for t in todo if t is not first], plan.grid, plan.block_cells)
+    return [*group_tiles([first], plan.grid, 1), *sorted(rest, key=lambda b: dist(b.inner))]
 
 
 def _batch_blocks(blocks: Sequence[Block], batch_size: int) -> list[list[Block]]:
