@@ -104,6 +104,10 @@ def update_overlays(
             meta["name"] = f"{name} (HistoLens)"
         if opacity is not None and overlay_group(name) in opacity:
             meta["opacity"] = float(opacity[overlay_group(name)])
+        if name.startswith("attention") and name != "attention s0":
+            # Stacked translucent heatmaps wash the slide out: show the finest scale, let
+            # the user switch the others on in the layer list.
+            meta["visible"] = False
         layer = Layer.create(data, meta, layer_type)
         viewer.add_layer(layer)
         touched.append(layer)

@@ -27,11 +27,11 @@ __all__ = ["AreaHistogram", "ReviewPanel"]
 
 #: Rows shown in the nuclei table; the full table goes to the Export files.
 MAX_TABLE_ROWS = 5000
-_TABLE_COLUMNS = ("label", "class", "area (um^2)", "probability", "y (px)", "x (px)")
+_TABLE_COLUMNS = ("label", "class", "µm²", "prob", "y px", "x px")
 
 
 class AreaHistogram(QWidget):
-    """Nucleus areas (um^2) as bars drawn with QPainter (no plotting library needed)."""
+    """Nucleus areas (µm²) as bars drawn with QPainter (no plotting library is installed)."""
 
     def __init__(self, parent: QWidget | None = None, bins: int = 24) -> None:
         super().__init__(parent)
@@ -56,7 +56,8 @@ class AreaHistogram(QWidget):
         else:
             self._counts, self._edges = np.zeros(0, dtype=int), np.zeros(0, dtype=float)
         self.setToolTip(
-            f"{int(areas.size)} nuclei; area {self._edges[0]:.0f}-{self._edges[-1]:.0f} um^2"
+            f"{int(areas.size)} nuclei; area {self._edges[0]:.0f}-{self._edges[-1]:.0f} µm² "
+            "(last bin holds everything above the 99th percentile)"
             if areas.size
             else "no nuclei"
         )
@@ -80,9 +81,9 @@ class AreaHistogram(QWidget):
                 bh = plot_h * float(c) / top
                 painter.drawRect(QRectF(i * bar_w + 1, plot_h - bh, max(bar_w - 2, 1), bh))
             painter.setPen(self.palette().color(self.foregroundRole()))
-            painter.drawText(QRectF(0, plot_h + 2, w, text_h), Qt.AlignLeft, "0 um^2")
+            painter.drawText(QRectF(0, plot_h + 2, w, text_h), Qt.AlignLeft, "0 µm²")
             painter.drawText(
-                QRectF(0, plot_h + 2, w, text_h), Qt.AlignRight, f"{self._edges[-1]:.0f} um^2"
+                QRectF(0, plot_h + 2, w, text_h), Qt.AlignRight, f"{self._edges[-1]:.0f} µm²"
             )
             painter.drawText(
                 QRectF(0, plot_h + 2, w, text_h), Qt.AlignHCenter, f"max bin {int(top)}"
@@ -139,7 +140,7 @@ class ReviewPanel(QWidget):
         self.header.setWordWrap(True)
         self.nuclei_classes = _ClassList("Nuclei per class")
         self.histogram = AreaHistogram()
-        self.tile_legend = _ClassList("Tile classes (legend, share of tissue cells)")
+        self.tile_legend = _ClassList("Tile classes (share of cells)")
         self.table = QTableWidget(0, len(_TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(_TABLE_COLUMNS)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -174,7 +175,7 @@ class ReviewPanel(QWidget):
         state = "complete" if s.complete else ("cancelled" if s.cancelled else "running")
         density = f"{s.density_per_mm2:.0f}" if s.density_per_mm2 is not None else "n/a"
         self.header.setText(
-            f"<b>{s.n_nuclei}</b> nuclei, {density} per mm² of {s.tissue_mm2:.3f} mm² "
+            f"<b>{s.n_nuclei}</b> nuclei, <b>{density}</b>/mm² over {s.tissue_mm2:.3f} mm² "
             f"({s.area_source}); tiles {s.tiles_done}/{s.tiles_total}, {state}"
         )
         self.nuclei_classes.set_rows(s.nuclei_by_class, with_density=True)
@@ -209,7 +210,9 @@ class ReviewPanel(QWidget):
                 else:
                     item.setData(Qt.DisplayRole, round(float(value), 2 if c in (2, 3) else 1))
                 self.table.setItem(r, c, item)
+        self.table.sortByColumn(0, Qt.AscendingOrder)  # by label, as the features table
         self.table.setSortingEnabled(True)
+        self.table.resizeColumnsToContents()
 
     def _on_cell_clicked(self, row: int, _column: int) -> None:
         y_item, x_item = self.table.item(row, 4), self.table.item(row, 5)

@@ -49,8 +49,11 @@ __all__ = ["HistoLensWidget"]
 ANALYZE, CANCEL = "Analyze view", "Cancel"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: (task name given to ``analyze``, check-box text, overlay opacity group)
-TASKS = (("nuclei", "nuclei", "nuclei"), ("tiles", "tile classes", "tile classes"),
-         ("attention", "attention", "attention"))
+TASKS = (
+    ("nuclei", "nuclei", "nuclei"),
+    ("tiles", "tiles", "tile classes"),
+    ("attention", "attention", "attention"),
+)
 DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.35, "attention": 0.45}
 LIVE_DEBOUNCE_MS = 500
 PARTIAL_REFRESH_MS = 150
@@ -93,8 +96,14 @@ class HistoLensWidget(QWidget):
             show_error(f"HistoLens: could not list models ({exc})")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
+        for combo in (self.layer_combo, self.model_combo, self.device_combo):
+            # long layer/model names must not widen the narrow dock
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
         self.task_boxes: dict[str, QCheckBox] = {}
         tasks_row = QHBoxLayout()
+        tasks_row.setSpacing(4)
+        tasks_row.addWidget(QLabel("tasks:"))
         for task, text, _group in TASKS:
             box = QCheckBox(text)
             box.setChecked(True)
@@ -105,10 +114,12 @@ class HistoLensWidget(QWidget):
         self.mpp_spin.setRange(0.0, 100.0)
         self.mpp_spin.setSingleStep(0.05)
         self.mpp_spin.setSpecialValueText("from slide")
+        self.mpp_spin.setMinimumWidth(60)
         self.mpp_spin.setSuffix(" µm/px")
         self.mpp_spin.setToolTip("Pixel size of level 0, used when the slide does not record one")
         self.mpp_label = QLabel()
-        self.live_box = QCheckBox("Live (re-analyse after pan/zoom)")
+        self.live_box = QCheckBox("Live")
+        self.live_box.setToolTip("Re-analyse the view after each pan/zoom (debounced, latest view wins)")
         self.live_box.toggled.connect(self._on_live_toggled)
 
         self.analyze_button = QPushButton(ANALYZE)
@@ -127,7 +138,7 @@ class HistoLensWidget(QWidget):
             slider.setValue(int(round(value * 100)))
             slider.valueChanged.connect(lambda v, g=group: self._set_opacity(g, v / 100.0))
             self.opacity_sliders[group] = slider
-            opacity_form.addRow(f"{group} opacity", slider)
+            opacity_form.addRow(f"{group}", slider)
 
         self.review = ReviewPanel()
         self.review.nucleus_selected.connect(self.center_on)
@@ -139,10 +150,11 @@ class HistoLensWidget(QWidget):
         form.addRow("slide layer", self.layer_combo)
         form.addRow("model", self.model_combo)
         form.addRow("device", self.device_combo)
-        form.addRow("tasks", tasks_row)
+        form.addRow(tasks_row)  # spans both columns: three boxes fit the narrow dock
         form.addRow("mpp override", self.mpp_spin)
         form.addRow("", self.mpp_label)
-        form.addRow("", self.live_box)
+        self.mpp_label.setWordWrap(True)
+        form.addRow("live mode", self.live_box)
 
         inner = QWidget()
         col = QVBoxLayout(inner)
@@ -150,17 +162,20 @@ class HistoLensWidget(QWidget):
         col.addWidget(self.analyze_button)
         col.addWidget(self.progress)
         col.addWidget(self.status)
+        col.addWidget(QLabel("<b>Overlay opacity</b>"))
         col.addLayout(opacity_form)
         col.addWidget(self.review)
         col.addWidget(self.export_button)
         col.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        # The dock is narrow: wrap and shrink rather than scroll sideways.
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
-        self.setMinimumWidth(330)
+        self.setMinimumWidth(300)
 
     # --- slide layer ---------------------------------------------------------------------
     def _candidate_layers(self) -> list[Any]:
