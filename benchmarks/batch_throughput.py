@@ -55,11 +55,22 @@ def _run(slide: Path, out: Path, *, model: str, workers: int, block_px: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2,048 px slide instead of 20,480 px")
-    parser.add_argument("--size", type=int, default=None, help="slide side in level-0 px (power-of-two multiple of 320)")
-    parser.add_argument("--slide-mpp", type=float, default=0.5, help="level-0 um/px of the synthetic slide")
-    parser.add_argument("--model", default="test-tiny", help="registered model (default: test-tiny)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="slide side in level-0 px (power-of-two multiple of 320)",
+    )
+    parser.add_argument(
+        "--slide-mpp", type=float, default=0.5, help="level-0 um/px of the synthetic slide"
+    )
+    parser.add_argument(
+        "--model", default="test-tiny", help="registered model (default: test-tiny)"
+    )
     parser.add_argument("--block-px", type=int, default=1024, help="work unit side in analysis px")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the figures to this JSON file"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -74,16 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="histolens-bench-") as tmp:
         tmpdir = Path(tmp)
         t0 = time.perf_counter()
-        slide = write_synthetic_pyramid(tmpdir / "synthetic.tif", size, tile=tile, mpp=args.slide_mpp)
-        print(f"slide   {size} x {size} px at {args.slide_mpp} um/px, written in {time.perf_counter() - t0:.1f} s")
+        slide = write_synthetic_pyramid(
+            tmpdir / "synthetic.tif", size, tile=tile, mpp=args.slide_mpp
+        )
+        print(
+            f"slide   {size} x {size} px at {args.slide_mpp} um/px, "
+            f"written in {time.perf_counter() - t0:.1f} s"
+        )
         rows = []
         for workers in (0, 2):
-            row = _run(slide.path, tmpdir / f"out{workers}", model=args.model, workers=workers, block_px=args.block_px)
+            row = _run(
+                slide.path,
+                tmpdir / f"out{workers}",
+                model=args.model,
+                workers=workers,
+                block_px=args.block_px,
+            )
             rows.append(row)
-            label = "1 process (2 threads)" if workers == 0 else f"{workers} workers (1 thread each)"
+            label = (
+                "1 process (2 threads)" if workers == 0 else f"{workers} workers (1 thread each)"
+            )
             print(
                 f"{label:<28} {row['seconds']:8.1f} s  {row['tiles_per_s']:7.2f} tiles/s  "
-                f"{row['mm2_per_min']:7.3f} mm^2/min  ({row['tiles_run']}/{row['tiles_total']} tiles, "
+                f"{row['mm2_per_min']:7.3f} mm^2/min  "
+                f"({row['tiles_run']}/{row['tiles_total']} tiles, "
                 f"{row['mm2']} mm^2, {row['nuclei']} nuclei)"
             )
         same = all(
@@ -92,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"outputs identical between the two runs: {same}")
         print(f"speed-up with 2 workers: {rows[0]['seconds'] / rows[1]['seconds']:.2f}x")
-        report = {"size": size, "slide_mpp": args.slide_mpp, "model": args.model, "identical": same, "runs": rows}
+        report = {
+            "size": size,
+            "slide_mpp": args.slide_mpp,
+            "model": args.model,
+            "identical": same,
+            "runs": rows,
+        }
         for row in rows:
             row.pop("out")
         if args.json:

@@ -1,4 +1,4 @@
-"""Whole-slide batch runs: blocks == whole-region engine run == dask.distributed run; failures skip."""
+"""Batch runs: work units == whole-region engine run == dask.distributed run; failures skip."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def synthetic_slide(tmp_path_factory) -> Path:
 
 
 def _plan(slide, region=None):
-    return plan_analysis(region or Region.full(slide.shape), slide.mpp, slide.downsamples, get_card("test-tiny"))
+    return plan_analysis(
+        region or Region.full(slide.shape), slide.mpp, slide.downsamples, get_card("test-tiny")
+    )
 
 
 def _assert_same(a, b) -> None:
@@ -72,7 +74,7 @@ def _assert_same(a, b) -> None:
     np.testing.assert_array_equal(a.tiles.probabilities, b.tiles.probabilities)
     np.testing.assert_array_equal(a.tiles.embeddings, b.tiles.embeddings)
     assert [m.scale for m in a.attention] == [m.scale for m in b.attention]
-    for x, y in zip(a.attention, b.attention):
+    for x, y in zip(a.attention, b.attention, strict=True):
         np.testing.assert_array_equal(x.heat, y.heat)
         assert (x.downsample, x.origin) == (y.downsample, y.origin)
 
@@ -97,7 +99,7 @@ def test_tiles_in_mask_keep_exactly_the_tiles_touching_tissue():
     mask = np.zeros((40, 40), bool)  # 20 level-0 px per mask pixel at f = 2 analysis -> level-0
     mask[12, 30] = True  # level-0 y in [240, 260), x in [600, 620) -> analysis (120..130, 300..310)
     keep = tiles_in_mask(tiles, 2.0, mask, (20.0, 20.0))
-    assert [(t.row, t.col) for t, k in zip(tiles, keep) if k] == [(1, 3)]
+    assert [(t.row, t.col) for t, k in zip(tiles, keep, strict=True) if k] == [(1, 3)]
 
 
 def test_tissue_mask_on_a_real_slide(wsi_dir: Path):
@@ -136,10 +138,25 @@ def test_distributed_run_on_loopback_equals_single_process(synthetic_slide: Path
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     model = ThresholdModel()
     got: dict[str, object] = {}
-    kw = dict(model=model, tasks=TASKS, block_px=384, progress=False, formats=("geojson", "csv", "ome-tiff", "summary"))
-    run_batch([synthetic_slide], tmp_path / "local", on_result=lambda p, r: got.setdefault("local", r), **kw)
+    kw = dict(
+        model=model,
+        tasks=TASKS,
+        block_px=384,
+        progress=False,
+        formats=("geojson", "csv", "ome-tiff", "summary"),
+    )
+    run_batch(
+        [synthetic_slide],
+        tmp_path / "local",
+        on_result=lambda p, r: got.setdefault("local", r),
+        **kw,
+    )
     outcomes = run_batch(
-        [synthetic_slide], tmp_path / "dask", workers=2, on_result=lambda p, r: got.setdefault("dask", r), **kw
+        [synthetic_slide],
+        tmp_path / "dask",
+        workers=2,
+        on_result=lambda p, r: got.setdefault("dask", r),
+        **kw,
     )
     assert outcomes[0].ok, outcomes[0].error
     _assert_same(got["local"], got["dask"])
@@ -149,7 +166,9 @@ def test_distributed_run_on_loopback_equals_single_process(synthetic_slide: Path
         assert a == b, name
 
 
-def test_cli_skips_a_corrupt_slide_and_reports_it(synthetic_slide: Path, tmp_path: Path, capsys, monkeypatch):
+def test_cli_skips_a_corrupt_slide_and_reports_it(
+    synthetic_slide: Path, tmp_path: Path, capsys, monkeypatch
+):
     import argparse
 
     from histolens import batch
@@ -158,8 +177,9 @@ def test_cli_skips_a_corrupt_slide_and_reports_it(synthetic_slide: Path, tmp_pat
     bad.write_bytes(b"II*\x00" + b"\x00garbage" * 100)
     parser = argparse.ArgumentParser()
     batch.add_arguments(parser)
-    args = parser.parse_args([str(bad), str(synthetic_slide), "--out", str(tmp_path / "out"), "--quiet",
-                              "--tasks", "nuclei", "tiles", "--block-px", "384"])  # fmt: skip
+    out = str(tmp_path / "out")
+    argv = [str(bad), str(synthetic_slide), "--out", out, "--quiet", "--tasks", "nuclei", "tiles"]
+    args = parser.parse_args([*argv, "--block-px", "384"])
     args.model = ThresholdModel()
     code = run(args)
     captured = capsys.readouterr()
@@ -167,7 +187,9 @@ def test_cli_skips_a_corrupt_slide_and_reports_it(synthetic_slide: Path, tmp_pat
     assert "FAILED" in captured.out and "broken.svs" in captured.out
     assert "1 of 2 slide(s) failed" in captured.err
     summary = json.loads((tmp_path / "out" / "synthetic" / "summary.json").read_text())
-    n_tiles = len(_plan(open_slide(synthetic_slide)).grid.tiles(_plan(open_slide(synthetic_slide)).box))
+    n_tiles = len(
+        _plan(open_slide(synthetic_slide)).grid.tiles(_plan(open_slide(synthetic_slide)).box)
+    )
     assert summary["nuclei"]["count"] > 50 and summary["tiles"]["total"] == n_tiles
     assert not (tmp_path / "out" / "broken").exists()
 

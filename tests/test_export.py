@@ -1,4 +1,4 @@
-"""Exports: QuPath GeoJSON in level-0 pixels, CSV, OME-TIFF/Zarr masks, summary, PNG, atomic writes."""
+"""Exports: QuPath GeoJSON in level-0 px, CSV, OME-TIFF/Zarr masks, summary, PNG, atomic writes."""
 
 from __future__ import annotations
 
@@ -49,14 +49,18 @@ def make_result(*, downsample: float = 2.0, origin=(1000, 2000), mpp: float = 0.
             }
         )
     features = pd.DataFrame(rows, columns=list(NUCLEI_COLUMNS))
-    nuclei = NucleiResult(labels, features, downsample, tuple(origin), NUCLEUS_TYPES, NUCLEUS_COLORS)
+    nuclei = NucleiResult(
+        labels, features, downsample, tuple(origin), NUCLEUS_TYPES, NUCLEUS_COLORS
+    )
     cell = 64.0  # level-0 px per tile cell
     classes = np.array([[1, 2, 0], [2, 1, 1]], np.int32)
     probs = np.zeros((2, 3, 2), np.float32)
     probs[..., 0] = np.where(classes == 1, 0.8, 0.3)
     probs[..., 1] = 1 - probs[..., 0]
     tiles = TileClassResult(classes, probs, None, cell, tuple(origin), TISSUE, TISSUE_COLORS)
-    region = Region(origin[0], origin[1], origin[0] + h * int(downsample), origin[1] + w * int(downsample))
+    region = Region(
+        origin[0], origin[1], origin[0] + h * int(downsample), origin[1] + w * int(downsample)
+    )
     prov = Provenance(
         slide_path="/data/synthetic.tif",
         slide_name="synthetic",
@@ -83,7 +87,9 @@ class FakeSlide:
 
     def __init__(self, shape=(2000, 3000)):
         yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
-        self.level0 = np.stack([200 + 0 * yy, 120 + (xx % 60), 160 + (yy % 50)], -1).astype(np.uint8)
+        self.level0 = np.stack([200 + 0 * yy, 120 + (xx % 60), 160 + (yy % 50)], -1).astype(
+            np.uint8
+        )
         self.levels = (self.level0, self.level0[::4, ::4])
         self.downsamples = (1.0, 4.0)
         self.shape = shape
@@ -101,7 +107,9 @@ def _ring_area(ring) -> float:
 def test_polygons_are_closed_ccw_level0_and_match_area():
     result = make_result()
     nuc = result.nuclei
-    polys = export.labels_to_polygons(nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=0)
+    polys = export.labels_to_polygons(
+        nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=0
+    )
     assert sorted(polys) == list(range(1, 7))
     for label_id, rings in polys.items():
         assert len(rings) == 1
@@ -142,7 +150,9 @@ def test_split_label_becomes_multipolygon_and_sparse_ids_work():
 
 def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
     result = make_result()
-    path = export.save_geojson(tmp_path / "nuclei.geojson", export.nuclei_feature_collection(result))
+    path = export.save_geojson(
+        tmp_path / "nuclei.geojson", export.nuclei_feature_collection(result)
+    )
     doc = json.loads(path.read_text())
     assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 6
     assert doc["histolens"]["mpp"] == 0.25
@@ -163,7 +173,9 @@ def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
         assert region.y0 <= ys.min() and ys.max() <= region.y1
     assert len(ids) == 6
     # deterministic ids: the same result gives the same file, byte for byte
-    again = export.save_geojson(tmp_path / "again.geojson", export.nuclei_feature_collection(result))
+    again = export.save_geojson(
+        tmp_path / "again.geojson", export.nuclei_feature_collection(result)
+    )
     assert again.read_bytes() == path.read_bytes()
 
 
@@ -214,7 +226,9 @@ def test_write_result_writes_every_file(tmp_path: Path):
         assert tif.is_ome
         np.testing.assert_array_equal(tif.asarray(), result.nuclei.labels)
         ome = tif.ome_metadata
-    assert 'PhysicalSizeX="0.5"' in ome and 'PositionX="500.0"' in ome  # 0.25 um/px * 2; 2000 px * 0.25
+    assert (
+        'PhysicalSizeX="0.5"' in ome and 'PositionX="500.0"' in ome
+    )  # 0.25 um/px * 2; 2000 px * 0.25
 
     group = zarr.open_group(str(files["tile_classes.ome.zarr"]), mode="r")
     np.testing.assert_array_equal(group["0"][...], result.tiles.classes)
@@ -265,18 +279,22 @@ def test_geojson_round_trip_keeps_every_polygon(tmp_path: Path):
     written = json.loads(path.read_text())["features"]
     ((data, meta, kind),) = export.geojson_to_layer_data(path)
     assert kind == "shapes" and len(data) == len(written) == 6
-    for poly, feature in zip(data, written):
+    for poly, feature in zip(data, written, strict=True):
         ring = np.asarray(feature["geometry"]["coordinates"][0])[:-1]
         # (y, x) napari order, pixel-centre data coordinates = edge coordinates - 0.5
         np.testing.assert_allclose(poly, ring[:, ::-1] - 0.5)
     assert meta["scale"] == (0.25, 0.25)
-    assert list(meta["features"]["class_name"]) == [f["properties"]["classification"]["name"] for f in written]
+    assert list(meta["features"]["class_name"]) == [
+        f["properties"]["classification"]["name"] for f in written
+    ]
 
 
 def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path):
     result = make_result(downsample=1.0, origin=(300, 400))
     nuc = result.nuclei
-    fc = export.labels_feature_collection(nuc.labels, origin=nuc.origin, features=nuc.features, tolerance=0)
+    fc = export.labels_feature_collection(
+        nuc.labels, origin=nuc.origin, features=nuc.features, tolerance=0
+    )
     path = export.save_geojson(tmp_path / "n.geojson", fc)
     ((labels, meta, kind),) = export.geojson_to_layer_data(path, as_labels=True, mpp=0.25)
     assert kind == "labels"

@@ -22,7 +22,13 @@ def _nuclei_layer(result, *, with_mpp: bool = True):
     metadata = {"class_names": NUCLEUS_TYPES, "class_colors": NUCLEUS_COLORS}
     if with_mpp:
         metadata["mpp"] = result.mpp
-    meta = {"name": "nuclei", "scale": scale, "translate": translate, "features": features, "metadata": metadata}
+    meta = {
+        "name": "nuclei",
+        "scale": scale,
+        "translate": translate,
+        "features": features,
+        "metadata": metadata,
+    }
     return (nuc.labels, meta, "labels")
 
 
@@ -39,11 +45,15 @@ def test_writer_matches_the_direct_export(tmp_path: Path):
     direct = export.nuclei_feature_collection(result)
     assert written["histolens"]["mpp"] == 0.25
     assert len(written["features"]) == len(direct["features"]) == 6
-    for a, b in zip(written["features"], direct["features"]):
+    for a, b in zip(written["features"], direct["features"], strict=True):
         assert a["properties"]["objectType"] == "detection"
         assert a["properties"]["classification"] == b["properties"]["classification"]
-        assert a["properties"]["measurements"]["area_um2"] == pytest.approx(b["properties"]["measurements"]["area_um2"])
-        np.testing.assert_allclose(a["geometry"]["coordinates"][0], b["geometry"]["coordinates"][0], atol=0.011)
+        assert a["properties"]["measurements"]["area_um2"] == pytest.approx(
+            b["properties"]["measurements"]["area_um2"]
+        )
+        np.testing.assert_allclose(
+            a["geometry"]["coordinates"][0], b["geometry"]["coordinates"][0], atol=0.011
+        )
 
 
 def test_writer_exports_class_maps_as_annotations(tmp_path: Path):
@@ -52,15 +62,29 @@ def test_writer_exports_class_maps_as_annotations(tmp_path: Path):
     scale, translate = layer_transform(result.mpp, tiles.cell, tiles.origin)
     layer = (
         tiles.classes,
-        {"name": "tile classes", "scale": scale, "translate": translate, "metadata": {"mpp": result.mpp, "class_names": TISSUE}},
+        {
+            "name": "tile classes",
+            "scale": scale,
+            "translate": translate,
+            "metadata": {"mpp": result.mpp, "class_names": TISSUE},
+        },
         "labels",
     )
     (out,) = write_geojson(str(tmp_path / "tiles.geojson"), [layer])
     feats = json.loads(Path(out).read_text())["features"]
     assert [f["properties"]["classification"]["name"] for f in feats] == list(TISSUE)
     assert all(f["properties"]["objectType"] == "annotation" for f in feats)
-    ys = np.concatenate([np.asarray(r[0])[:, 1] for f in feats for r in (
-        f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon" else [f["geometry"]["coordinates"]])])
+    ys = np.concatenate(
+        [
+            np.asarray(r[0])[:, 1]
+            for f in feats
+            for r in (
+                f["geometry"]["coordinates"]
+                if f["geometry"]["type"] == "MultiPolygon"
+                else [f["geometry"]["coordinates"]]
+            )
+        ]
+    )
     # the grid covers level-0 y in [1000, 1128); marching squares stays inside it
     assert ys.min() >= 1000 and ys.max() <= 1128
 
@@ -76,12 +100,16 @@ def test_napari_accepts_the_imported_layers(tmp_path: Path):
     path = export.save_geojson(tmp_path / "n.geojson", export.nuclei_feature_collection(result))
     ((data, meta, kind),) = export.geojson_to_layer_data(path)
     shapes = layers.Shapes(data, **meta)
-    assert shapes.nshapes == 6 and list(shapes.features["class_name"]) == list(meta["features"]["class_name"])
+    assert shapes.nshapes == 6 and list(shapes.features["class_name"]) == list(
+        meta["features"]["class_name"]
+    )
     ((labels, lmeta, _),) = export.geojson_to_layer_data(path, as_labels=True, downsample=2.0)
     layer = layers.Labels(labels, **lmeta)
     assert layer.data.max() == 6
     # the re-imported labels sit on the same slide pixels as the original (same rule, same frame)
-    assert tuple(layer.scale) == pytest.approx(layer_transform(result.mpp, 2.0, lmeta["metadata"]["origin"])[0])
+    assert tuple(layer.scale) == pytest.approx(
+        layer_transform(result.mpp, 2.0, lmeta["metadata"]["origin"])[0]
+    )
 
 
 def test_writer_takes_the_layers_stage_output(tmp_path: Path):
@@ -101,5 +129,9 @@ def test_writer_takes_the_layers_stage_output(tmp_path: Path):
     kinds = [f["properties"]["objectType"] for f in feats]
     assert kinds.count("detection") == 6 and kinds.count("annotation") == len(TISSUE)
     direct = export.nuclei_feature_collection(result)["features"]
-    for a, b in zip([f for f in feats if f["properties"]["objectType"] == "detection"], direct):
-        np.testing.assert_allclose(a["geometry"]["coordinates"][0], b["geometry"]["coordinates"][0], atol=0.011)
+    for a, b in zip(
+        [f for f in feats if f["properties"]["objectType"] == "detection"], direct, strict=True
+    ):
+        np.testing.assert_allclose(
+            a["geometry"]["coordinates"][0], b["geometry"]["coordinates"][0], atol=0.011
+        )

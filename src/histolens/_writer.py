@@ -57,7 +57,10 @@ def level0_geometry(meta: Mapping[str, Any]) -> tuple[float, tuple[float, float]
     m = mpp or 1.0
     f = scale[0] / m
     if not math.isclose(scale[0], scale[1], rel_tol=1e-6):
-        msg = f"layer {meta.get('name')!r} has non-square pixels (scale {scale}); cannot map it to level-0 pixels"
+        msg = (
+            f"layer {meta.get('name')!r} has non-square pixels (scale {scale}); "
+            "cannot map it to level-0 pixels"
+        )
         raise ValueError(msg)
     origin = (translate[0] / m - (f - 1.0) / 2.0, translate[1] / m - (f - 1.0) / 2.0)
     return f, origin, mpp
@@ -82,7 +85,9 @@ def _class_colors(md: Mapping[str, Any]) -> dict[str, list[int]]:
     colors = md.get("class_colors") or ()
     if isinstance(colors, Mapping):
         return {str(k): parse_color(v) for k, v in colors.items()}
-    return {str(n): parse_color(colors[i] if i < len(colors) else None) for i, n in enumerate(names)}
+    return {
+        str(n): parse_color(colors[i] if i < len(colors) else None) for i, n in enumerate(names)
+    }
 
 
 def write_geojson(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
@@ -98,20 +103,28 @@ def write_geojson(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
         if layer_type != "labels":
             msg = f"the HistoLens GeoJSON writer takes Labels layers, got a {layer_type!r} layer"
             raise ValueError(msg)
-        labels = np.asarray(data[0] if isinstance(data, (list, tuple)) else data)  # multiscale: finest
+        labels = np.asarray(
+            data[0] if isinstance(data, (list, tuple)) else data
+        )  # multiscale: finest
         name = str(meta.get("name") or "labels")
         md = _histolens_meta(meta)
         f, origin, mpp = level0_geometry(meta)
         colors = _class_colors(md)
         table = _features(meta)
-        if name in _CLASS_MAP_NAMES or md.get("histolens") in _CLASS_MAP_NAMES or md.get("kind") == "class map":
+        if (
+            name in _CLASS_MAP_NAMES
+            or md.get("histolens") in _CLASS_MAP_NAMES
+            or md.get("kind") == "class map"
+        ):
             class_names = list(md.get("class_names") or ())
             values = np.unique(labels[labels > 0])
             table = pd.DataFrame(
                 {
                     "label": values,
                     "class_name": [
-                        class_names[int(v) - 1] if 0 < int(v) <= len(class_names) else f"class {int(v)}"
+                        class_names[int(v) - 1]
+                        if 0 < int(v) <= len(class_names)
+                        else f"class {int(v)}"
                         for v in values
                     ],
                 }
@@ -134,6 +147,10 @@ def write_geojson(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[st
         extra["layers"].append(name)
         if mpp is not None:
             extra["mpp"] = mpp
-    extra["frame"] = "level-0 pixels (x, y)" if "mpp" in extra else "world units of the layers (no mpp)"
-    save_geojson(Path(path), {"type": "FeatureCollection", "histolens": extra, "features": features})
+    extra["frame"] = (
+        "level-0 pixels (x, y)" if "mpp" in extra else "world units of the layers (no mpp)"
+    )
+    save_geojson(
+        Path(path), {"type": "FeatureCollection", "histolens": extra, "features": features}
+    )
     return [str(path)]

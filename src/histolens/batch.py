@@ -1,4 +1,4 @@
-"""Whole-slide and many-slide runs, in this process or on ``dask.distributed``; ``histolens analyze``.
+"""Whole-slide and many-slide runs, here or on ``dask.distributed``: ``histolens analyze``.
 
 A slide is analysed on the engine's global tile grid (:mod:`histolens.tiles`). Tiles are kept
 where an Otsu tissue mask from a low pyramid level finds tissue, grouped into the engine's
@@ -49,8 +49,10 @@ MASK_MAX_SIDE = 2048
 
 
 # --------------------------------------------------------------------------- tissue mask
-def tissue_mask(slide: Any, *, max_side: int = MASK_MAX_SIDE) -> tuple[np.ndarray, tuple[float, float]]:
-    """Boolean tissue mask of the whole slide from a low level, and level-0 px per mask pixel ``(y, x)``.
+def tissue_mask(
+    slide: Any, *, max_side: int = MASK_MAX_SIDE
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Boolean tissue mask of the whole slide and level-0 px per mask pixel ``(y, x)``.
 
     Otsu's threshold on the stain saturation ``(max - min) / max`` separates glass from H&E;
     it is clamped to [0.04, 0.12] because a slide that is all tissue (or all glass) has no
@@ -82,8 +84,10 @@ def tissue_mask(slide: Any, *, max_side: int = MASK_MAX_SIDE) -> tuple[np.ndarra
     return mask, (h0 / mask.shape[0], w0 / mask.shape[1])
 
 
-def tiles_in_mask(tiles: Sequence[Any], f: float, mask: np.ndarray, mask_scale: tuple[float, float]) -> np.ndarray:
-    """For each tile (inner box in analysis px, ``f`` level-0 px each), whether the mask has tissue there."""
+def tiles_in_mask(
+    tiles: Sequence[Any], f: float, mask: np.ndarray, mask_scale: tuple[float, float]
+) -> np.ndarray:
+    """Per tile (inner box in analysis px of ``f`` level-0 px): does the mask have tissue there."""
     if mask.size == 0:
         return np.zeros(len(tiles), bool)
     # Summed-area table: any() over a box in O(1) per tile, for whole slides of 10^5 tiles.
@@ -163,7 +167,14 @@ def _run_block(
     # go back to the distributed scheduler (and try to ship open file handles there).
     with dask.config.set(scheduler="synchronous"):
         return _engine_run_blocks(
-            _open_slide_ref(slide_ref), plan, blocks, model, tasks, precision, batch_size, skip_background
+            _open_slide_ref(slide_ref),
+            plan,
+            blocks,
+            model,
+            tasks,
+            precision,
+            batch_size,
+            skip_background,
         )
 
 
@@ -179,7 +190,13 @@ def _engine_run_blocks(
 ) -> tuple[list[list[Any]], dict[str, float]]:
     # The engine's own per-block steps (read + tissue test, batched model call with OOM
     # back-off, post-processing and ownership), so a work unit's outputs are the engine's.
-    from .inference import TileOutput, _batch_blocks, _postprocess, _predict_with_backoff, _read_blocks
+    from .inference import (
+        TileOutput,
+        _batch_blocks,
+        _postprocess,
+        _predict_with_backoff,
+        _read_blocks,
+    )
 
     level = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
@@ -195,7 +212,9 @@ def _engine_run_blocks(
         per_input: list[dict[str, Any]] = []
         if run_reads:
             t0 = time.perf_counter()
-            per_input = _predict_with_backoff(model, np.stack([r.rgb for r in run_reads]), tasks, precision, state)
+            per_input = _predict_with_backoff(
+                model, np.stack([r.rgb for r in run_reads]), tasks, precision, state
+            )
             timings["model"] += time.perf_counter() - t0
         it = iter(per_input)
         for r in reads:
@@ -203,7 +222,9 @@ def _engine_run_blocks(
                 outputs[index[id(r.block)]] = [TileOutput(skipped=True) for _ in r.block.tiles]
                 continue
             t0 = time.perf_counter()
-            outputs[index[id(r.block)]] = _postprocess(r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp)
+            outputs[index[id(r.block)]] = _postprocess(
+                r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp
+            )
             timings["postprocess"] += time.perf_counter() - t0
     timings["oom_retries"] = float(state["oom_retries"])
     return [outputs[i] for i in range(len(blocks))], timings
@@ -284,7 +305,10 @@ def _plan_slide(
     shape = tuple(int(v) for v in slide.shape[:2])
     reg = Region.full(shape) if region is None else region.clip(shape)
     if reg.is_empty:
-        msg = f"{path}: region {region.as_tuple() if region else None} is outside the slide {shape} (level-0 px)"
+        msg = (
+            f"{path}: region {region.as_tuple() if region else None} is outside the slide "
+            f"{shape} (level-0 px); give y0,x0,y1,x1 inside (0, 0, {shape[0]}, {shape[1]})"
+        )
         raise ValueError(msg)
     card = model.card
     plan = plan_analysis(reg, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
@@ -297,7 +321,9 @@ def _plan_slide(
     from .tiles import group_tiles
 
     # Grouped exactly as analyze() groups a fresh region, then cut into work units.
-    model_blocks = group_tiles([t for t, keep in zip(tiles, run_mask) if keep], plan.grid, plan.block_cells)
+    model_blocks = group_tiles(
+        [t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan.grid, plan.block_cells
+    )
     blocks = group_work(model_blocks, block_px)
     prov = Provenance(
         slide_path=str(getattr(slide, "path", path) or path),
@@ -315,11 +341,13 @@ def _plan_slide(
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tiles_total=len(tiles),
     )
-    return _SlideJob(path, slide, out_dir, plan, tiles, run_mask, model_blocks, blocks, prov, time.perf_counter())
+    return _SlideJob(
+        path, slide, out_dir, plan, tiles, run_mask, model_blocks, blocks, prov, time.perf_counter()
+    )
 
 
 def _assemble(job: _SlideJob, card: Any, tasks: tuple[str, ...]) -> Any:
-    """Paste every tile's output in the engine's order (model block by block) and build the result."""
+    """Paste every tile's output in the engine's order (block by block); build the result."""
     from .inference import TileOutput, _Assembly
 
     asm = _Assembly(job.plan, card, tasks)
@@ -399,7 +427,9 @@ class _Distributed:
 class _Progress:
     """A tqdm bar on a terminal; plain timestamped lines (at most every ``every`` s) otherwise."""
 
-    def __init__(self, total: int, *, stream: Any = None, every: float = 10.0, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, *, stream: Any = None, every: float = 10.0, enabled: bool = True
+    ) -> None:
         self.stream = stream or sys.stderr
         self.total, self.done, self.every = total, 0, every
         self.enabled = enabled
@@ -497,16 +527,23 @@ def run_batch(
             out_dir = _output_dir(out_root, slide_name(Path(path)), used)
             jobs[i] = _plan_slide(
                 path, out_dir=out_dir, model=model, tasks=task_t, region=region, mpp=mpp,
-                use_mask=tissue, block_px=block_px, tile_size=tile_size, device=device, precision=prec,
+                use_mask=tissue, block_px=block_px, tile_size=tile_size, device=device,
+                precision=prec,
             )  # fmt: skip
             job = jobs[i]
             prog.log(
-                f"{Path(path).name}: {len(job.tiles)} tiles, {int(job.run_mask.sum())} with tissue, "
-                f"{len(job.blocks)} work units, analysis {job.plan.analysis_mpp:.3g} um/px (level {job.plan.level.level})"
+                f"{Path(path).name}: {len(job.tiles)} tiles, "
+                f"{int(job.run_mask.sum())} with tissue, "
+                f"{len(job.blocks)} work units, analysis {job.plan.analysis_mpp:.3g} um/px "
+                f"(level {job.plan.level.level})"
             )
         except Exception as exc:
-            outcomes[path] = SlideOutcome(path, None, {}, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
-            prog.log(f"FAILED {path}: {type(exc).__name__}: {exc} (skipped; the other slides go on)")
+            outcomes[path] = SlideOutcome(
+                path, None, {}, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+            )
+            prog.log(
+                f"FAILED {path}: {type(exc).__name__}: {exc} (skipped; the other slides go on)"
+            )
 
     own_cluster = None
     if distributed and client is None:
@@ -542,7 +579,7 @@ def run_batch(
                     (i, b), _run_block, ref, job.plan, block, model_ref, task_t, prec,
                     batch_size, skip_background, threads,
                 )  # fmt: skip
-        for i, job in jobs.items():
+        for job in jobs.values():
             if job.pending == 0:  # nothing to run (all glass, or an empty region)
                 _finish(job, card, task_t, fmts, outcomes, prog, write_result, on_result)
         for (i, b), value, exc in executor.results():
@@ -552,15 +589,17 @@ def run_batch(
             if exc is not None:
                 job.error = f"{type(exc).__name__}: {exc}"
                 executor.cancel(lambda key, i=i: key[0] == i)
-                outcomes[job.path] = SlideOutcome(job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start)
+                outcomes[job.path] = SlideOutcome(
+                    job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
+                )
                 prog.log(f"FAILED {job.path}: {job.error}")
                 if not progress:
                     traceback.print_exception(exc, file=stream or sys.stderr)
                 continue
             per_block, timings = value
             n_tiles = 0
-            for block, outs in zip(job.blocks[b], per_block):
-                for t, o in zip(block.tiles, outs):
+            for block, outs in zip(job.blocks[b], per_block, strict=True):
+                for t, o in zip(block.tiles, outs, strict=True):
                     job.outputs[(t.row, t.col)] = o
                 n_tiles += len(block.tiles)
             for k, v in timings.items():
@@ -593,14 +632,26 @@ def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_
             files = write_result(result, job.out_dir, slide=job.slide, formats=fmts)
     except Exception as exc:
         job.error = f"{type(exc).__name__}: {exc}"
-        outcomes[job.path] = SlideOutcome(job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start)
+        outcomes[job.path] = SlideOutcome(
+            job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
+        )
         prog.log(f"FAILED {job.path}: {job.error}")
         return
     n = result.nuclei.count if result.nuclei is not None else 0
     outcomes[job.path] = SlideOutcome(
-        job.path, job.out_dir, files, None, result.provenance.seconds, n, int(job.run_mask.sum()), len(job.tiles)
+        job.path,
+        job.out_dir,
+        files,
+        None,
+        result.provenance.seconds,
+        n,
+        int(job.run_mask.sum()),
+        len(job.tiles),
     )
-    prog.log(f"done {Path(job.path).name}: {n} nuclei, {result.provenance.seconds:.1f} s -> {job.out_dir}")
+    prog.log(
+        f"done {Path(job.path).name}: {n} nuclei, "
+        f"{result.provenance.seconds:.1f} s -> {job.out_dir}"
+    )
     if on_result is not None:
         on_result(job.path, result)
 
@@ -608,25 +659,48 @@ def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens analyze``."""
-    parser.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (SVS, NDPI, OME-TIFF, DICOM, ...)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder; each slide writes OUT/<slide name>/")
-    parser.add_argument("--region", default=None, help="y0,x0,y1,x1 in level-0 pixels (default: the whole slide)")
+    parser.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="slide files (SVS, NDPI, OME-TIFF, DICOM, ...)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder; each slide writes OUT/<slide name>/"
+    )
+    parser.add_argument(
+        "--region", default=None, help="y0,x0,y1,x1 in level-0 pixels (default: the whole slide)"
+    )
     parser.add_argument(
         "--tasks", nargs="+", default=["nuclei", "tiles"], choices=["nuclei", "tiles", "attention"],
         help="what to compute (default: nuclei tiles)",
     )  # fmt: skip
-    parser.add_argument("--model", default=None, help="registered model name (default: the embedded model)")
-    parser.add_argument("--mpp", type=float, default=None, help="level-0 um/px, for slides that record none")
+    parser.add_argument(
+        "--model", default=None, help="registered model name (default: the embedded model)"
+    )
+    parser.add_argument(
+        "--mpp", type=float, default=None, help="level-0 um/px, for slides that record none"
+    )
     scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--workers", type=int, default=0, help="start a loopback dask LocalCluster of N processes")
-    scale.add_argument("--scheduler", default=None, help="address of a running dask scheduler, e.g. tcp://host:8786")
-    parser.add_argument("--no-tissue-mask", action="store_true", help="analyse glass too (no Otsu tissue mask)")
-    parser.add_argument("--block-px", type=int, default=DEFAULT_BLOCK_PX, help="work block side in analysis px")
+    scale.add_argument(
+        "--workers", type=int, default=0, help="start a loopback dask LocalCluster of N processes"
+    )
+    scale.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running dask scheduler, e.g. tcp://host:8786",
+    )
+    parser.add_argument(
+        "--no-tissue-mask", action="store_true", help="analyse glass too (no Otsu tissue mask)"
+    )
+    parser.add_argument(
+        "--block-px", type=int, default=DEFAULT_BLOCK_PX, help="work block side in analysis px"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
     parser.add_argument(
-        "--formats", nargs="+", default=None, choices=["geojson", "csv", "ome-tiff", "ome-zarr", "summary", "png"],
+        "--formats",
+        nargs="+",
+        default=None,
+        choices=["geojson", "csv", "ome-tiff", "ome-zarr", "summary", "png"],
         help="what to write (default: geojson csv ome-tiff summary)",
-    )  # fmt: skip
+    )
     parser.add_argument("--png", action="store_true", help="also render overview.png per slide")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -650,7 +724,11 @@ def run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:
         status = "ok    " if o.ok else "FAILED"
-        detail = f"{o.nuclei} nuclei, {o.tiles_run}/{o.tiles_total} tiles -> {o.out_dir}" if o.ok else o.error
+        detail = (
+            f"{o.nuclei} nuclei, {o.tiles_run}/{o.tiles_total} tiles -> {o.out_dir}"
+            if o.ok
+            else o.error
+        )
         print(f"{status} {o.path}: {detail}")
     if failed:
         print(f"{len(failed)} of {len(outcomes)} slide(s) failed", file=sys.stderr)

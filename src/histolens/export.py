@@ -32,7 +32,7 @@ import pandas as pd
 from .region import Region, layer_transform
 
 if TYPE_CHECKING:  # the result stage sits above this one; only its types are needed here
-    from .result import NucleiResult, RegionResult, TileClassResult
+    from .result import RegionResult, TileClassResult
 
 __all__ = [
     "DEFAULT_FORMATS",
@@ -131,7 +131,9 @@ def _json_default(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- colours
-def parse_color(color: str | Sequence[float] | None, default: Sequence[int] = (128, 128, 128)) -> list[int]:
+def parse_color(
+    color: str | Sequence[float] | None, default: Sequence[int] = (128, 128, 128)
+) -> list[int]:
     """``[r, g, b]`` integers 0..255 from ``"#rrggbb"``, a CSS name or an RGB(A) sequence.
 
     Sequences of floats all <= 1 are taken as 0..1 (napari's convention), others as 0..255.
@@ -157,7 +159,9 @@ def parse_color(color: str | Sequence[float] | None, default: Sequence[int] = (1
 
 
 def _class_color_map(names: Sequence[str], colors: Sequence[Any]) -> dict[str, list[int]]:
-    return {str(n): parse_color(colors[i] if i < len(colors) else None) for i, n in enumerate(names)}
+    return {
+        str(n): parse_color(colors[i] if i < len(colors) else None) for i, n in enumerate(names)
+    }
 
 
 # --------------------------------------------------------------------------- polygons
@@ -284,7 +288,8 @@ def labels_feature_collection(
     if features is not None and len(features):
         if label_column not in features.columns:
             msg = (
-                f"features table has no {label_column!r} column (columns: {list(features.columns)}); "
+                f"features table has no {label_column!r} column "
+                f"(columns: {list(features.columns)}); "
                 "pass label_column= naming the column that holds label values"
             )
             raise ValueError(msg)
@@ -299,7 +304,10 @@ def labels_feature_collection(
         if name is None or (isinstance(name, float) and math.isnan(name)):
             name = default_class
         if name is not None:
-            props["classification"] = {"name": str(name), "color": parse_color(colors.get(str(name)))}
+            props["classification"] = {
+                "name": str(name),
+                "color": parse_color(colors.get(str(name))),
+            }
         measurements: dict[str, float] = {}
         for key, value in rec.items():
             if key in skip_measurements or key == class_column:
@@ -468,14 +476,22 @@ def _save_csv(path: Path, table: pd.DataFrame) -> Path:
 
 
 def _save_ome_tiff(
-    path: Path, array: np.ndarray, *, pixel_um: float | None, origin_um: tuple[float, float] | None, name: str
+    path: Path,
+    array: np.ndarray,
+    *,
+    pixel_um: float | None,
+    origin_um: tuple[float, float] | None,
+    name: str,
 ) -> Path:
     import tifffile
 
     metadata: dict[str, Any] = {"axes": "YX", "Name": name}
     if pixel_um is not None:
         metadata.update(
-            PhysicalSizeX=pixel_um, PhysicalSizeXUnit="µm", PhysicalSizeY=pixel_um, PhysicalSizeYUnit="µm"
+            PhysicalSizeX=pixel_um,
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeY=pixel_um,
+            PhysicalSizeYUnit="µm",
         )
     if origin_um is not None:
         # OME Plane positions place the mask on the slide: level-0 edge of pixel (0, 0) in um.
@@ -501,19 +517,28 @@ def _save_ome_tiff(
 
 
 def _save_ome_zarr(
-    path: Path, array: np.ndarray, *, pixel_um: float | None, origin_um: tuple[float, float] | None, name: str
+    path: Path,
+    array: np.ndarray,
+    *,
+    pixel_um: float | None,
+    origin_um: tuple[float, float] | None,
+    name: str,
 ) -> Path:
     import zarr
 
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         chunks = (min(1024, max(array.shape[0], 1)), min(1024, max(array.shape[1], 1)))
-        data = group.create_array("0", shape=array.shape, dtype=array.dtype, chunks=chunks, fill_value=0)
+        data = group.create_array(
+            "0", shape=array.shape, dtype=array.dtype, chunks=chunks, fill_value=0
+        )
         data[...] = array
         scale = [pixel_um or 1.0, pixel_um or 1.0]
         translation = [origin_um[0], origin_um[1]] if origin_um is not None else [0.0, 0.0]
         unit = "micrometer" if pixel_um is not None else None
-        axes = [{"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")]
+        axes = [
+            {"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")
+        ]
         # OME-NGFF 0.5 (zarr v3): the "ome" member carries multiscales; a labels image.
         group.attrs["ome"] = {
             "version": "0.5",
@@ -553,13 +578,25 @@ def _smallest_uint(array: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- summary
-def summary_dict(result: RegionResult, *, files: Mapping[str, Path] | None = None) -> dict[str, Any]:
+def summary_dict(
+    result: RegionResult, *, files: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
     """What a run produced, for ``summary.json``: counts per class, region, mpp, model, times."""
     p = result.provenance
     mpp0 = level0_mpp(result)
     out: dict[str, Any] = {
-        "slide": {"name": p.slide_name, "path": p.slide_path, "mpp": p.slide_mpp, "mpp_source": p.mpp_source},
-        "region_level0_px": {"y0": result.region.y0, "x0": result.region.x0, "y1": result.region.y1, "x1": result.region.x1},
+        "slide": {
+            "name": p.slide_name,
+            "path": p.slide_path,
+            "mpp": p.slide_mpp,
+            "mpp_source": p.mpp_source,
+        },
+        "region_level0_px": {
+            "y0": result.region.y0,
+            "x0": result.region.x0,
+            "y1": result.region.y1,
+            "x1": result.region.x1,
+        },
         "region_mm2": (result.region.area * mpp0**2 / 1e6) if mpp0 else None,
         "mpp": mpp0,
         "analysis_mpp": p.analysis_mpp,
@@ -582,7 +619,9 @@ def summary_dict(result: RegionResult, *, files: Mapping[str, Path] | None = Non
     }
     if result.nuclei is not None:
         nuc = result.nuclei
-        counts = nuc.features["class_name"].value_counts() if len(nuc.features) else pd.Series(dtype=int)
+        counts = (
+            nuc.features["class_name"].value_counts() if len(nuc.features) else pd.Series(dtype=int)
+        )
         out["nuclei"] = {
             "count": int(nuc.count),
             "per_class": {str(n): int(counts.get(n, 0)) for n in nuc.class_names},
@@ -597,9 +636,16 @@ def summary_dict(result: RegionResult, *, files: Mapping[str, Path] | None = Non
         per_class = {}
         for k, name in enumerate(tiles.class_names):
             n = int(np.count_nonzero(classes == k + 1))
-            per_class[str(name)] = {"cells": n, "mm2": n * cell_mm2 if cell_mm2 is not None else None}
+            per_class[str(name)] = {
+                "cells": n,
+                "mm2": n * cell_mm2 if cell_mm2 is not None else None,
+            }
         out["tiles"].update(
-            {"cell_px": float(tiles.cell), "analysed_cells": int(np.count_nonzero(classes)), "per_class": per_class}
+            {
+                "cell_px": float(tiles.cell),
+                "analysed_cells": int(np.count_nonzero(classes)),
+                "per_class": per_class,
+            }
         )
     out["attention_scales"] = [a.scale for a in result.attention]
     if files:
@@ -650,21 +696,40 @@ def write_result(
 
     if "geojson" in wanted:
         if nuc is not None:
-            timed("nuclei.geojson", lambda: save_geojson(out / "nuclei.geojson", nuclei_feature_collection(result, tolerance=tolerance)))
+            timed(
+                "nuclei.geojson",
+                lambda: save_geojson(
+                    out / "nuclei.geojson", nuclei_feature_collection(result, tolerance=tolerance)
+                ),
+            )
         if tiles is not None:
-            timed("tiles.geojson", lambda: save_geojson(out / "tiles.geojson", tiles_feature_collection(result)))
+            timed(
+                "tiles.geojson",
+                lambda: save_geojson(out / "tiles.geojson", tiles_feature_collection(result)),
+            )
     if "csv" in wanted:
         if nuc is not None:
             timed("nuclei.csv", _save_csv, out / "nuclei.csv", nuc.features)
         if tiles is not None:
             timed("tiles.csv", _save_csv, out / "tiles.csv", tiles_table(tiles, result.region))
-    for fmt, suffix, saver in (("ome-tiff", ".ome.tif", _save_ome_tiff), ("ome-zarr", ".ome.zarr", _save_ome_zarr)):
+    for fmt, suffix, saver in (
+        ("ome-tiff", ".ome.tif", _save_ome_tiff),
+        ("ome-zarr", ".ome.zarr", _save_ome_zarr),
+    ):
         if fmt not in wanted:
             continue
         if nuc is not None:
             px, org = _mask_geometry(mpp0, nuc.downsample, nuc.origin)
             name = "nuclei_labels" + suffix
-            timed(name, saver, out / name, _smallest_uint(np.asarray(nuc.labels)), pixel_um=px, origin_um=org, name="nuclei")
+            timed(
+                name,
+                saver,
+                out / name,
+                _smallest_uint(np.asarray(nuc.labels)),
+                pixel_um=px,
+                origin_um=org,
+                name="nuclei",
+            )
         if tiles is not None:
             px, org = _mask_geometry(mpp0, tiles.cell, tiles.origin)
             name = "tile_classes" + suffix
@@ -698,7 +763,11 @@ def _read_background(slide: Any, region: Region, out_hw: tuple[int, int]) -> np.
         return np.full((h, w, 3), 245, np.uint8)
     need = region.height / h  # level-0 px per output px
     downsamples = [float(d) for d in getattr(slide, "downsamples", (1.0,))]
-    level = max((i for i, d in enumerate(downsamples) if d <= need * 1.01), key=lambda i: downsamples[i], default=0)
+    level = max(
+        (i for i, d in enumerate(downsamples) if d <= need * 1.01),
+        key=lambda i: downsamples[i],
+        default=0,
+    )
     pixels = np.asarray(slide.read_region(region, level=level))
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
@@ -745,22 +814,38 @@ def render_overview_png(
         grid = np.zeros((out_h, out_w), np.int64)
         grid[np.ix_(ok_r, ok_c)] = classes[np.ix_(rows[ok_r], cols[ok_c])]
         tinted = grid > 0
-        base[tinted] = (1 - tile_alpha) * base[tinted] + tile_alpha * colors[grid[tinted].clip(0, len(colors) - 1)]
+        base[tinted] = (1 - tile_alpha) * base[tinted] + tile_alpha * colors[
+            grid[tinted].clip(0, len(colors) - 1)
+        ]
         present = np.unique(classes[classes > 0])
         for k in present:
             name = tiles.class_names[int(k) - 1]
-            legend.append((f"{name} ({int(np.count_nonzero(classes == k))} cells)", parse_color(tiles.class_colors[int(k) - 1]), "fill"))
+            legend.append(
+                (
+                    f"{name} ({int(np.count_nonzero(classes == k))} cells)",
+                    parse_color(tiles.class_colors[int(k) - 1]),
+                    "fill",
+                )
+            )
 
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     if result.nuclei is not None and result.nuclei.count:
         nuc = result.nuclei
         cmap = _class_color_map(nuc.class_names, nuc.class_colors)
-        by_label = dict(zip(nuc.features["label"].astype(int), nuc.features["class_name"].astype(str)))
+        by_label = dict(
+            zip(
+                nuc.features["label"].astype(int),
+                nuc.features["class_name"].astype(str),
+                strict=True,
+            )
+        )
         # Simplify at about one output pixel: finer vertices are invisible at this scale.
         tol = max(0.5, 0.8 / (s * float(nuc.downsample)))
         width = 2 if s >= 0.5 else 1
-        for label_id, rings in labels_to_polygons(nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=tol).items():
+        for label_id, rings in labels_to_polygons(
+            nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=tol
+        ).items():
             color = tuple(cmap.get(by_label.get(label_id, ""), [255, 255, 0]))
             for ring in rings:
                 pts = [((x - region.x0) * s, (y - region.y0) * s) for x, y in ring]
@@ -789,7 +874,9 @@ def _draw_legend(img: Any, entries: list[tuple[str, list[int], str]], result: Re
         title += f"  {mpp0:.3g} um/px"
     lines = [(title, None, "")] + [(t, c, k) for t, c, k in entries]
     pad, box = size // 2, size
-    widths = [draw.textlength(t, font=font) + (box + pad if c is not None else 0) for t, c, _ in lines]
+    widths = [
+        draw.textlength(t, font=font) + (box + pad if c is not None else 0) for t, c, _ in lines
+    ]
     lw = int(max(widths) + 2 * pad)
     lh = int(len(lines) * (size + pad) + pad)
     x0, y0 = pad, img.height - lh - pad
@@ -882,9 +969,15 @@ def geojson_to_layer_data(
                 exterior = exterior[:-1]
             polygons.append(exterior[:, ::-1].copy())
             owner.append(index)
-    table = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=["id", "objectType", "class_name"])
+    table = (
+        pd.DataFrame.from_records(records)
+        if records
+        else pd.DataFrame(columns=["id", "objectType", "class_name"])
+    )
     layer_name = str(meta_extra.get("layer") or src.name.split(".")[0])
-    metadata = {"histolens": {"source": os.fspath(src), "mpp": mpp, "frame": "level-0 pixels", **meta_extra}}
+    metadata = {
+        "histolens": {"source": os.fspath(src), "mpp": mpp, "frame": "level-0 pixels", **meta_extra}
+    }
 
     if not as_labels:
         scale, translate = layer_transform(world, 1.0, (0.0, 0.0))
@@ -918,10 +1011,14 @@ def geojson_to_layer_data(
         allpts = np.vstack(polygons)
         y0, x0 = (int(math.floor(v)) for v in allpts.min(axis=0))
         y1, x1 = (int(math.ceil(v)) for v in allpts.max(axis=0))
-        labels = np.zeros((max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f))), np.uint32)
-        for poly, index in zip(polygons, owner):
+        labels = np.zeros(
+            (max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f))), np.uint32
+        )
+        for poly, index in zip(polygons, owner, strict=True):
             # Array pixel (r, c) has its centre at level-0 edge coordinate y0 + (r + 0.5) f.
-            rr, cc = fill_polygon((poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5, shape=labels.shape)
+            rr, cc = fill_polygon(
+                (poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5, shape=labels.shape
+            )
             labels[rr, cc] = index + 1
     scale, translate = layer_transform(world, f, (y0, x0))
     label_table = table.copy()
