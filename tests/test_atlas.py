@@ -1,4 +1,4 @@
-"""Atlas MSA: scale layouts, the spatial parent-window gather, a slow per-token reference, attention alignment."""
+"""Atlas MSA: scale layouts, spatial parent windows, a per-token reference, attention alignment."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from histolens.models import ModelCard
 from histolens.models import atlas as A
-from histolens.models._model import HistoLensModel, build_heads
+from histolens.models._model import HistoLensModel
 
 torch.set_num_threads(2)
 
@@ -20,7 +20,15 @@ torch.set_num_threads(2)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("px", "g", "expected"),
-    [(1024, 4, 2), (2048, 4, 3), (4096, 4, 3), (1024, 2, 3), (256, 2, 2), (256, 4, 2), (4096, 2, 5)],
+    [
+        (1024, 4, 2),
+        (2048, 4, 3),
+        (4096, 4, 3),
+        (1024, 2, 3),
+        (256, 2, 2),
+        (256, 4, 2),
+        (4096, 2, 5),
+    ],
 )
 def test_number_of_scales(px, g, expected):
     # Atlas-B (g=4) numbers are models.md 1.4's table; small inputs still get 2 scales.
@@ -43,7 +51,7 @@ def _naive_parent(fine: A.ScaleLayout, coarse: A.ScaleLayout, batch: int) -> tor
 @pytest.mark.parametrize("px", [2048, 4096])
 @pytest.mark.parametrize("g", [2, 4])
 def test_parent_window_contains_child(px, g):
-    """Brute force: every fine window's gathered parent contains it spatially, for every scale pair."""
+    """Brute force: every fine window's gathered parent contains it, for every scale pair."""
     h = px // 16
     n = A.num_scales(h, h, 16, g)
     layouts = A.scale_layouts(*A.padded_grid(h, h, 16, g, n), 16, g, n)
@@ -92,7 +100,9 @@ def test_windows_roundtrip():
 # ------------------------------------------------------------------------------------------
 # A slow per-token reference of one MSA block
 # ------------------------------------------------------------------------------------------
-def _attend_ref(blk: A.ScaleBlock, xq: torch.Tensor, xkv: list[tuple[A.ScaleBlock, torch.Tensor]]) -> torch.Tensor:
+def _attend_ref(
+    blk: A.ScaleBlock, xq: torch.Tensor, xkv: list[tuple[A.ScaleBlock, torch.Tensor]]
+) -> torch.Tensor:
     """Attention of one query token (C,) over keys from several (block, tokens (N, C)) sources."""
     h = blk.heads
     q = blk.q(blk.norm_q(xq)).reshape(h, -1)
@@ -106,8 +116,10 @@ def _attend_ref(blk: A.ScaleBlock, xq: torch.Tensor, xkv: list[tuple[A.ScaleBloc
     return blk.proj(torch.einsum("hn,nhd->hd", a, v).reshape(-1))
 
 
-def _msa_reference(block: A.MSABlock, grids: list[torch.Tensor], window: int, g: int) -> list[torch.Tensor]:
-    """Per-token MSA on spatial grids (C, h_s, w_s), finding every token's key windows by position."""
+def _msa_reference(
+    block: A.MSABlock, grids: list[torch.Tensor], window: int, g: int
+) -> list[torch.Tensor]:
+    """Per-token MSA on spatial grids (C, h_s, w_s), keys found by position."""
     n = len(grids)
     blocks = [block.scales[min(s, len(block.scales) - 1)] for s in range(n)]
     grids = [x.clone() for x in grids]
@@ -126,7 +138,7 @@ def _msa_reference(block: A.MSABlock, grids: list[torch.Tensor], window: int, g:
     def window_tokens(s: int, r: int, c: int) -> torch.Tensor:
         mh, mw = win(s)
         r0, c0 = (r // mh) * mh, (c // mw) * mw
-        return grids[s][:, r0:r0 + mh, c0:c0 + mw].reshape(grids[s].shape[0], -1).T
+        return grids[s][:, r0 : r0 + mh, c0 : c0 + mw].reshape(grids[s].shape[0], -1).T
 
     for s in range(n - 1, -1, -1):
         _, h, w = grids[s].shape
@@ -152,10 +164,12 @@ def _msa_reference(block: A.MSABlock, grids: list[torch.Tensor], window: int, g:
 
 @pytest.mark.parametrize("want_attention", [False, True])
 def test_msa_block_matches_per_token_reference(want_attention):
-    """16x16 tokens, 4x4 windows, g=2: 3 scales, the middle one with 2x2 windows (the pitfall case)."""
+    """16x16 tokens, 4x4 windows, g=2: 3 scales, the middle one 2x2 windows (the pitfall case)."""
     torch.manual_seed(0)
     window, g = 4, 2
-    cfg = A.AtlasConfig(stem_features=4, heads=2, depths=(1,), window=window, g=g, pos_hidden=8, scale_blocks=3)
+    cfg = A.AtlasConfig(
+        stem_features=4, heads=2, depths=(1,), window=window, g=g, pos_hidden=8, scale_blocks=3
+    )
     block = A.MSABlock(cfg.dim, cfg.heads, cfg).double().eval()
     h = 16
     n = A.num_scales(h, h, window, g)
@@ -164,7 +178,7 @@ def test_msa_block_matches_per_token_reference(want_attention):
     assert layouts[1].n_windows == 4
     tokens = torch.randn(1, cfg.dim, h, h, dtype=torch.float64)
     grids = [F.max_pool2d(tokens, g**s)[0] if s else tokens[0] for s in range(n)]
-    xs = [A.to_windows(x[None], lay.mh, lay.mw) for x, lay in zip(grids, layouts)]
+    xs = [A.to_windows(x[None], lay.mh, lay.mw) for x, lay in zip(grids, layouts, strict=True)]
     with torch.no_grad():
         out, attn = block(xs, layouts, 1, want_attention)
         ref = _msa_reference(block, grids, window, g)
@@ -181,12 +195,14 @@ def test_msa_block_matches_per_token_reference(want_attention):
 def test_reference_catches_the_raster_order_bug(monkeypatch):
     """The per-token reference disagrees with a block that uses the naive parent mapping."""
     torch.manual_seed(1)
-    cfg = A.AtlasConfig(stem_features=4, heads=2, depths=(1,), window=4, g=2, pos_hidden=8, scale_blocks=3)
+    cfg = A.AtlasConfig(
+        stem_features=4, heads=2, depths=(1,), window=4, g=2, pos_hidden=8, scale_blocks=3
+    )
     block = A.MSABlock(cfg.dim, cfg.heads, cfg).double().eval()
     layouts = A.scale_layouts(16, 16, 4, 2, 3)
     tokens = torch.randn(1, cfg.dim, 16, 16, dtype=torch.float64)
     grids = [F.max_pool2d(tokens, 2**s)[0] if s else tokens[0] for s in range(3)]
-    xs = [A.to_windows(x[None], lay.mh, lay.mw) for x, lay in zip(grids, layouts)]
+    xs = [A.to_windows(x[None], lay.mh, lay.mw) for x, lay in zip(grids, layouts, strict=True)]
     monkeypatch.setattr(A, "parent_window_index", _naive_parent)
     with torch.no_grad():
         out, _ = block(xs, layouts, 1)
@@ -207,7 +223,11 @@ def test_backbone_shapes_with_padding():
     assert [tuple(t.shape) for t in out["scales"]] == [(2, 32, 20, 12), (2, 32, 10, 6)]
     assert out["strides"] == [16, 32]
     assert {k: tuple(v.shape[-2:]) for k, v in out["pyramid"].items()} == {
-        2: (160, 96), 4: (80, 48), 8: (40, 24), 16: (20, 12)}
+        2: (160, 96),
+        4: (80, 48),
+        8: (40, 24),
+        16: (20, 12),
+    }
     maps = net.attention_maps(out, 2)
     assert set(maps) == {0} and maps[0].shape == (2, 20, 12)
     assert float(maps[0].min()) >= 0 and float(maps[0].max()) <= 1
@@ -220,12 +240,14 @@ def test_sdpa_and_explicit_paths_agree():
     with torch.no_grad():
         a = net(x)["scales"]
         b = net(x, want_attention=True)["scales"]
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
 
 
 def test_scale_dropping_keeps_every_scale_output():
-    cfg = A.AtlasConfig(stem_in=8, stem_features=8, heads=2, depths=(1, 1), g=4, pos_hidden=8, scale_blocks=3)
+    cfg = A.AtlasConfig(
+        stem_in=8, stem_features=8, heads=2, depths=(1, 1), g=4, pos_hidden=8, scale_blocks=3
+    )
     net = A.Atlas(cfg).eval()
     with torch.no_grad():
         out = net(torch.randn(1, 3, 1024, 1024), want_attention=True)
@@ -261,15 +283,22 @@ def _predictable_model() -> HistoLensModel:
     A bright token's query then prefers the coarsest-scale keys (context reliance ~1) and a dark
     one its own scale's keys (~0): the heatmap must light up exactly where the bright patch is.
     """
-    cfg = A.AtlasConfig(stem_in=8, stem_features=8, heads=2, depths=(1,), g=2, pos_hidden=8, scale_blocks=3)
+    cfg = A.AtlasConfig(
+        stem_in=8, stem_features=8, heads=2, depths=(1,), g=2, pos_hidden=8, scale_blocks=3
+    )
     net = A.Atlas(cfg)
     net.stem = _BrightnessStem(cfg.dim)
-    d, hd = cfg.dim, cfg.dim // cfg.heads
+    hd = cfg.dim // cfg.heads
     with torch.no_grad():
         for s, blk in enumerate(net.stages[0][0].scales):
             blk.norm_q, blk.norm_kv, blk.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
-            for p in (*blk.q.parameters(), *blk.kv.parameters(), *blk.proj.parameters(),
-                      *blk.mlp.fc2.parameters(), blk.pos[2].weight):
+            for p in (
+                *blk.q.parameters(),
+                *blk.kv.parameters(),
+                *blk.proj.parameters(),
+                *blk.mlp.fc2.parameters(),
+                blk.pos[2].weight,
+            ):
                 p.zero_()
             for head in range(cfg.heads):
                 blk.q.weight[head * hd, 0] = 20.0
@@ -277,17 +306,31 @@ def _predictable_model() -> HistoLensModel:
                     blk.kv.weight[head * hd, 1] = 20.0
                 if s == 0:  # ... and the finest scale's own keys the opposite way
                     blk.kv.weight[head * hd, 1] = -20.0
-    card = ModelCard(name="probe", backbone="atlas", mpp=0.5, tile_size=1024, halo=0, input_multiple=64,
-                     tasks=("attention",), class_cell_px=64, attention_strides=(16, 32), mean=(0.5,) * 3,
-                     std=(0.5,) * 3, description="attention alignment probe")
+    card = ModelCard(
+        name="probe",
+        backbone="atlas",
+        mpp=0.5,
+        tile_size=1024,
+        halo=0,
+        input_multiple=64,
+        tasks=("attention",),
+        class_cell_px=64,
+        attention_strides=(16, 32),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        description="attention alignment probe",
+    )
     return HistoLensModel(card, net, None, None).eval()
 
 
 def test_attention_heatmap_is_on_the_bright_patch():
     model = _predictable_model()
     img = np.zeros((1, 1024, 1024, 3), np.uint8)
-    y0, x0 = 416, 704  # a 32x32 px bright square: tokens (26..27, 44..45) at stride 16, (13, 22) at 32
-    img[0, y0:y0 + 32, x0:x0 + 32] = 255
+    y0, x0 = (
+        416,
+        704,
+    )  # a 32x32 px bright square: tokens (26..27, 44..45) at stride 16, (13, 22) at 32
+    img[0, y0 : y0 + 32, x0 : x0 + 32] = 255
     out = model.predict_tiles(img, tasks=("attention",), precision="fp32")
     att = out["attention"]
     assert set(att) == {0, 1}

@@ -1,4 +1,4 @@
-"""Registry, cards, every registered model's forward, predict_tiles contract, safetensors I/O and errors."""
+"""Registry, cards, every model's forward, predict_tiles, safetensors I/O and its errors."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_import_is_torch_free_and_lists_models():
         "import sys, histolens.models as m; names = m.list_models(); "
         "assert 'torch' not in sys.modules, 'torch imported'; print(','.join(names))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     names = out.strip().split(",")
     assert names[0] == "histolens-default"
     assert {"test-tiny", "atlas-small", "atlas-base", "pluto-s16", "pluto-s8", "uni"} <= set(names)
@@ -83,7 +85,9 @@ def _build(name: str):
         warnings.simplefilter("ignore")
         try:
             entry = _REGISTRY[name]
-            has_weights = entry.foundation or (entry.weights is not None and entry.weights.is_file())
+            has_weights = entry.foundation or (
+                entry.weights is not None and entry.weights.is_file()
+            )
             return create_model(name, device="cpu", pretrained=has_weights)
         except WeightsError as exc:  # foundation entries without a local checkpoint
             pytest.skip(str(exc))
@@ -95,7 +99,8 @@ _SLOW_BUILDS = {"atlas-base", "pluto-s8"}
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_BUILDS else n for n in list_models()]
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_BUILDS else n for n in list_models()],
 )
 def test_every_model_forwards_at_two_sizes(name):
     entry = _REGISTRY[name]
@@ -104,8 +109,10 @@ def test_every_model_forwards_at_two_sizes(name):
 
         hub = entry.options.get("hf_hub_id")
         if hub is None or _cached_hub_file(hub) is None:
-            pytest.skip(f"{name}: no local weights (HF cache of {hub}); the loading path is covered by "
-                        "test_foundation_from_local_checkpoint")
+            pytest.skip(
+                f"{name}: no local weights (HF cache of {hub}); the loading path is covered by "
+                "test_foundation_from_local_checkpoint"
+            )
     model = _build(name)
     card = model.card
     m = card.input_multiple
@@ -198,8 +205,11 @@ def test_default_device_order():
     from histolens.models._model import default_device
 
     assert default_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else (
-        "mps" if torch.backends.mps.is_available() else "cpu")
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else ("mps" if torch.backends.mps.is_available() else "cpu")
+    )
     assert default_device().type == expected
     with pytest.raises(ValueError, match="choose 'cpu'"):
         default_device("tpu9")
@@ -256,7 +266,9 @@ def test_wrong_architecture_is_reported(tmp_path):
     path = tmp_path / "tiny.safetensors"
     hm.save_model_weights(create_model("test-tiny", device="cpu"), path)
     (tmp_path / "tiny.card.json").unlink()  # without its card, the default's card is used
-    with pytest.raises(WeightsError, match=r"tiny\.safetensors does not match .*missing.*wrong shapes"):
+    with pytest.raises(
+        WeightsError, match=r"tiny\.safetensors does not match .*missing.*wrong shapes"
+    ):
         create_model("histolens-default", weights=path, device="cpu")
 
 
@@ -267,8 +279,11 @@ def test_missing_file_is_reported(tmp_path):
 
 def test_default_without_weights_says_how_to_build(tmp_path, monkeypatch):
     entry = _REGISTRY["histolens-default"]
-    monkeypatch.setitem(_REGISTRY, "histolens-default",
-                        dataclasses.replace(entry, weights=tmp_path / "histolens-default.safetensors"))
+    monkeypatch.setitem(
+        _REGISTRY,
+        "histolens-default",
+        dataclasses.replace(entry, weights=tmp_path / "histolens-default.safetensors"),
+    )
     with pytest.raises(WeightsError, match=r"not built yet.*histolens train.*pretrained=False"):
         create_model()
     model = create_model("histolens-default", pretrained=False, device="cpu")
@@ -285,7 +300,9 @@ def test_default_weights_load_when_present():
 
 
 def test_custom_card_builds_matching_heads():
-    card = hm.get_card("histolens-default").replace(tissue_classes=("a", "b"), tissue_colors=((0, 0, 0),) * 2)
+    card = hm.get_card("histolens-default").replace(
+        tissue_classes=("a", "b"), tissue_colors=((0, 0, 0),) * 2
+    )
     model = create_model("histolens-default", pretrained=False, card=card, device="cpu")
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64))
@@ -302,7 +319,9 @@ def test_foundation_from_local_checkpoint(tmp_path, monkeypatch):
     from histolens.models._zoo import register_foundation_model
 
     monkeypatch.setattr("histolens.models._registry._REGISTRY", dict(_REGISTRY))
-    register_foundation_model("tiny-fm", "vit_tiny_patch16_224", hf_hub_id=None, mean=(0.5,) * 3, std=(0.5,) * 3)
+    register_foundation_model(
+        "tiny-fm", "vit_tiny_patch16_224", hf_hub_id=None, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     path = tmp_path / "tiny-fm.safetensors"
     save_file({f"model.{k}": v.contiguous() for k, v in ref.state_dict().items()}, str(path))
@@ -324,7 +343,9 @@ def test_foundation_from_local_checkpoint(tmp_path, monkeypatch):
 def test_foundation_absent_from_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(WeightsError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(
+        WeightsError, match="not in the local Hugging Face cache.*huggingface-cli download"
+    ):
         create_model("uni", device="cpu")
 
 
@@ -337,8 +358,15 @@ def test_flexivit_patch_sizes_share_weights():
     assert (spec.embed_dim, len(spec.blocks), spec.blocks[0].attn.num_heads) == (384, 12, 6)
     torch.manual_seed(0)
     # A narrow ViT keeps the test fast; the mechanism is the same as FlexiViT-S.
-    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=4, num_heads=2, num_classes=0,
-                            dynamic_img_size=True)
+    vit = VisionTransformer(
+        img_size=224,
+        patch_size=16,
+        embed_dim=48,
+        depth=4,
+        num_heads=2,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     b16, b8 = ViTBackbone(vit, 16), ViTBackbone(vit, 8)
     assert b16.vit.patch_embed.proj.weight is b8.vit.patch_embed.proj.weight
     x = torch.randn(1, 3, 64, 96)
@@ -363,7 +391,9 @@ def test_flexivit_patch_sizes_share_weights():
     w = b16.vit.patch_embed.proj.weight
     naive = F.interpolate(w, size=(8, 8), mode="bilinear", antialias=True) * 4
     with torch.no_grad():
-        e_naive = F.conv2d(z.reshape(1, 3, 8, 8).float(), naive, b16.vit.patch_embed.proj.bias, stride=8)
+        e_naive = F.conv2d(
+            z.reshape(1, 3, 8, 8).float(), naive, b16.vit.patch_embed.proj.bias, stride=8
+        )
     assert not torch.allclose(e_naive.flatten(), e16, atol=1e-2)
 
 

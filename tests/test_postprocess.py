@@ -1,4 +1,4 @@
-"""HoVer post-processing oracle: HV maps made from known instances must give those instances back."""
+"""HoVer post-processing oracle: HV maps of known instances must give those instances back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from skimage.draw import disk
 from skimage.io import imread
 from skimage.segmentation import relabel_sequential
 
-from histolens.models.postprocess import hover_instances, hover_parameters, instances_to_hv, sobel_kernel
+from histolens.models.postprocess import (
+    hover_instances,
+    hover_parameters,
+    instances_to_hv,
+    sobel_kernel,
+)
 
 
 def matched_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -71,7 +76,9 @@ def test_parameters_scale_with_mpp():
 
 def test_synthetic_touching_disks_come_back():
     lab = touching_disks()
-    pred, types, probs = hover_instances((lab > 0).astype(np.float32), instances_to_hv(lab), mpp=0.25)
+    pred, types, probs = hover_instances(
+        (lab > 0).astype(np.float32), instances_to_hv(lab), mpp=0.25
+    )
     assert pred.dtype == np.uint32 and pred.max() == lab.max()
     ious = matched_ious(lab, pred)
     assert ious.min() >= 0.95, ious
@@ -90,8 +97,9 @@ def test_types_by_majority_vote():
     ys, xs = np.nonzero(lab == 1)
     type_prob[:, ys[:20], xs[:20]] = 0.0
     type_prob[1, ys[:20], xs[:20]] = 1.0
-    pred, types, probs = hover_instances((lab > 0).astype(np.float32), instances_to_hv(lab), type_prob,
-                                         mpp=0.25)
+    pred, types, probs = hover_instances(
+        (lab > 0).astype(np.float32), instances_to_hv(lab), type_prob, mpp=0.25
+    )
     for i, k in want.items():
         j = np.bincount(pred[lab == i]).argmax()
         assert types[j - 1] == k
@@ -104,7 +112,7 @@ def test_bad_shapes_raise():
 
 
 def test_tile_independence():
-    """A nucleus's segmentation must not depend on what else is in the tile (no per-tile min-max)."""
+    """A nucleus's segmentation must not depend on the rest of the tile (no per-tile min-max)."""
     lab = touching_disks()
     hv = instances_to_hv(lab)
     prob = (lab > 0).astype(np.float32)
@@ -133,7 +141,7 @@ def test_consep_oracle(shared_data):
         pytest.skip("no CoNSeP instance maps in consep/inst/train")
     ious = _oracle(paths, mpp=0.25)  # CoNSeP is 40x
     assert len(ious) > 300
-    # Nearly all: allow tiny border fragments (below HoVer's 10 px floor) and a few ambiguous contacts.
+    # Nearly all: allow tiny border fragments (below HoVer's 10 px floor), a few ambiguous contacts.
     assert (ious >= 0.95).mean() >= 0.93, (ious >= 0.95).mean()
     assert (ious >= 0.5).mean() >= 0.97
 

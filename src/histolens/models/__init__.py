@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import _zoo  # noqa: F401  (registers the built-in models)
-from ._registry import DEFAULT_MODEL, WEIGHTS_DIR, create_model, get_card, list_models, register_model
+from ._registry import (
+    DEFAULT_MODEL,
+    WEIGHTS_DIR,
+    create_model,
+    get_card,
+    list_models,
+    register_model,
+)
 from .card import ALL_TASKS, ModelCard, WeightsError
 
 __all__ = [

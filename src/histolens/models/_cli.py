@@ -11,7 +11,9 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", help="print this model's card (JSON); omit to list all models")
+    parser.add_argument(
+        "name", nargs="?", help="print this model's card (JSON); omit to list all models"
+    )
     parser.add_argument("--filter", default="*", help="shell pattern for the list, e.g. 'atlas*'")
 
 
@@ -21,7 +23,9 @@ def _status(name: str) -> str:
         return "backbone from local checkpoint / HF cache"
     if entry.weights is None:
         return "architecture only (random init)"
-    return "weights present" if entry.weights.is_file() else "weights not built yet (histolens train)"
+    return (
+        "weights present" if entry.weights.is_file() else "weights not built yet (histolens train)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         card = get_card(name)
         mark = "*" if name == DEFAULT_MODEL else " "
-        print(f"{mark} {name:<{width}}  {card.backbone:<28} {card.mpp:>5} um/px  "
-              f"tile {card.tile_size:>4}  {', '.join(card.tasks):<24} {_status(name)}")
+        print(
+            f"{mark} {name:<{width}}  {card.backbone:<28} {card.mpp:>5} um/px  "
+            f"tile {card.tile_size:>4}  {', '.join(card.tasks):<24} {_status(name)}"
+        )
     print("(* = default; `histolens models NAME` prints a card)")
     return 0

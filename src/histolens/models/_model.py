@@ -172,8 +172,11 @@ class HistoLensModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16(precision)
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16(precision)
+                ),
             ):
                 x = self.preprocess(arr)
                 feats = self._features(x, want_attention)
@@ -187,7 +190,9 @@ class HistoLensModel(nn.Module):
             out["hv"] = _np(raw["hv"].float().clamp(-1, 1))
             out["type_prob"] = _np(torch.softmax(raw["type_logits"].float(), 1))
         if "tile_logits" in raw:
-            out["tile_probs"] = _np(torch.softmax(raw["tile_logits"].float(), 1).permute(0, 2, 3, 1))
+            out["tile_probs"] = _np(
+                torch.softmax(raw["tile_logits"].float(), 1).permute(0, 2, 3, 1)
+            )
             out["embeddings"] = _np(raw["embeddings"].float().permute(0, 2, 3, 1))
         if want_attention:
             strides = self.card.attention_strides
@@ -239,14 +244,18 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        msg = f"weights file {path} does not exist; check the path or rebuild it with `histolens train`"
+        msg = (
+            f"weights file {path} does not exist; check the path or rebuild it with "
+            "`histolens train`"
+        )
         raise WeightsError(msg)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         msg = (
             f"{path} is not a readable safetensors file ({exc}); histolens loads only .safetensors "
-            "(never pickles) -- re-export it with save_model_weights() or safetensors.torch.save_file"
+            "(never pickles) -- re-export it with save_model_weights() or "
+            "safetensors.torch.save_file"
         )
         raise WeightsError(msg) from None
 
@@ -274,7 +283,9 @@ def load_model_weights(
     own = target.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    wrong = sorted(
+        k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape)
+    )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -283,8 +294,10 @@ def load_model_weights(
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k].shape)} "
-                         f"vs model {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(wrong)} with wrong shapes (e.g. {k}: file {tuple(tensors[k].shape)} "
+                f"vs model {tuple(own[k].shape)})"
+            )
         msg = (
             f"weights file {path} does not match the {type(target).__name__} architecture: "
             + "; ".join(parts)
@@ -296,17 +309,24 @@ def load_model_weights(
 
 
 def build_heads(
-    card: ModelCard, backbone: nn.Module, *, decoder_widths: Mapping[int, int] | None = None,
+    card: ModelCard,
+    backbone: nn.Module,
+    *,
+    decoder_widths: Mapping[int, int] | None = None,
     embed_dim: int | None = None,
 ) -> tuple[NucleiDecoder | None, TileClassHead | None]:
     """Heads sized from the backbone's ``pyramid_channels`` and ``num_features`` and the card."""
     c = backbone.num_features
     nuclei = (
-        NucleiDecoder(backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {}))
-        if "nuclei" in card.tasks else None
+        NucleiDecoder(
+            backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {})
+        )
+        if "nuclei" in card.tasks
+        else None
     )
     tiles = (
         TileClassHead([c, c], embed_dim or c, len(card.tissue_classes), card.class_cell_px)
-        if "tiles" in card.tasks else None
+        if "tiles" in card.tasks
+        else None
     )
     return nuclei, tiles

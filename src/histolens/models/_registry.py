@@ -18,8 +18,15 @@ from .card import ModelCard, WeightsError
 if TYPE_CHECKING:
     from ._model import HistoLensModel
 
-__all__ = ["DEFAULT_MODEL", "WEIGHTS_DIR", "ModelEntry", "create_model", "get_card", "list_models",
-           "register_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "WEIGHTS_DIR",
+    "ModelEntry",
+    "create_model",
+    "get_card",
+    "list_models",
+    "register_model",
+]
 
 #: Embedded weights live here as ``<name>.safetensors`` + ``<name>.card.json``.
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -60,8 +67,14 @@ def register_model(
     """Decorator: register ``builder(card, **options) -> HistoLensModel`` under ``card.name``."""
 
     def deco(builder: Builder) -> Builder:
-        _REGISTRY[card.name] = ModelEntry(card, builder, Path(weights) if weights else None,
-                                          requires_weights, foundation, dict(options))
+        _REGISTRY[card.name] = ModelEntry(
+            card,
+            builder,
+            Path(weights) if weights else None,
+            requires_weights,
+            foundation,
+            dict(options),
+        )
         return builder
 
     return deco
@@ -124,7 +137,8 @@ def create_model(
         if not path.is_file():
             if weights is None and entry.requires_weights:
                 msg = (
-                    f"the weights of {name!r} are not built yet: {path} is missing. Build them with "
+                    f"the weights of {name!r} are not built yet: {path} is missing. "
+                    "Build them with "
                     f"`histolens train` (the project's recipe writes {path.name} and "
                     f"{card_path_for(path).name} there), or call create_model({name!r}, "
                     "pretrained=False) for the untrained architecture"
@@ -137,11 +151,16 @@ def create_model(
         elif card is None and card_path_for(path).is_file():
             use_card = ModelCard.from_json(card_path_for(path))
     if pretrained and path is None and entry.weights is not None and not entry.foundation:
-        warnings.warn(f"model {name!r} has no trained weights here; it is randomly initialised",
-                      stacklevel=2)
+        warnings.warn(
+            f"model {name!r} has no trained weights here; it is randomly initialised", stacklevel=2
+        )
     if entry.foundation:
-        model = entry.builder(use_card, checkpoint=path if pretrained else None,
-                              pretrained=pretrained, **entry.options)
+        model = entry.builder(
+            use_card,
+            checkpoint=path if pretrained else None,
+            pretrained=pretrained,
+            **entry.options,
+        )
     else:
         model = entry.builder(use_card, **entry.options)
         if path is not None:

@@ -60,17 +60,43 @@ class AtlasConfig:
 
 ATLAS_CONFIGS: dict[str, AtlasConfig] = {
     # CPU-friendly; a 1024 px input has 3 scales (strides 16, 32, 64).
-    "atlas_tiny": AtlasConfig(stem_in=32, stem_features=24, stem_blocks=1, heads=3, depths=(3,), g=2,
-                              pos_hidden=128, scale_blocks=2),
+    "atlas_tiny": AtlasConfig(
+        stem_in=32,
+        stem_features=24,
+        stem_blocks=1,
+        heads=3,
+        depths=(3,),
+        g=2,
+        pos_hidden=128,
+        scale_blocks=2,
+    ),
     # Sizes of Atlas-S are not published; this is a ViT-S-width guess (dim 384, 6 heads).
-    "atlas_small": AtlasConfig(stem_in=64, stem_features=96, stem_blocks=2, heads=6, depths=(2, 6), g=4,
-                               pos_hidden=256, scale_blocks=3),
+    "atlas_small": AtlasConfig(
+        stem_in=64,
+        stem_features=96,
+        stem_blocks=2,
+        heads=6,
+        depths=(2, 6),
+        g=4,
+        pos_hidden=256,
+        scale_blocks=3,
+    ),
     # Atlas-B @1024 as released: dim 768, 12 heads, m=16, g=4, 2 + 10 blocks, scale dropping.
-    "atlas_base": AtlasConfig(stem_in=64, stem_features=192, stem_blocks=3, heads=12, depths=(2, 10), g=4,
-                              pos_hidden=512, drop_path=0.3, scale_blocks=3),
+    "atlas_base": AtlasConfig(
+        stem_in=64,
+        stem_features=192,
+        stem_blocks=3,
+        heads=12,
+        depths=(2, 10),
+        g=4,
+        pos_hidden=512,
+        drop_path=0.3,
+        scale_blocks=3,
+    ),
     # For fast tests of other stages only.
-    "atlas_test": AtlasConfig(stem_in=8, stem_features=8, stem_blocks=1, heads=2, depths=(1,), g=2,
-                              pos_hidden=16),
+    "atlas_test": AtlasConfig(
+        stem_in=8, stem_features=8, stem_blocks=1, heads=2, depths=(1,), g=2, pos_hidden=16
+    ),
 }
 
 
@@ -105,7 +131,7 @@ class ScaleLayout:
 
 
 def num_scales(h: int, w: int, window: int, g: int, min_scales: int = 2) -> int:
-    """Scales needed so the coarsest grid fits one ``window x window`` window (at least ``min_scales``)."""
+    """Scales so the coarsest grid fits one ``window x window`` window (at least ``min_scales``)."""
     side = max(h, w)
     extra = 0
     while side > window * g**extra:
@@ -120,13 +146,15 @@ def padded_grid(h: int, w: int, window: int, g: int, n_scales: int) -> tuple[int
     return -(-h // mult) * mult, -(-w // mult) * mult
 
 
-def scale_layouts(h: int, w: int, window: int, g: int, n_scales: int, stride0: int = 16) -> list[ScaleLayout]:
+def scale_layouts(
+    h: int, w: int, window: int, g: int, n_scales: int, stride0: int = 16
+) -> list[ScaleLayout]:
     """Layouts for a padded stride-``stride0`` token grid ``(h, w)`` (see :func:`padded_grid`)."""
     out = []
     for s in range(n_scales):
         f = g**s
         if h % f or w % f:
-            msg = f"token grid {h}x{w} is not divisible by g**{s}={f}; pad it with padded_grid() first"
+            msg = f"token grid {h}x{w} is not divisible by g**{s}={f}; pad it with padded_grid()"
             raise ValueError(msg)
         hs, ws = h // f, w // f
         if s < n_scales - 1:
@@ -140,7 +168,7 @@ def scale_layouts(h: int, w: int, window: int, g: int, n_scales: int, stride0: i
 
 
 def parent_window_index(fine: ScaleLayout, coarse: ScaleLayout, batch: int = 1) -> torch.Tensor:
-    """For every fine window (batch-major raster order) the index of the coarse window containing it.
+    """For every fine window (batch-major raster order) the index of the coarse window holding it.
 
     A fine window's top-left token ``(r*mh, c*mw)`` at the fine stride sits at pixel
     ``(r*mh*sf, c*mw*sf)``; its parent is the coarse window whose pixel box contains it. This is
@@ -196,12 +224,22 @@ class ConvStem(nn.Module):
     def __init__(self, cfg: AtlasConfig) -> None:
         super().__init__()
         f = cfg.stem_features
-        self.s2 = nn.Sequential(nn.Conv2d(3, cfg.stem_in, 3, 2, 1, bias=False),
-                                nn.BatchNorm2d(cfg.stem_in, eps=1e-4), nn.ReLU())
-        self.s4 = nn.Sequential(nn.Conv2d(cfg.stem_in, f, 3, 2, 1, bias=False), nn.BatchNorm2d(f, eps=1e-4),
-                                nn.ReLU(), *[_ConvResidual(f) for _ in range(cfg.stem_blocks)])
-        self.s8 = nn.Sequential(LayerNorm2d(f), nn.Conv2d(f, 2 * f, 3, 2, 1, bias=False),
-                                *[_ConvResidual(2 * f) for _ in range(cfg.stem_blocks)])
+        self.s2 = nn.Sequential(
+            nn.Conv2d(3, cfg.stem_in, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(cfg.stem_in, eps=1e-4),
+            nn.ReLU(),
+        )
+        self.s4 = nn.Sequential(
+            nn.Conv2d(cfg.stem_in, f, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(f, eps=1e-4),
+            nn.ReLU(),
+            *[_ConvResidual(f) for _ in range(cfg.stem_blocks)],
+        )
+        self.s8 = nn.Sequential(
+            LayerNorm2d(f),
+            nn.Conv2d(f, 2 * f, 3, 2, 1, bias=False),
+            *[_ConvResidual(2 * f) for _ in range(cfg.stem_blocks)],
+        )
         self.s16 = nn.Sequential(LayerNorm2d(2 * f), nn.Conv2d(2 * f, 4 * f, 3, 2, 1, bias=False))
         self.channels = {2: cfg.stem_in, 4: f, 8: 2 * f, 16: 4 * f}
 
@@ -215,18 +253,26 @@ class ConvStem(nn.Module):
 class ScaleBlock(nn.Module):
     """Pre-norm cross-window attention + MLP for one scale of one MSA block."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, pos_hidden: int, drop_path: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, pos_hidden: int, drop_path: float
+    ) -> None:
         super().__init__()
         if dim % heads:
             msg = f"dim {dim} is not divisible by heads {heads}"
             raise ValueError(msg)
         self.heads = heads
-        self.norm_q, self.norm_kv, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_q, self.norm_kv, self.norm2 = (
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+        )
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.pos = nn.Sequential(nn.Linear(2, pos_hidden), nn.ReLU(), nn.Linear(pos_hidden, dim, bias=False))
+        self.pos = nn.Sequential(
+            nn.Linear(2, pos_hidden), nn.ReLU(), nn.Linear(pos_hidden, dim, bias=False)
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,7 +287,12 @@ class ScaleBlock(nn.Module):
         return self._split(k), self._split(v)
 
     def attend(
-        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, want_attention: bool
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        want_attention: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Residual attention then residual MLP; returns (new x, head-averaged weights or None)."""
         if want_attention:
@@ -265,7 +316,8 @@ class MSABlock(nn.Module):
         super().__init__()
         self.g = cfg.g
         self.scales = nn.ModuleList(
-            ScaleBlock(dim, heads, cfg.mlp_ratio, cfg.pos_hidden, drop_path) for _ in range(cfg.scale_blocks)
+            ScaleBlock(dim, heads, cfg.mlp_ratio, cfg.pos_hidden, drop_path)
+            for _ in range(cfg.scale_blocks)
         )
 
     def forward(
@@ -279,7 +331,8 @@ class MSABlock(nn.Module):
         """``xs[s]``: (B * nW_s, K_s, C) windows of scale ``first_scale + s`` (finest first).
 
         Returns the updated xs and, when ``want_attention``, head-averaged weights
-        ``{"top_down": {s: (B*nW_s, K_s, K_s + sum K_t)}, "bottom_up": {s: (B*nW_{s-1}, K_s', K_{s-1})}}``
+        ``{"top_down": {s: (B*nW_s, K_s, K_s + sum K_t)},
+        "bottom_up": {s: (B*nW_{s-1}, K_s', K_{s-1})}}``
         keyed by the local scale index ``s``.
         """
         n = len(xs)
@@ -309,7 +362,9 @@ class MSABlock(nn.Module):
                 idx = parent_window_index(layouts[s], layouts[t], batch).to(kt.device)
                 ks.append(kt[idx])
                 vs.append(vt[idx])
-            xs[s], a = blocks[s].attend(xs[s], q, torch.cat(ks, 2), torch.cat(vs, 2), want_attention)
+            xs[s], a = blocks[s].attend(
+                xs[s], q, torch.cat(ks, 2), torch.cat(vs, 2), want_attention
+            )
             kv_cache[s] = blocks[s].keys_values(xs[s])
             if a is not None:
                 attn["top_down"][s] = a
@@ -352,8 +407,9 @@ class Atlas(nn.Module):
         self.stages = nn.ModuleList()
         i = 0
         for d in cfg.depths:
-            self.stages.append(nn.ModuleList(
-                MSABlock(dim, cfg.heads, cfg, rates[i + j]) for j in range(d)))
+            self.stages.append(
+                nn.ModuleList(MSABlock(dim, cfg.heads, cfg, rates[i + j]) for j in range(d))
+            )
             i += d
         self.norm = nn.LayerNorm(dim)
         self.pyramid_channels = {**{k: v for k, v in self.stem.channels.items() if k < 16}, 16: dim}
@@ -377,15 +433,17 @@ class Atlas(nn.Module):
         return out
 
     def forward_tokens(self, tokens: torch.Tensor, want_attention: bool = False) -> dict:
-        """The MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention)."""
+        """MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention)."""
         b = tokens.shape[0]
         h, w = tokens.shape[-2:]
         layouts, (ph, pw) = self.layouts_for(h, w)
         if (ph, pw) != (h, w):
             # Zero tokens pad the grid to whole windows; outputs are cropped back below.
             tokens = F.pad(tokens, (0, pw - w, 0, ph - h))
-        xs = [to_windows(F.max_pool2d(tokens, self.cfg.g**s) if s else tokens, lay.mh, lay.mw)
-              for s, lay in enumerate(layouts)]
+        xs = [
+            to_windows(F.max_pool2d(tokens, self.cfg.g**s) if s else tokens, lay.mh, lay.mw)
+            for s, lay in enumerate(layouts)
+        ]
         finals: dict[int, torch.Tensor] = {}
         attention: list[dict] = []
         first = 0  # index of the finest scale still present
@@ -395,7 +453,9 @@ class Atlas(nn.Module):
                 xs, a = blk(xs, active, b, want_attention, first)
                 if want_attention:
                     # Re-key scales to absolute scale indices.
-                    attention.append({k: {first + s: t for s, t in v.items()} for k, v in a.items()})
+                    attention.append(
+                        {k: {first + s: t for s, t in v.items()} for k, v in a.items()}
+                    )
             if si < len(self.stages) - 1 and len(xs) > 1:
                 finals[first] = xs[0]  # scale dropping: the finest scale leaves, keep its state
                 xs = xs[1:]
@@ -437,7 +497,7 @@ def context_reliance(out: dict, batch: int) -> dict[int, torch.Tensor]:
             lay = layouts[s]
             if a.shape[-1] == lay.tokens_per_window:  # the coarsest present scale: no context
                 continue
-            r = a[..., lay.tokens_per_window:].sum(-1, keepdim=True).float()  # (B*nW, K, 1)
+            r = a[..., lay.tokens_per_window :].sum(-1, keepdim=True).float()  # (B*nW, K, 1)
             grid = from_windows(r, batch, lay.h, lay.w, lay.mh, lay.mw)[:, 0]
             sums[s] = sums.get(s, 0) + grid
             counts[s] = counts.get(s, 0) + 1

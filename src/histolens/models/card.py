@@ -69,10 +69,19 @@ class ModelCard:
 
     def __post_init__(self) -> None:
         # Normalise JSON lists to tuples so cards loaded from disk compare equal to built ones.
-        for name in ("mean", "std", "tasks", "nucleus_types", "tissue_classes", "attention_strides"):
+        for name in (
+            "mean",
+            "std",
+            "tasks",
+            "nucleus_types",
+            "tissue_classes",
+            "attention_strides",
+        ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("nucleus_colors", "tissue_colors"):
-            object.__setattr__(self, name, tuple(tuple(int(v) for v in c) for c in getattr(self, name)))
+            object.__setattr__(
+                self, name, tuple(tuple(int(v) for v in c) for c in getattr(self, name))
+            )
         object.__setattr__(self, "metrics", dict(self.metrics))
         self._validate()
 
@@ -90,27 +99,38 @@ class ModelCard:
             if not isinstance(value, int) or value <= 0:
                 self._fail(f"{key} must be a positive integer (px at the model mpp), got {value!r}")
         if not isinstance(self.halo, int) or self.halo < 0:
-            self._fail(f"halo must be a non-negative integer (px at the model mpp), got {self.halo!r}")
+            self._fail(
+                f"halo must be a non-negative integer (px at the model mpp), got {self.halo!r}"
+            )
         if self.tile_size % self.input_multiple:
-            self._fail(f"tile_size {self.tile_size} must be a multiple of input_multiple {self.input_multiple}")
+            self._fail(
+                f"tile_size {self.tile_size} must be a multiple of input_multiple "
+                f"{self.input_multiple}"
+            )
         if self.input_multiple % self.class_cell_px and self.class_cell_px % self.input_multiple:
             self._fail(
-                f"class_cell_px {self.class_cell_px} and input_multiple {self.input_multiple} must divide "
+                f"class_cell_px {self.class_cell_px} and input_multiple {self.input_multiple} "
+                "must divide "
                 "one another, so tile-class cells tile every valid input exactly"
             )
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            self._fail(f"mean and std need 3 values (RGB, 0..1 scale) and std > 0, got {self.mean}, {self.std}")
+            self._fail(
+                f"mean and std need 3 values (RGB, 0..1 scale) and std > 0, "
+                f"got {self.mean}, {self.std}"
+            )
         unknown = set(self.tasks) - set(ALL_TASKS)
         if unknown or not self.tasks:
             self._fail(f"tasks {self.tasks} must be a non-empty subset of {ALL_TASKS}")
         if len(self.nucleus_colors) != len(self.nucleus_types):
             self._fail(
-                f"{len(self.nucleus_types)} nucleus_types but {len(self.nucleus_colors)} nucleus_colors; "
+                f"{len(self.nucleus_types)} nucleus_types but {len(self.nucleus_colors)} "
+                "nucleus_colors; "
                 "give one (r, g, b) colour per type"
             )
         if len(self.tissue_colors) != len(self.tissue_classes):
             self._fail(
-                f"{len(self.tissue_classes)} tissue_classes but {len(self.tissue_colors)} tissue_colors; "
+                f"{len(self.tissue_classes)} tissue_classes but {len(self.tissue_colors)} "
+                "tissue_colors; "
                 "give one (r, g, b) colour per class"
             )
         for c in self.nucleus_colors + self.tissue_colors:
@@ -121,7 +141,9 @@ class ModelCard:
         if "tiles" in self.tasks and not self.tissue_classes:
             self._fail("task 'tiles' needs tissue_classes")
         if "attention" in self.tasks and not self.attention_strides:
-            self._fail("task 'attention' needs attention_strides (px per attention-map pixel, per scale)")
+            self._fail(
+                "task 'attention' needs attention_strides (px per attention-map pixel, per scale)"
+            )
         if any(not isinstance(s, int) or s <= 0 for s in self.attention_strides):
             self._fail(f"attention_strides must be positive integers, got {self.attention_strides}")
         sha = self.weights_sha256
@@ -158,7 +180,9 @@ class ModelCard:
         """Parse a card from JSON text or from a ``.json`` file path."""
         text = str(text_or_path)
         source = "<text>"
-        if isinstance(text_or_path, Path) or (not text.lstrip().startswith("{") and text.endswith(".json")):
+        if isinstance(text_or_path, Path) or (
+            not text.lstrip().startswith("{") and text.endswith(".json")
+        ):
             source = str(text_or_path)
             try:
                 text = Path(text_or_path).read_text(encoding="utf-8")
@@ -168,7 +192,10 @@ class ModelCard:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            msg = f"model card {source} is not valid JSON ({exc}); re-create it with ModelCard.to_json"
+            msg = (
+                f"model card {source} is not valid JSON ({exc}); "
+                "re-create it with ModelCard.to_json"
+            )
             raise ValueError(msg) from None
         return cls.from_dict(data)
 

@@ -25,7 +25,9 @@ def resample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class NucleiDecoder(nn.Module):
@@ -62,7 +64,9 @@ class NucleiDecoder(nn.Module):
         while s > 2:
             t = s // 2
             self.ups[str(t)] = nn.ConvTranspose2d(self.widths[s], self.widths[t], 2, stride=2)
-            self.fuse[str(t)] = _conv_bn(self.widths[t] + pyramid_channels.get(t, 0), self.widths[t])
+            self.fuse[str(t)] = _conv_bn(
+                self.widths[t] + pyramid_channels.get(t, 0), self.widths[t]
+            )
             s = t
         w1 = self.widths[1]
         self.up1 = nn.ConvTranspose2d(self.widths[2], w1, 2, stride=2)
@@ -75,9 +79,12 @@ class NucleiDecoder(nn.Module):
     def forward(
         self, image: torch.Tensor, pyramid: dict[int, torch.Tensor], context: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """``image`` (B, 3, H, W) normalised; ``pyramid[s]`` (B, C_s, H/s, W/s); ``context`` any grid."""
+        """``image`` (B, 3, H, W) normalised; ``pyramid[s]`` (B, C_s, H/s, W/s); ``context``
+        any grid (resampled onto the coarsest pyramid stride)."""
         x = pyramid[self.top]
-        ctx = F.interpolate(context.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        ctx = F.interpolate(
+            context.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
         x = self.enter(torch.cat([x, ctx], 1))
         s = self.top
         while s > 2:
@@ -89,7 +96,11 @@ class NucleiDecoder(nn.Module):
             s = t
         x = self.up1(x)
         x = self.fuse1(torch.cat([x, self.image(image.to(x.dtype))], 1))
-        return {"nuclei_logits": self.np_out(x), "hv": self.hv_out(x), "type_logits": self.type_out(x)}
+        return {
+            "nuclei_logits": self.np_out(x),
+            "hv": self.hv_out(x),
+            "type_logits": self.type_out(x),
+        }
 
 
 def _halvings(top: int) -> list[int]:
@@ -108,16 +119,22 @@ class TileClassHead(nn.Module):
     tiled on the cell grid (up to the backbone's own context).
     """
 
-    def __init__(self, in_channels: list[int], embed_dim: int, n_classes: int, cell_px: int) -> None:
+    def __init__(
+        self, in_channels: list[int], embed_dim: int, n_classes: int, cell_px: int
+    ) -> None:
         super().__init__()
         self.cell_px = cell_px
         cin = sum(in_channels)
         self.norm = nn.GroupNorm(1, cin)
-        self.mlp = nn.Sequential(nn.Conv2d(cin, embed_dim, 1), nn.GELU(), nn.Conv2d(embed_dim, embed_dim, 1))
+        self.mlp = nn.Sequential(
+            nn.Conv2d(cin, embed_dim, 1), nn.GELU(), nn.Conv2d(embed_dim, embed_dim, 1)
+        )
         self.classifier = nn.Conv2d(embed_dim, n_classes, 1)
         self.embed_dim = embed_dim
 
-    def forward(self, features: list[torch.Tensor], image_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: list[torch.Tensor], image_hw: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         size = (image_hw[0] // self.cell_px, image_hw[1] // self.cell_px)
         x = torch.cat([resample_to(f, size) for f in features], 1)
         emb = self.mlp(self.norm(x))
@@ -132,7 +149,9 @@ class GatedAttentionMIL(nn.Module):
     heatmap to show on the slide.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.v = nn.Linear(hidden, hidden)

@@ -33,8 +33,17 @@ __all__ = ["ViTBackbone", "flexivit_small", "load_timm_backbone"]
 def flexivit_small(base_patch: int = 16, img_size: int = 224) -> VisionTransformer:
     """FlexiViT-S as in PLUTO: embed 384, depth 12, 6 heads, MLP 1536, CLS + learnable abs pos."""
     return VisionTransformer(
-        img_size=img_size, patch_size=base_patch, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-        qkv_bias=True, num_classes=0, dynamic_img_size=True, class_token=True, global_pool="token",
+        img_size=img_size,
+        patch_size=base_patch,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        dynamic_img_size=True,
+        class_token=True,
+        global_pool="token",
     )
 
 
@@ -52,7 +61,9 @@ class ViTBackbone(nn.Module):
     transposed convolutions (CellViT's skip design).
     """
 
-    def __init__(self, vit: VisionTransformer, patch_size: int = 16, extract: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, vit: VisionTransformer, patch_size: int = 16, extract: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         if not _pow2(patch_size) or patch_size < 4:
             msg = f"patch_size must be a power of two >= 4 for the dense heads, got {patch_size}"
@@ -74,7 +85,11 @@ class ViTBackbone(nn.Module):
             cin = e
             for j in range(steps):
                 cout = widths[min(j, len(widths) - 1)] if j < steps - 1 else widths[i]
-                layers += [nn.ConvTranspose2d(cin, cout, 2, stride=2), nn.BatchNorm2d(cout), nn.ReLU()]
+                layers += [
+                    nn.ConvTranspose2d(cin, cout, 2, stride=2),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(),
+                ]
                 cin = cout
             self.skips.append(nn.Sequential(*layers))
             self.pyramid_channels[patch_size >> steps] = widths[i]
@@ -113,8 +128,13 @@ class ViTBackbone(nn.Module):
         for i, skip in enumerate(self.skips):
             src = earlier[min(i, len(earlier) - 1)] if earlier else t
             pyramid[p >> (i + 1)] = skip(grid(src))
-        return {"pyramid": pyramid, "scales": [tokens, cls[:, :, None, None]], "strides": [p, max(h, w)],
-                "cls": cls, "intermediates": [grid(z) for z in inter]}
+        return {
+            "pyramid": pyramid,
+            "scales": [tokens, cls[:, :, None, None]],
+            "strides": [p, max(h, w)],
+            "cls": cls,
+            "intermediates": [grid(z) for z in inter],
+        }
 
 
 def load_timm_backbone(
@@ -136,7 +156,7 @@ def load_timm_backbone(
         # Checkpoints are sometimes saved from a wrapper; strip one common prefix.
         for prefix in ("model.", "backbone.", "vit."):
             if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
@@ -144,8 +164,9 @@ def load_timm_backbone(
         wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or wrong:
             msg = (
-                f"checkpoint {checkpoint} does not fit timm model {timm_name!r}: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; pass the checkpoint of this "
+                f"checkpoint {checkpoint} does not fit timm model {timm_name!r}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]}; "
+                "pass the checkpoint of this "
                 "architecture (timm state-dict names, safetensors)"
             )
             raise WeightsError(msg)
@@ -157,9 +178,10 @@ def load_timm_backbone(
     cached = _cached_hub_file(hf_hub_id)
     if cached is None:
         msg = (
-            f"no checkpoint for {timm_name!r}: weights of {hf_hub_id} are not in the local Hugging Face "
-            f"cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); download them once with "
-            f"`huggingface-cli download {hf_hub_id} model.safetensors` (after accepting the model's "
+            f"no checkpoint for {timm_name!r}: weights of {hf_hub_id} are not in the local "
+            f"Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); "
+            f"download them once with `huggingface-cli download {hf_hub_id} model.safetensors` "
+            "(after accepting the model's "
             "licence) or pass weights=<local .safetensors checkpoint>"
         )
         raise WeightsError(msg)
@@ -167,7 +189,7 @@ def load_timm_backbone(
 
 
 def _cached_hub_file(repo_id: str, filename: str = "model.safetensors") -> Path | None:
-    """Path of ``filename`` of ``repo_id`` in the local HF cache, or None; never uses the network."""
+    """``filename`` of ``repo_id`` in the local HF cache, or None; never uses the network."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:

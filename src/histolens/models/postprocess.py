@@ -1,4 +1,4 @@
-"""HoVer-Net post-processing and HV training targets (numpy + scipy + scikit-image; no torch, no cv2).
+"""HoVer-Net post-processing and HV training targets (numpy, scipy, scikit-image; no torch/cv2).
 
 All maps are on the model-input pixel grid at ``mpp`` um/px, ``(H, W)`` row-major. The HV map
 has channel 0 = horizontal (x) and channel 1 = vertical (y) offsets from each nucleus's centre
@@ -135,7 +135,9 @@ def hover_instances(
         msg = f"nuclei_prob must be (H, W) and hv (2, H, W); got {prob.shape} and {hv.shape}"
         raise ValueError(msg)
     if type_prob is not None and (type_prob.ndim != 3 or type_prob.shape[1:] != prob.shape):
-        msg = f"type_prob must be (T, H, W) matching nuclei_prob {prob.shape}, got {type_prob.shape}"
+        msg = (
+            f"type_prob must be (T, H, W) matching nuclei_prob {prob.shape}, got {type_prob.shape}"
+        )
         raise ValueError(msg)
     p = hover_parameters(mpp)
     blb_lab, _ = ndi.label(prob >= threshold)
@@ -165,7 +167,9 @@ def hover_instances(
     t = type_prob.shape[0]
     arg = np.argmax(type_prob, axis=0)
     fg = labels > 0
-    votes = np.bincount(labels[fg].astype(np.int64) * t + arg[fg], minlength=(n + 1) * t).reshape(n + 1, t)
+    votes = np.bincount(labels[fg].astype(np.int64) * t + arg[fg], minlength=(n + 1) * t).reshape(
+        n + 1, t
+    )
     types = votes[1:].argmax(1)
     # Mean probability of the voted type over each instance.
     chosen = type_prob[types[labels[fg] - 1], np.nonzero(fg)[0], np.nonzero(fg)[1]]
