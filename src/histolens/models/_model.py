@@ -198,9 +198,17 @@ class HistoLensModel(nn.Module):
             strides = self.card.attention_strides
             att = {}
             for s, m in maps.items():
-                if s < len(strides):
-                    stride = strides[s]
-                    att[s] = _np(m.float()[:, : h // stride, : w // stride])
+                if s >= len(strides):
+                    continue  # a scale the card does not export
+                stride = strides[s]
+                if -(-h // m.shape[-2]) != stride:
+                    msg = (
+                        f"model card {self.card.name!r} says attention scale {s} has stride "
+                        f"{stride} px, but the backbone made a {m.shape[-2]}-row map for {h} px; "
+                        "fix card.attention_strides"
+                    )
+                    raise ValueError(msg)
+                att[s] = _np(m.float()[:, : h // stride, : w // stride])
             out["attention"] = att
         return out
 
