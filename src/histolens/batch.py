@@ -7,9 +7,11 @@ the blocks are cut into square work units of about ``block_px`` analysis pixels.
 is read, run and post-processed where the work runs (this process, or a dask worker that
 reopens the slide from its path). A tile keeps the nuclei whose centroid it owns, seen whole
 thanks to the halo, so units need no overlap of their own; the main process then pastes
-every tile's output in the engine's order with the engine's canvases. The result is the
-same, pixel for pixel, however the units were spread over workers, and equals
-:func:`histolens.inference.analyze_region` on the whole region when the mask is off.
+every tile's output in the engine's order with the engine's canvases. Nuclei labels and
+tile classes are therefore the same however the units were spread over workers, and the same
+as :func:`histolens.inference.analyze_region` on the whole region when the mask is off;
+float outputs of a torch model agree to float32 rounding (~1e-7: BLAS sums depend on the
+thread count and on which blocks share a model call).
 """
 
 from __future__ import annotations
@@ -318,12 +320,11 @@ def _plan_slide(
         run_mask = tiles_in_mask(tiles, plan.f, mask, scale)
     else:
         run_mask = np.ones(len(tiles), bool)
-    from .tiles import group_tiles
+    from .inference import _order_blocks
 
-    # Grouped exactly as analyze() groups a fresh region, then cut into work units.
-    model_blocks = group_tiles(
-        [t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan.grid, plan.block_cells
-    )
+    # Grouped and ordered exactly as analyze() runs a fresh region (its blocks are the model
+    # inputs, its order the paste order), then dealt out in work units.
+    model_blocks = _order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
     blocks = group_work(model_blocks, block_px)
     prov = Provenance(
         slide_path=str(getattr(slide, "path", path) or path),
