@@ -35,7 +35,9 @@ def _viewer(scale=(MPP, MPP), translate=(0.0, 0.0), shape=SHAPE):
         da.zeros((*shape, 3), dtype=np.uint8, chunks=(256, 256, 3)),
         da.zeros((shape[0] // 4, shape[1] // 4, 3), dtype=np.uint8, chunks=(256, 256, 3)),
     ]
-    layer = viewer.add_image(levels, multiscale=True, rgb=True, scale=scale, translate=translate)
+    layer = viewer.add_image(
+        levels, multiscale=True, rgb=True, scale=scale, translate=translate, name="slide"
+    )
     return viewer, layer
 
 
@@ -127,3 +129,115 @@ def test_level0_to_world_and_rebase_follow_the_slide_layer():
     assert rebase_transform(scale, translate, 0.5, calibrated) == (scale, translate)
     with pytest.raises(ValueError, match="mpp"):
         rebase_transform(scale, translate, 0.0, frame)
+
+
+# --- overlays and review numbers on a Qt-free ViewerModel ------------------------------
+
+
+def _result(origin=(100, 200), shape=(64, 96), mpp=0.5, n_classes=2, attention=(0, 1)):
+    """A small hand-made RegionResult: two square nuclei, a 2x3 tile map, attention maps."""
+    import pandas as pd
+
+    from histolens.result import (
+        NUCLEI_COLUMNS,
+        AttentionMap,
+        NucleiResult,
+        Provenance,
+        RegionResult,
+        TileClassResult,
+    )
+
+    y0, x0 = origin
+    region = Region(y0, x0, y0 + shape[0], x0 + shape[1])
+    labels = np.zeros(shape, np.uint32)
+    labels[4:12, 4:12] = 1  # 64 px
+    labels[30:34, 50:54] = 2  # 16 px
+    feats = pd.DataFrame(
+        {
+            "label": [1, 2],
+            "centroid_y": [y0 + 7.5, y0 + 31.5],
+            "centroid_x": [x0 + 7.5, x0 + 51.5],
+            "area_um2": [64 * mpp**2, 16 * mpp**2],
+            "class_id": [0, 1],
+            "class_name": ["tumour", "immune"],
+            "probability": [0.9, 0.7],
+        }
+    )[list(NUCLEI_COLUMNS)]
+    nuclei = NucleiResult(labels, feats, 1.0, origin, ("tumour", "immune"), ("#ff0000", "#00ff00"))
+    classes = np.array([[1, 1, 2], [0, 2, 2]], np.int32)
+    tiles = TileClassResult(
+        classes, np.zeros((2, 3, n_classes), np.float32), None, 32.0, origin,
+        ("epithelium", "stroma"), ("#aa0000", "#0000aa"),
+    )
+    maps = [AttentionMap(np.full((8, 12), 0.5, np.float32), 8.0, origin, s) for s in attention]
+    prov = Provenance(
+        "", "t", region, 0, 1.0, mpp, "user", mpp, "hand", {}, "cpu", "fp32", "",
+        tiles_total=4, tiles_done=4,
+    )
+    return RegionResult(region, mpp, nuclei, tiles, maps, prov, complete=True)
+
+
+def test_update_overlays_updates_in_place_and_prunes():
+    from histolens._qt._overlays import OVERLAY_TAG, overlay_mpp, update_overlays
+
+    viewer, slide_layer = _viewer(scale=(0.5, 0.5))
+    frame = LayerFrame.from_layer(slide_layer)
+    first = _result()
+    layers = update_overlays(
+        viewer, first.to_layer_data(), mpp=overlay_mpp(first), frame=frame,
+        opacity={"nuclei": 0.3, "attention": 0.2}, prune=True,
+    )
+    names = [lyr.name for lyr in viewer.layers]
+    assert names == ["slide", "nuclei", "tile classes", "attention s0", "attention s1"]
+    nuclei = viewer.layers["nuclei"]
+    assert nuclei.opacity == pytest.approx(0.3)
+    assert viewer.layers["attention s0"].visible and not viewer.layers["attention s1"].visible
+    # pixel (4, 4) of the labels is level-0 (104, 204): world (52, 102) um on the slide layer
+    assert np.allclose(np.asarray(nuclei.translate) + np.asarray(nuclei.scale) * 4, (52.0, 102.0))
+    assert nuclei.get_value((52.0, 102.0), world=True) == 1
+    assert len(nuclei.features) == 2
+
+    nuclei.opacity = 0.8  # a user choice survives re-analysis
+    second = _result(origin=(400, 40), attention=(0,))
+    again = update_overlays(viewer, second.to_layer_data(), mpp=0.5, frame=frame, prune=True)
+    assert [lyr.name for lyr in viewer.layers] == ["slide", "nuclei", "tile classes", "attention s0"]
+    assert again[0] is layers[0] and again[0].opacity == pytest.approx(0.8)
+    assert nuclei.get_value(((400 + 4) * 0.5, (40 + 4) * 0.5), world=True) == 1
+    tiles = viewer.layers["tile classes"]
+    # tile cell (0, 0) covers level-0 [400, 432): its centre 415.5 px is at world 207.75 um
+    assert tiles.translate[0] == pytest.approx(0.5 * (400 + 15.5))
+    assert all(lyr.metadata[OVERLAY_TAG] for lyr in viewer.layers if lyr.name != "slide")
+
+
+def test_update_overlays_on_uncalibrated_layer_and_name_clash():
+    from histolens._qt._overlays import update_overlays
+
+    viewer, slide_layer = _viewer(scale=(1.0, 1.0), translate=(10.0, 20.0))
+    viewer.add_points([[0, 0]], name="nuclei")  # a user layer holding the name
+    frame = LayerFrame.from_layer(slide_layer)
+    res = _result(mpp=0.25)
+    for _ in range(2):  # twice: the second call must find our layer, not add another
+        update_overlays(viewer, res.to_layer_data(), mpp=0.25, frame=frame)
+    names = [lyr.name for lyr in viewer.layers]
+    assert names.count("nuclei (HistoLens)") == 1 and "nuclei" in names
+    ours = viewer.layers["nuclei (HistoLens)"]
+    # on a scale-1 layer moved by (10, 20), labels pixel (4, 4) = level-0 (104, 204)
+    assert ours.get_value((10 + 104, 20 + 204), world=True) == 1
+    assert tuple(ours.scale) == (1.0, 1.0)
+
+
+def test_summary_counts_density_and_tile_shares():
+    from histolens._qt._summary import summarize
+
+    s = summarize(_result(mpp=0.5))
+    assert s.n_nuclei == 2
+    assert [(c.name, c.count, c.color) for c in s.nuclei_by_class] == [
+        ("tumour", 1, "#ff0000"),
+        ("immune", 1, "#00ff00"),
+    ]
+    # 5 tissue cells of 32 px at 0.5 um/px = 5 * 16 um * 16 um = 1280 um^2
+    assert s.tissue_mm2 == pytest.approx(1280e-6)
+    assert s.density_per_mm2 == pytest.approx(2 / 1280e-6)
+    assert [(c.name, c.count) for c in s.tiles_by_class] == [("epithelium", 2), ("stroma", 3)]
+    assert s.tiles_by_class[1].fraction == pytest.approx(0.6)
+    assert np.allclose(np.sort(s.areas_um2), [4.0, 16.0])
