@@ -249,3 +249,25 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
     )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error
     _assert_same(got["batch"], got["dask"], atol=1e-6)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
+    import io
+
+    from histolens.batch import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log, tty = io.StringIO(), Terminal()
+    for stream in (log, tty):
+        p = _Progress(10, stream=stream, every=0.0)
+        p.log("slide.svs: 10 tiles")
+        for _ in range(10):
+            p.update(1, "slide.svs")
+        p.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0].endswith("histolens: slide.svs: 10 tiles") and "\r" not in log.getvalue()
+    assert lines[-1].split("histolens: ")[1].startswith("tiles 10/10 (")
+    assert "10/10" in tty.getvalue() and "tile/s" in tty.getvalue() and "\r" in tty.getvalue()

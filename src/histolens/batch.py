@@ -437,9 +437,17 @@ class _Progress:
         self.t0 = self._last = time.perf_counter()
         self.bar = None
         if enabled and getattr(self.stream, "isatty", lambda: False)():
+            import shutil
+
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, unit="tile", file=self.stream, dynamic_ncols=True)
+            # A pseudo-terminal may report a 0 x 0 size, and tqdm then draws nothing at all.
+            size = shutil.get_terminal_size((0, 0))
+            sized = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(
+                total=total, unit="tile", file=self.stream, dynamic_ncols=sized,
+                ncols=None if sized else 100, nrows=None if sized else 20,
+            )  # fmt: skip
 
     def log(self, text: str) -> None:
         if not self.enabled:
