@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             "size": size,
             "slide_mpp": args.slide_mpp,
             "model": args.model,
-            "identical": same,
+            "identical_labels_classes": same,
+            "max_probability_gap": gap,
+            "speedup_2_workers": round(rows[0]["seconds"] / rows[1]["seconds"], 3),
             "runs": rows,
         }
         for row in rows:
