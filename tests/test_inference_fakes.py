@@ -8,6 +8,7 @@ trained network. Imported by the other engine tests; holds two sanity tests of i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import dask.array as da
@@ -44,12 +45,14 @@ class FakeSlide:
         return tuple(self.levels[0].shape[:2])
 
 
+@functools.lru_cache(maxsize=8)
 def synthetic_image(
     size: int = 1024, n: int = 140, radius: float = 6.0, seed: int = 0, glass_cols: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 ``(size, size, 3)`` with dark disks, and their centres ``(n, 2)`` (level-0 px).
 
     The rightmost ``glass_cols`` columns are blank glass (for the background-skip tests).
+    Cached and read-only: copy before changing pixels.
     """
     rng = np.random.default_rng(seed)
     img = np.empty((size, size, 3), np.uint8)
@@ -71,7 +74,10 @@ def synthetic_image(
         img[y0:y1, x0:x1][d <= radius**2] = NUCLEUS
     if glass_cols:
         img[:, size - glass_cols :] = GLASS
-    return img, np.array(centres)
+    pts = np.array(centres)
+    img.setflags(write=False)
+    pts.setflags(write=False)
+    return img, pts
 
 
 def pyramid_slide(img: np.ndarray, mpp: float | None = 0.25, n_levels: int = 4, name: str = "synthetic") -> FakeSlide:

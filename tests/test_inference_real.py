@@ -36,16 +36,16 @@ def test_tiny_model_tiled_matches_whole(tiny, slide):
     tile-class probabilities close (not equal). Nuclei: random weights find none, which both
     runs must agree on; the trained-weights check is ``test_default_model_nuclei_tiled_vs_whole``.
     """
-    region = Region(0, 0, 448, 448)
-    tiled = analyze_region(slide, region, model=tiny, tile_size=128, cache=False, skip_background=False)
-    whole = analyze_region(slide, region, model=tiny, tile_size=448, cache=False, skip_background=False)
-    assert tiled.tiles_total == 16 and whole.tiles_total == 1
-    assert tiled.tiles.classes.shape == whole.tiles.classes.shape == (14, 14)
+    region = Region(0, 0, 320, 320)
+    tiled = analyze_region(slide, region, model=tiny, tile_size=64, cache=False, skip_background=False)
+    whole = analyze_region(slide, region, model=tiny, tile_size=320, cache=False, skip_background=False)
+    assert tiled.tiles_total == 25 and whole.tiles_total == 1
+    assert tiled.tiles.classes.shape == whole.tiles.classes.shape == (10, 10)
     assert (tiled.tiles.classes == whole.tiles.classes).mean() >= 0.9
     assert np.abs(tiled.tiles.probabilities - whole.tiles.probabilities).max() < 0.1
     assert tiled.tiles.embeddings.shape == whole.tiles.embeddings.shape
-    assert tiled.tiles.embeddings.shape[:2] == (14, 14)
-    assert [a.heat.shape for a in tiled.attention] == [a.heat.shape for a in whole.attention] == [(28, 28)]
+    assert tiled.tiles.embeddings.shape[:2] == (10, 10)
+    assert [a.heat.shape for a in tiled.attention] == [a.heat.shape for a in whole.attention] == [(20, 20)]
     assert tiled.nuclei.count == whole.nuclei.count
     matched, na, _ = match_instances(tiled.nuclei.labels, whole.nuclei.labels)
     assert matched == na

@@ -633,7 +633,7 @@ def analyze(
     slide: Any,
     region: Region,
     *,
-    model: Any = None,
+    model: str | TileModel | None = None,
     tasks: Sequence[str] = ALL_TASKS,
     mpp: float | None = None,
     device: str | None = None,
@@ -654,15 +654,17 @@ def analyze(
     mpp
         Level-0 um/px overriding the slide's (required when the slide has none).
     cancel
-        A ``threading.Event`` or a callable; checked between tiles. A cancelled run ends
-        with the tiles that finished, ``complete=False`` and ``provenance.cancelled``.
+        A ``threading.Event`` or a callable; checked between model calls (after each
+        partial result). A cancelled run ends with the tiles that finished,
+        ``complete=False`` and ``provenance.cancelled``.
     precision
         ``"auto"`` (mixed precision where the device runs it natively), ``"bf16"``,
         ``"fp16"`` or ``"fp32"``.
     batch_size
         Tiles per model call (halved automatically on out-of-memory).
     tile_size
-        Owned tile side in analysis pixels (default from the model card).
+        Owned tile side in analysis pixels, each tile run alone. Default: a third of the
+        card's owned size, uncached neighbours run together in blocks of up to 3 x 3.
     cache
         A :class:`TileCache`, None for the process-wide one, False for none.
     skip_background

@@ -16,7 +16,7 @@ frames; the frame is always said in the name or docstring. Pure numpy/scipy, no 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,6 @@ __all__ = [
     "TileInstances",
     "cells_covering",
     "group_tiles",
-    "iter_batches",
     "keep_instances",
     "plan_grid",
     "read_analysis_box",
@@ -466,9 +465,3 @@ class CellCanvas:
         self.data[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0] = values[
             y0 - oy : y1 - oy, x0 - ox : x1 - ox
         ]
-
-
-def iter_batches(items: Sequence, size: int) -> Iterator[list]:
-    """Consecutive chunks of ``items`` of at most ``size``."""
-    for i in range(0, len(items), max(1, int(size))):
-        yield list(items[i : i + max(1, int(size))])
