@@ -243,10 +243,17 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
     assert outcomes[0].ok, outcomes[0].error
     whole = analyze_region(open_slide(path), region, model="test-tiny", tasks=TASKS, cache=False)
     _assert_same(got["batch"], whole, atol=1e-6)
-    outcomes = run_batch(
-        [path], tmp_path / "dask", model="test-tiny", tasks=TASKS, region=region, tissue=False,
-        block_px=192, workers=2, progress=False, on_result=lambda p, r: got.setdefault("dask", r),
-    )  # fmt: skip
+    # Joining a running scheduler (--scheduler ADDRESS), here a loopback cluster of 2 workers.
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        outcomes = run_batch(
+            [path], tmp_path / "dask", model="test-tiny", tasks=TASKS, region=region,
+            tissue=False, block_px=192, scheduler=cluster.scheduler_address, progress=False,
+            on_result=lambda p, r: got.setdefault("dask", r),
+        )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error
     _assert_same(got["batch"], got["dask"], atol=1e-6)
 
@@ -271,3 +278,30 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
     assert lines[0].endswith("histolens: slide.svs: 10 tiles") and "\r" not in log.getvalue()
     assert lines[-1].split("histolens: ")[1].startswith("tiles 10/10 (")
     assert "10/10" in tty.getvalue() and "tile/s" in tty.getvalue() and "\r" in tty.getvalue()
+
+
+def test_a_slide_failing_during_analysis_does_not_stop_the_others(
+    synthetic_slide: Path, tmp_path: Path, monkeypatch
+):
+    import shutil
+
+    from histolens import batch
+
+    other = tmp_path / "other.tif"
+    shutil.copy(synthetic_slide, other)
+    real = batch._engine_run_blocks
+
+    def flaky(slide, *args, **kwargs):
+        if slide.name == "other":
+            raise RuntimeError("decoder crashed on tile (3, 4)")
+        return real(slide, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "_engine_run_blocks", flaky)
+    outcomes = run_batch(
+        [other, synthetic_slide], tmp_path / "out", model=ThresholdModel(), tasks=("tiles",),
+        block_px=384, progress=False,
+    )  # fmt: skip
+    assert [o.ok for o in outcomes] == [False, True]
+    assert "RuntimeError: decoder crashed on tile (3, 4)" in outcomes[0].error
+    assert (tmp_path / "out" / "synthetic" / "tiles.geojson").is_file()
+    assert not (tmp_path / "out" / "other" / "summary.json").exists()
