@@ -200,7 +200,8 @@ def test_update_overlays_updates_in_place_and_prunes():
     nuclei.opacity = 0.8  # a user choice survives re-analysis
     second = _result(origin=(400, 40), attention=(0,))
     again = update_overlays(viewer, second.to_layer_data(), mpp=0.5, frame=frame, prune=True)
-    assert [lyr.name for lyr in viewer.layers] == ["slide", "nuclei", "tile classes", "attention s0"]
+    names = [lyr.name for lyr in viewer.layers]
+    assert names == ["slide", "nuclei", "tile classes", "attention s0"]
     assert again[0] is layers[0] and again[0].opacity == pytest.approx(0.8)
     assert nuclei.get_value(((400 + 4) * 0.5, (40 + 4) * 0.5), world=True) == 1
     tiles = viewer.layers["tile classes"]

@@ -5,7 +5,7 @@ opens the packaged CMU-1-Small-Region.svs exactly as ``histolens view`` does, an
 views with the dock and saves what napari rendered (``viewer.screenshot``):
 
 - ``dock_analyze_view.png``: the whole window, overlays on a ~700 px wide view, dock + review;
-- ``nuclei_zoom.png``: canvas only, zoomed on the epithelium, nuclei coloured by class;
+- ``nuclei_zoom.png``: canvas only, zoomed on the epithelium, nuclei outlined by class;
 - ``attention_s0.png``: canvas only, the finest attention map over the tissue.
 
 The model is the embedded default when its weights are built, else ``test-tiny`` (whose
@@ -55,7 +55,9 @@ def _look_at(viewer, dock, center_px: tuple[float, float], height_px: float) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name (default: embedded, else test-tiny)")
+    parser.add_argument(
+        "--model", default=None, help="model name (default: embedded, else test-tiny)"
+    )
     parser.add_argument("--out", type=Path, default=HERE, help="folder for the PNGs")
     args = parser.parse_args(argv)
 
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in viewer.layers:
         if layer.name.startswith("attention") or layer.name == "tile classes":
             layer.visible = False
+    dock.outline_box.setChecked(True)  # outlines keep the chromatin visible when zoomed in
     _look_at(viewer, dock, (900, 1290), 240)
     for _ in range(20):
         app.processEvents()

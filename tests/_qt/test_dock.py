@@ -19,7 +19,12 @@ from qtpy.QtCore import Qt  # noqa: E402
 
 from histolens._qt import HistoLensWidget  # noqa: E402
 from histolens._qt import _widget as widget_module  # noqa: E402
-from histolens._qt._viewport import CameraState, LayerFrame, level0_to_world, view_region  # noqa: E402
+from histolens._qt._viewport import (  # noqa: E402
+    CameraState,
+    LayerFrame,
+    level0_to_world,
+    view_region,
+)
 
 TIMEOUT_MS = 90_000
 
@@ -173,7 +178,8 @@ def test_analyze_view_puts_aligned_overlays_on_the_view(dock, qtbot, notes):
     row = nuclei.features.iloc[int(np.argmax(nuclei.features["area_um2"]))]
     ys, xs = np.nonzero(np.asarray(nuclei.data) == int(row["index"]))
     world = np.asarray(nuclei.translate) + np.asarray(nuclei.scale) * [ys.mean(), xs.mean()]
-    want = level0_to_world((row["centroid_y"], row["centroid_x"]), LayerFrame.from_layer(slide_layer))
+    frame = LayerFrame.from_layer(slide_layer)
+    want = level0_to_world((row["centroid_y"], row["centroid_x"]), frame)
     assert np.allclose(world, want, atol=float(nuclei.scale[0]) + 1e-6)
     # Hovering that nucleus: napari's status line carries its class, area and probability.
     k = len(ys) // 2
@@ -251,7 +257,8 @@ def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
     # the debounce between spaced-out moves, which would rightly count as two views.)
     start = time.perf_counter()
     for i in range(5):
-        viewer.scene.camera.center = level0_to_world((900 + 40 * i, 1200), LayerFrame.from_layer(layer))
+        frame = LayerFrame.from_layer(layer)
+        viewer.scene.camera.center = level0_to_world((900 + 40 * i, 1200), frame)
     assert time.perf_counter() - start < widget_module.LIVE_DEBOUNCE_MS / 1000
     final_view = view_region(CameraState.from_viewer(viewer), LayerFrame.from_layer(layer))
     qtbot.waitUntil(lambda: widget._stamp == stamp0 + 2, timeout=5_000)
@@ -309,6 +316,7 @@ def test_view_command_opens_the_slide_with_the_dock(make_napari_viewer, cmu_path
     viewer, dock = open_viewer(cmu_path, model="test-tiny", viewer=make_napari_viewer())
     assert dock.slide_layer() is viewer.layers[0]
     assert dock.model_combo.currentText() == "test-tiny"
-    assert viewer.layers[0].multiscale and viewer.layers[0].scale[-1] == pytest.approx(0.499, abs=1e-3)
+    assert viewer.layers[0].multiscale
+    assert viewer.layers[0].scale[-1] == pytest.approx(0.499, abs=1e-3)
     with pytest.raises(ValueError, match="unknown model"):
         open_viewer(cmu_path, model="no-such-model", viewer=make_napari_viewer())

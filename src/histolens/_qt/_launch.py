@@ -15,8 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="whole-slide image to open (default: the packaged CMU-1-Small-Region sample)",
     )
     parser.add_argument("--model", default=None, help="model to preselect (see `histolens models`)")
-    parser.add_argument("--mpp", type=float, default=None, help="um per level-0 pixel, if the slide has none")
-    parser.add_argument("--live", action="store_true", help="start with live re-analysis on pan/zoom")
+    parser.add_argument(
+        "--mpp", type=float, default=None, help="um per level-0 pixel, if the slide has none"
+    )
+    parser.add_argument(
+        "--live", action="store_true", help="start with live re-analysis on pan/zoom"
+    )
 
 
 def open_viewer(
@@ -27,7 +31,10 @@ def open_viewer(
     live: bool = False,
     viewer: Any = None,
 ) -> tuple[Any, Any]:
-    """Open ``slide_path`` through the HistoLens reader and dock the widget; returns ``(viewer, dock)``."""
+    """Open ``slide_path`` through the HistoLens reader and dock the widget.
+
+    Returns ``(viewer, dock)``; ``viewer`` may be given (tests), else a new one is made.
+    """
     import napari
     from napari.layers import Layer
 
@@ -38,7 +45,10 @@ def open_viewer(
 
     path = Path(slide_path) if slide_path is not None else Path(sample_slide_path())
     if not path.exists():
-        msg = f"slide {path} does not exist; give a path to a whole-slide image (e.g. .svs, .ome.tif)"
+        msg = (
+            f"slide {path} does not exist; give a path to a whole-slide image "
+            "(e.g. .svs, .ome.tif)"
+        )
         raise FileNotFoundError(msg)
     # torch/timm before the first GL context: see preload_model_stack for the crash it avoids
     preload_model_stack()
@@ -63,7 +73,9 @@ def open_viewer(
     return viewer, dock
 
 
-def launch_viewer(slide_path: str | Path | None = None, *, model: str | None = None, **kwargs: Any) -> None:
+def launch_viewer(
+    slide_path: str | Path | None = None, *, model: str | None = None, **kwargs: Any
+) -> None:
     """Open the viewer with the dock and run the Qt event loop until the window closes."""
     import napari
 

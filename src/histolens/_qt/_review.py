@@ -52,7 +52,9 @@ class AreaHistogram(QWidget):
         if areas.size:
             # up to the 99th percentile so a few merged blobs do not squash the histogram
             hi = max(float(np.percentile(areas, 99)), float(areas.min()) + 1e-6)
-            self._counts, self._edges = np.histogram(np.clip(areas, 0, hi), bins=self._bins, range=(0, hi))
+            self._counts, self._edges = np.histogram(
+                np.clip(areas, 0, hi), bins=self._bins, range=(0, hi)
+            )
         else:
             self._counts, self._edges = np.zeros(0, dtype=int), np.zeros(0, dtype=float)
         self.setToolTip(
@@ -70,7 +72,8 @@ class AreaHistogram(QWidget):
             text_h = 14
             painter.setPen(self.palette().color(self.foregroundRole()))
             if not self._counts.size:
-                painter.drawText(QRectF(0, 0, w, h), Qt.AlignCenter, "area histogram: no nuclei yet")
+                text = "area histogram: no nuclei yet"
+                painter.drawText(QRectF(0, 0, w, h), Qt.AlignCenter, text)
                 return
             top = float(self._counts.max()) or 1.0
             bar_w = w / len(self._counts)
@@ -218,4 +221,5 @@ class ReviewPanel(QWidget):
         y_item, x_item = self.table.item(row, 4), self.table.item(row, 5)
         if y_item is None or x_item is None:
             return
-        self.nucleus_selected.emit(float(y_item.data(Qt.DisplayRole)), float(x_item.data(Qt.DisplayRole)))
+        y, x = float(y_item.data(Qt.DisplayRole)), float(x_item.data(Qt.DisplayRole))
+        self.nucleus_selected.emit(y, x)

@@ -77,7 +77,9 @@ class HistoLensWidget(QWidget):
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
-        self._live_trigger = qdebounced(self._on_view_settled, timeout=LIVE_DEBOUNCE_MS, parent=self)
+        self._live_trigger = qdebounced(
+            self._on_view_settled, timeout=LIVE_DEBOUNCE_MS, parent=self
+        )
         camera = self.viewer.scene.camera
         camera.events.center.connect(self._on_view_changed)
         camera.events.zoom.connect(self._on_view_changed)
@@ -119,7 +121,9 @@ class HistoLensWidget(QWidget):
         self.mpp_spin.setToolTip("Pixel size of level 0, used when the slide does not record one")
         self.mpp_label = QLabel()
         self.live_box = QCheckBox("Live")
-        self.live_box.setToolTip("Re-analyse the view after each pan/zoom (debounced, latest view wins)")
+        self.live_box.setToolTip(
+            "Re-analyse the view after each pan/zoom (debounced, latest view wins)"
+        )
         self.live_box.toggled.connect(self._on_live_toggled)
 
         self.analyze_button = QPushButton(ANALYZE)
@@ -139,6 +143,13 @@ class HistoLensWidget(QWidget):
             slider.valueChanged.connect(lambda v, g=group: self._set_opacity(g, v / 100.0))
             self.opacity_sliders[group] = slider
             opacity_form.addRow(f"{group}", slider)
+
+        self.outline_box = QCheckBox("nuclei as outlines")
+        self.outline_box.setToolTip(
+            "Draw nuclei as 2 px contours so the chromatin stays visible (slower on huge views)"
+        )
+        self.outline_box.toggled.connect(self._apply_outlines)
+        opacity_form.addRow("", self.outline_box)
 
         self.review = ReviewPanel()
         self.review.nucleus_selected.connect(self.center_on)
@@ -181,7 +192,9 @@ class HistoLensWidget(QWidget):
     def _candidate_layers(self) -> list[Any]:
         from napari.layers import Image
 
-        layers = [lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and not is_overlay(lyr)]
+        layers = [
+            lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and not is_overlay(lyr)
+        ]
         # Slides opened by the HistoLens reader first, then any other image.
         return sorted(layers, key=lambda lyr: 0 if "slide" in lyr.metadata else 1)
 
@@ -238,10 +251,12 @@ class HistoLensWidget(QWidget):
             self.analyze_view()
 
     def _capture(self) -> tuple[AnalysisRequest, LayerFrame] | None:
-        """Read every control and the camera on the main thread; None (and a message) if unusable."""
+        """Read the controls and the camera (main thread); None, with a message, if unusable."""
         layer = self.slide_layer()
         if layer is None:
-            show_warning("HistoLens: no slide layer; open a slide first (File > Open, or the sample)")
+            show_warning(
+                "HistoLens: no slide layer; open a slide first (File > Open, or the sample)"
+            )
             return None
         slide = self._slide(layer)
         if slide is None:
@@ -363,7 +378,7 @@ class HistoLensWidget(QWidget):
         if self._pending is not None:  # cancelled between a yield and its repaint
             partial, self._pending = self._pending, None
             self._show(partial, final=True)
-        elif self.result is not None and self.result.region == getattr(self._request, "region", None):
+        elif self.result is not None and self.result.region == self.region():
             self.review.show_result(self.result, fill_table=True)
         self._worker = None
         self.analyze_button.setText(ANALYZE)
@@ -395,6 +410,8 @@ class HistoLensWidget(QWidget):
             show_error(f"HistoLens could not draw the result: {type(exc).__name__}: {exc}")
             return
         self.result = result
+        if self.outline_box.isChecked():
+            self._apply_outlines()
         self.review.show_result(result, fill_table=final)
         self.export_button.setEnabled(True)
 
@@ -428,8 +445,16 @@ class HistoLensWidget(QWidget):
 
     def _set_opacity(self, group: str, value: float) -> None:
         for layer in self.viewer.layers:
-            if is_overlay(layer) and overlay_group(layer.metadata.get("histolens_overlay", "")) == group:
+            name = layer.metadata.get("histolens_overlay", "")
+            if is_overlay(layer) and overlay_group(name) == group:
                 layer.opacity = value
+
+    def _apply_outlines(self, *_: Any) -> None:
+        # napari draws Labels filled by default (contour=0), fastest for big label images
+        # (napari#8582); outlines are the reviewer's choice.
+        for layer in self.viewer.layers:
+            if layer.metadata.get("histolens_overlay") == "nuclei":
+                layer.contour = 2 if self.outline_box.isChecked() else 0
 
     def center_on(self, y: float, x: float) -> None:
         """Centre the view on level-0 pixel ``(y, x)`` of the slide layer (a nucleus centroid)."""

@@ -115,7 +115,8 @@ def _check_size(request: AnalysisRequest, model: Any) -> None:
         msg = (
             f"the view is {request.region.width} x {request.region.height} level-0 px, "
             f"{pixels / 1e6:.0f} Mpx at the model's {model_mpp:g} um/px (limit "
-            f"{MAX_VIEW_PIXELS / 1e6:.0f} Mpx): zoom in, or run `histolens analyze` for whole slides"
+            f"{MAX_VIEW_PIXELS / 1e6:.0f} Mpx): zoom in, or run `histolens analyze` "
+            "for whole slides"
         )
         raise ValueError(msg)
 
