@@ -216,3 +216,27 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
     assert train_nuclei(_args(tmp_path, "--max-steps", "14", "--resume"), model=_Tiny.make(), data=_tiny_data()) == 0
     log = (tmp_path / "train.log").read_text()
     assert "resumed from" in log and "at step 12" in log and "done: 14 steps" in log
+
+
+def test_colour_grouping_joins_arbitrary_rotations_within_a_class():
+    from skimage.transform import rotate
+
+    rng = np.random.default_rng(3)
+
+    def tissue(hue):
+        base = np.zeros((64, 64, 3), np.float64)
+        base[..., 0], base[..., 1], base[..., 2] = hue, 0.35, 0.75
+        from scipy.ndimage import gaussian_filter
+
+        blobs = gaussian_filter(rng.random((64, 64)), 3) > 0.52  # nuclei-sized blobs, not pixel noise
+        base[blobs] = (0.35, 0.2, 0.55)
+        return base
+
+    a = tissue(0.9)
+    a_rot = rotate(a, 23, mode="reflect", order=0)  # LC25000-style small-angle rotation
+    b = tissue(0.55)
+    c = tissue(0.9)  # same colours as `a`, other blobs, other class
+    imgs = (np.stack([a, a_rot, b, c]) * 255).astype(np.uint8)
+    g = group_near_duplicates(imgs, colour_l1=0.12, labels=np.array([0, 0, 0, 1]))
+    assert g[0] == g[1] != g[2]
+    assert g[3] != g[0]  # the colour test never joins across classes

@@ -46,7 +46,7 @@ def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors); card beside it")
     parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--model", default="histolens-default")
-    parser.add_argument("--lc25000-tiles", type=int, default=900, help="LC25000 tiles (whole dHash groups) used for the probe CV")
+    parser.add_argument("--lc25000-tiles", type=int, default=600, help="LC25000 tiles (whole dHash groups) used for the probe CV")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
