@@ -233,7 +233,11 @@ def test_write_result_writes_every_file(tmp_path: Path):
     group = zarr.open_group(str(files["tile_classes.ome.zarr"]), mode="r")
     np.testing.assert_array_equal(group["0"][...], result.tiles.classes)
     ms = group.attrs["ome"]["multiscales"][0]
-    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [16.0, 16.0]
+    scale, translation = ms["datasets"][0]["coordinateTransformations"]
+    # NGFF places pixel centres: the same numbers as the napari layer of the same array
+    expected = layer_transform(0.25, result.tiles.cell, result.tiles.origin)
+    assert (tuple(scale["scale"]), tuple(translation["translation"])) == expected
+    assert "image-label" in group.attrs["ome"]
 
     summary = json.loads(files["summary.json"].read_text())
     assert summary["nuclei"]["count"] == 6
@@ -241,6 +245,23 @@ def test_write_result_writes_every_file(tmp_path: Path):
     assert summary["tiles"]["per_class"]["tumour"]["cells"] == 3
     assert summary["model"]["card"]["tasks"] == ["nuclei", "tiles"]
     assert summary["files"]["nuclei.geojson"] == "nuclei.geojson"
+
+
+def test_attention_maps_are_written_as_float_images(tmp_path: Path):
+    import tifffile
+    import zarr
+
+    from histolens.result import AttentionMap
+
+    result = make_result()
+    heat = np.linspace(0, 1, 6 * 8, dtype=np.float32).reshape(6, 8)
+    result.attention.append(AttentionMap(heat, 32.0, (1000, 2000), scale=1))
+    files = export.write_result(result, tmp_path, formats=("ome-tiff", "ome-zarr"))
+    with tifffile.TiffFile(files["attention_s1.ome.tif"]) as tif:
+        np.testing.assert_array_equal(tif.asarray(), heat)
+        assert 'PhysicalSizeX="8.0"' in tif.ome_metadata  # 0.25 um/px * 32
+    group = zarr.open_group(str(files["attention_s1.ome.zarr"]), mode="r")
+    assert group["0"].dtype == np.float32 and "image-label" not in group.attrs["ome"]
 
 
 def test_write_result_rejects_unknown_format(tmp_path: Path):

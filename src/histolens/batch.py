@@ -702,7 +702,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-px", type=int, default=DEFAULT_BLOCK_PX, help="work block side in analysis px"
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per model call")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="model inputs (blocks of tiles) per model call"
+    )
     parser.add_argument(
         "--formats",
         nargs="+",

@@ -523,6 +523,7 @@ def _save_ome_zarr(
     pixel_um: float | None,
     origin_um: tuple[float, float] | None,
     name: str,
+    level0_um: float | None = None,
 ) -> Path:
     import zarr
 
@@ -534,12 +535,18 @@ def _save_ome_zarr(
         )
         data[...] = array
         scale = [pixel_um or 1.0, pixel_um or 1.0]
-        translation = [origin_um[0], origin_um[1]] if origin_um is not None else [0.0, 0.0]
+        # NGFF maps pixel *centres* (integer indices) to space: the centre of pixel (0, 0) is
+        # half an output pixel minus half a level-0 pixel past its edge, the same rule as
+        # histolens.region.layer_transform, so viewers lay it on the slide like our layers.
+        translation = [0.0, 0.0]
+        if origin_um is not None and pixel_um is not None and level0_um:
+            translation = [o + (pixel_um - level0_um) / 2.0 for o in origin_um]
         unit = "micrometer" if pixel_um is not None else None
         axes = [
             {"name": a, "type": "space", **({"unit": unit} if unit else {})} for a in ("y", "x")
         ]
-        # OME-NGFF 0.5 (zarr v3): the "ome" member carries multiscales; a labels image.
+        # OME-NGFF 0.5 (zarr v3): the "ome" member carries multiscales (integer masks are
+        # also marked as label images).
         group.attrs["ome"] = {
             "version": "0.5",
             "multiscales": [
@@ -557,8 +564,9 @@ def _save_ome_zarr(
                     ],
                 }
             ],
-            "image-label": {"version": "0.5"},
         }
+        if np.issubdtype(array.dtype, np.integer):
+            group.attrs["ome"] = {**group.attrs["ome"], "image-label": {"version": "0.5"}}
     return path
 
 
@@ -673,7 +681,8 @@ def write_result(
 
     ``formats`` picks among ``"geojson"`` (``nuclei.geojson``, ``tiles.geojson``), ``"csv"``
     (``nuclei.csv``, ``tiles.csv``), ``"ome-tiff"`` / ``"ome-zarr"`` (``nuclei_labels`` and
-    ``tile_classes`` masks at their own resolution, pixel size ``mpp * downsample`` um),
+    ``tile_classes`` masks and float32 ``attention_s<k>`` heat maps, each at its own
+    resolution, pixel size ``mpp * downsample`` um),
     ``"summary"`` (``summary.json``, written last and listing the others) and ``"png"``
     (``overview.png``, needs ``slide``). Parts the result lacks (a task not run) are skipped.
     """
@@ -712,29 +721,38 @@ def write_result(
             timed("nuclei.csv", _save_csv, out / "nuclei.csv", nuc.features)
         if tiles is not None:
             timed("tiles.csv", _save_csv, out / "tiles.csv", tiles_table(tiles, result.region))
-    for fmt, suffix, saver in (
-        ("ome-tiff", ".ome.tif", _save_ome_tiff),
-        ("ome-zarr", ".ome.zarr", _save_ome_zarr),
-    ):
+    for fmt, suffix in (("ome-tiff", ".ome.tif"), ("ome-zarr", ".ome.zarr")):
         if fmt not in wanted:
             continue
+        if fmt == "ome-tiff":
+            saver: Any = _save_ome_tiff
+        else:
+
+            def saver(*args: Any, **kwargs: Any) -> Path:
+                return _save_ome_zarr(*args, level0_um=mpp0, **kwargs)
+
+        masks: list[tuple[str, np.ndarray, float, Sequence[float], str]] = []
         if nuc is not None:
-            px, org = _mask_geometry(mpp0, nuc.downsample, nuc.origin)
-            name = "nuclei_labels" + suffix
+            labels = _smallest_uint(np.asarray(nuc.labels))
+            masks.append(("nuclei_labels", labels, nuc.downsample, nuc.origin, "nuclei"))
+        if tiles is not None:
+            classes = _smallest_uint(np.asarray(tiles.classes).clip(min=0))
+            masks.append(("tile_classes", classes, tiles.cell, tiles.origin, "tile classes"))
+        for att in result.attention:
+            # Heat in [0, 1] as float32 images, on the slide like the masks.
+            heat = np.asarray(att.heat, dtype=np.float32)
+            masks.append((f"attention_s{att.scale}", heat, att.downsample, att.origin, att.name))
+        for stem, array, f, origin, label in masks:
+            px, org = _mask_geometry(mpp0, f, origin)
             timed(
-                name,
+                stem + suffix,
                 saver,
-                out / name,
-                _smallest_uint(np.asarray(nuc.labels)),
+                out / (stem + suffix),
+                array,
                 pixel_um=px,
                 origin_um=org,
-                name="nuclei",
+                name=label,
             )
-        if tiles is not None:
-            px, org = _mask_geometry(mpp0, tiles.cell, tiles.origin)
-            name = "tile_classes" + suffix
-            classes = _smallest_uint(np.asarray(tiles.classes).clip(min=0))
-            timed(name, saver, out / name, classes, pixel_um=px, origin_um=org, name="tile classes")
     if "png" in wanted:
         timed("overview.png", render_overview_png, slide, result, out / "overview.png")
     if "summary" in wanted:
