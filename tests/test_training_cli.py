@@ -102,3 +102,26 @@ def test_evaluate_on_a_real_monuseg_tile_baseline(shared_data):
     true = np.asarray(Image.open(mon / "labels" / f"{name}.png")).astype(np.int64)
     s = score_pair(true, classical_nuclei(img, mpp=0.25).astype(np.int64))
     assert 0.6 < s["dice"] < 0.95 and 0.3 < s["pq"] < 0.8, s
+
+
+def test_train_tiles_writes_a_new_head_that_loads(tmp_path, capsys):
+    from PIL import Image
+
+    from histolens.cli import main
+    from histolens.models import create_model
+
+    rng = np.random.default_rng(0)
+    for cls, colour in (("necrosis", (120, 60, 40)), ("stroma", (240, 150, 200))):
+        d = tmp_path / "tiles" / cls
+        d.mkdir(parents=True)
+        for i in range(6):
+            img = np.clip(np.array(colour) + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i}.png")
+    out = tmp_path / "mine.safetensors"
+    assert main(["train", "tiles", "--images", str(tmp_path / "tiles"), "--out", str(out), "--model", "test-tiny", "--folds", "2"]) == 0
+    assert "grouped 2-fold CV" in capsys.readouterr().out
+    model = create_model("test-tiny", weights=out)
+    assert model.card.tissue_classes == ("necrosis", "stroma")
+    assert model.card.weights_sha256 and (tmp_path / "mine.card.json").is_file()
+    probs = model.predict_tiles(np.zeros((1, 64, 64, 3), np.uint8), tasks=("tiles",))["tile_probs"]
+    assert probs.shape[-1] == 2
