@@ -63,6 +63,11 @@ def _transform(mpp: float, downsample: float, origin: Sequence[float]) -> dict[s
     return {"scale": scale, "translate": translate, "units": ("um", "um")}
 
 
+def _geometry(mpp: float, downsample: float, origin: Sequence[float]) -> dict[str, Any]:
+    """Level-0 geometry kept in layer metadata, so writers can map pixels back to the slide."""
+    return {"mpp": float(mpp), "downsample": float(downsample), "origin": [float(v) for v in origin]}
+
+
 def _slide_mpp(result: RegionResult) -> float:
     """Level-0 um/px: the slide layer's scale, which every overlay is aligned to."""
     mpp = result.provenance.slide_mpp
@@ -101,6 +106,7 @@ def nuclei_layer(nuclei: NucleiResult, mpp: float, *, name: str = "nuclei") -> t
             "counts": {
                 n: int((feats["class_id"] == i).sum()) for i, n in enumerate(nuclei.class_names)
             },
+            **_geometry(mpp, nuclei.downsample, nuclei.origin),
         },
         **_transform(mpp, nuclei.downsample, nuclei.origin),
     }
@@ -128,6 +134,7 @@ def tile_class_layer(tiles: TileClassResult, mpp: float, *, name: str = "tile cl
             "class_colors": list(tiles.class_colors),
             "legend": {n: c for n, c in zip(names, tiles.class_colors)},
             "probabilities": tiles.probabilities,
+            **_geometry(mpp, tiles.cell, tiles.origin),
         },
         **_transform(mpp, tiles.cell, tiles.origin),
     }
@@ -142,7 +149,12 @@ def attention_layer(att: AttentionMap, mpp: float, *, name: str | None = None) -
         "blending": "translucent",
         "opacity": 0.5,
         "contrast_limits": (0.0, 1.0),
-        "metadata": {"histolens": "attention", "scale": att.scale, "kind": att.kind},
+        "metadata": {
+            "histolens": "attention",
+            "scale": att.scale,
+            "kind": att.kind,
+            **_geometry(mpp, att.downsample, att.origin),
+        },
         **_transform(mpp, att.downsample, att.origin),
     }
     return (att.heat, meta, "image")

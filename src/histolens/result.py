@@ -126,7 +126,11 @@ class Provenance:
 
 @dataclass
 class RegionResult:
-    """Everything one analysis of ``region`` produced; partial while ``complete`` is False."""
+    """Everything one analysis of ``region`` produced; partial while ``complete`` is False.
+
+    ``region`` is in level-0 pixels; ``mpp`` is the *analysis* resolution (um/px the model
+    saw); the slide's level-0 mpp, which overlays align to, is ``provenance.slide_mpp``.
+    """
 
     region: Region
     mpp: float
