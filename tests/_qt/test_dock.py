@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histolens.region import Region
+
 pytestmark = pytest.mark.gui
 
 qtpy = pytest.importorskip("qtpy")
@@ -286,7 +288,9 @@ def test_errors_become_notifications(dock, qtbot, notes):
 
 
 def test_image_without_mpp_asks_for_the_override(make_napari_viewer, qtbot, notes):
-    pytest.importorskip("histolens.models")
+    models = pytest.importorskip("histolens.models")
+    if "test-tiny" not in models.list_models():
+        pytest.skip("the test-tiny model is not registered")
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     viewer.add_image(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), name="plain")
@@ -295,6 +299,20 @@ def test_image_without_mpp_asks_for_the_override(make_napari_viewer, qtbot, note
     assert widget.analyze_view() is None
     assert notes["warning"] and "mpp override" in notes["warning"][0]
     assert widget.analyze_button.text() == "Analyze view"
+
+    # With the override, the analysis runs and its overlays land on the uncalibrated
+    # (scale 1, world = level-0 pixels) layer, not at micrometre coordinates.
+    widget.mpp_spin.setValue(0.5)
+    widget.model_combo.setCurrentText("test-tiny")
+    widget.device_combo.setCurrentText("cpu")
+    viewer.reset_view()
+    request = widget.analyze_view()
+    assert request is not None and request.region == Region(0, 0, 300, 400)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    assert widget.result.provenance.mpp_source == "user"
+    for name in ("nuclei", "tile classes"):
+        _check_on_region(viewer.layers[name], request.region, 1.0)
 
 
 def test_export_writes_the_shown_result(dock, qtbot, tmp_path, notes):

@@ -76,7 +76,7 @@ class HistoLensWidget(QWidget):
         self._build()
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
-        self.viewer.layers.events.removed.connect(self._refresh_layer_choices)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self._live_trigger = qdebounced(
             self._on_view_settled, timeout=LIVE_DEBOUNCE_MS, parent=self
         )
@@ -208,6 +208,17 @@ class HistoLensWidget(QWidget):
             self.layer_combo.setCurrentText(current)
         self.layer_combo.blockSignals(False)
         self._on_layer_changed()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        # forget the Slide of a removed layer (ids can be reused by new layers)
+        self._slide_cache.pop(id(getattr(event, "value", None)), None)
+        self._refresh_layer_choices()
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
+        """Closing the dock stops the running analysis and live mode."""
+        self.live_box.setChecked(False)
+        self._stop_worker()
+        super().closeEvent(event)
 
     def slide_layer(self) -> Any | None:
         """The chosen slide layer, or None."""
