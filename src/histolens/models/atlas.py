@@ -276,15 +276,40 @@ class ScaleBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, c = t.shape
-        return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        """(B, n, C) -> (B, heads, n, C / heads), a view."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return self._split(self.q(self.norm_q(x)))
+        """Queries (B, n, C), heads not yet split."""
+        return self.q(self.norm_q(x))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n, C) each, heads not yet split (so gathers and concatenations
+        move one tensor per source rather than per head)."""
         k, v = self.kv(self.norm_kv(x)).chunk(2, dim=-1)
-        return self._split(k), self._split(v)
+        return k, v
+
+    def query_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``query`` and ``keys_values`` of the same tokens with one normalisation and one GEMM.
+
+        Both LayerNorms share the statistics of ``x``; their affine parts are folded into the
+        projection weights (``W (x_hat * g + b) + c = (W * g) x_hat + (W b + c)``), which saves a
+        pass over the largest tensor of the block.
+        """
+        nq, nkv = self.norm_q, self.norm_kv
+        if (
+            not (isinstance(nq, nn.LayerNorm) and isinstance(nkv, nn.LayerNorm))
+            or nq.eps != nkv.eps
+        ):
+            return (self.query(x), *self.keys_values(x))
+        c = x.shape[-1]
+        xhat = F.layer_norm(x, (c,), eps=nq.eps)
+        w = torch.cat([self.q.weight * nq.weight, self.kv.weight * nkv.weight])
+        b = torch.cat(
+            [self.q.weight @ nq.bias + self.q.bias, self.kv.weight @ nkv.bias + self.kv.bias]
+        )
+        q, k, v = F.linear(xhat, w.to(xhat.dtype), b.to(xhat.dtype)).split(c, dim=-1)
+        return q, k, v
 
     def attend(
         self,
@@ -294,7 +319,11 @@ class ScaleBlock(nn.Module):
         v: torch.Tensor,
         want_attention: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Residual attention then residual MLP; returns (new x, head-averaged weights or None)."""
+        """Residual attention then residual MLP; q (B, n, C), k/v (B, m, C).
+
+        Returns the new x and, when asked, the head-averaged weights (B, n, m).
+        """
+        q, k, v = self._split(q), self._split(k), self._split(v)
         if want_attention:
             # Explicit softmax: the fused kernel never materialises the weights we want to show.
             a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
@@ -303,8 +332,8 @@ class ScaleBlock(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v)
             weights = None
-        b, _, n, _ = o.shape
-        x = x + self.drop_path(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+        o = o.transpose(1, 2).flatten(2)
+        x = x + self.drop_path(self.proj(o))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, weights
 
@@ -345,27 +374,32 @@ class MSABlock(nn.Module):
             coords = window_coords(lay.mh, lay.mw, xs[s].device).to(blocks[s].pos[0].weight.dtype)
             xs[s] = xs[s] + blocks[s].pos(coords).to(xs[s].dtype)
         # Bottom-up max-pool residual: each scale also sees the strongest responses below it.
+        g = self.g
         for s in range(n - 1):
             fine, coarse = layouts[s], layouts[s + 1]
-            grid = from_windows(xs[s], batch, fine.h, fine.w, fine.mh, fine.mw)
-            pooled = F.max_pool2d(grid, self.g)
-            xs[s + 1] = xs[s + 1] + to_windows(pooled, coarse.mh, coarse.mw)
+            # Pool inside each fine window (no full-size re-layout), then re-window the small result.
+            bw, _, c = xs[s].shape
+            ph, pw = fine.mh // g, fine.mw // g
+            pooled = xs[s].reshape(bw, ph, g, pw, g, c).amax(dim=(2, 4)).reshape(bw, ph * pw, c)
+            grid = from_windows(pooled, batch, fine.h // g, fine.w // g, ph, pw)
+            xs[s + 1] = xs[s + 1] + to_windows(grid, coarse.mh, coarse.mw)
         # Top-down: coarsest first; each scale attends to its own window and the already-updated
         # parent window of every coarser scale.
         kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for s in range(n - 1, -1, -1):
-            q = blocks[s].query(xs[s])
-            k, v = blocks[s].keys_values(xs[s])
+            q, k, v = blocks[s].query_keys_values(xs[s])
             ks, vs = [k], [v]
             for t in range(n - 1, s, -1):  # coarsest first, as documented for the key layout
                 kt, vt = kv_cache[t]
                 idx = parent_window_index(layouts[s], layouts[t], batch).to(kt.device)
                 ks.append(kt[idx])
                 vs.append(vt[idx])
-            xs[s], a = blocks[s].attend(
-                xs[s], q, torch.cat(ks, 2), torch.cat(vs, 2), want_attention
-            )
-            kv_cache[s] = blocks[s].keys_values(xs[s])
+            k_all = torch.cat(ks, 1) if len(ks) > 1 else k
+            v_all = torch.cat(vs, 1) if len(vs) > 1 else v
+            xs[s], a = blocks[s].attend(xs[s], q, k_all, v_all, want_attention)
+            # Finer scales (and, for the finest, the first bottom-up step) read the updated tokens.
+            if n > 1:
+                kv_cache[s] = blocks[s].keys_values(xs[s])
             if a is not None:
                 attn["top_down"][s] = a
         # Bottom-up cross-attention: coarse tokens grouped by the fine window they cover read it.
@@ -375,7 +409,8 @@ class MSABlock(nn.Module):
             q_grid = from_windows(xs[s], batch, coarse.h, coarse.w, coarse.mh, coarse.mw)
             grouped = to_windows(q_grid, gm_h, gm_w)  # (B * nW_{s-1}, (m/g)^2, C)
             q = blocks[s].query(grouped)
-            k, v = blocks[s - 1].keys_values(xs[s - 1])
+            # Scale s-1 is unchanged since its keys were last computed only when s-1 == 0.
+            k, v = kv_cache[0] if s == 1 else blocks[s - 1].keys_values(xs[s - 1])
             out, a = blocks[s].attend(grouped, q, k, v, want_attention)
             out_grid = from_windows(out, batch, coarse.h, coarse.w, gm_h, gm_w)
             xs[s] = to_windows(out_grid, coarse.mh, coarse.mw)
