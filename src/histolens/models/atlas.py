@@ -377,7 +377,7 @@ class MSABlock(nn.Module):
         g = self.g
         for s in range(n - 1):
             fine, coarse = layouts[s], layouts[s + 1]
-            # Pool inside each fine window (no full-size re-layout), then re-window the small result.
+            # Pool inside each fine window (no full-size re-layout), then re-window the result.
             bw, _, c = xs[s].shape
             ph, pw = fine.mh // g, fine.mw // g
             pooled = xs[s].reshape(bw, ph, g, pw, g, c).amax(dim=(2, 4)).reshape(bw, ph * pw, c)
