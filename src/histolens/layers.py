@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTENTION_COLORMAP",
+    "slide_mpp",
     "LAYER_NAMES",
     "attention_layer",
     "nuclei_layer",
@@ -32,7 +33,20 @@ __all__ = [
 
 #: Fixed layer names; the GUI updates layers of these names in place.
 LAYER_NAMES = ("nuclei", "tile classes")
-ATTENTION_COLORMAP = "inferno"
+#: Inferno-like ramp whose low end is transparent: low attention (and skipped glass, 0)
+#: leaves the slide visible instead of painting it dark. napari builds a Colormap from
+#: this dict (``colors`` RGBA, ``controls`` in [0, 1]).
+ATTENTION_COLORMAP = {
+    "name": "histolens attention",
+    "colors": [
+        (0.00, 0.00, 0.02, 0.00),
+        (0.34, 0.06, 0.43, 0.45),
+        (0.73, 0.21, 0.33, 0.70),
+        (0.98, 0.55, 0.04, 0.85),
+        (0.99, 1.00, 0.64, 0.90),
+    ],
+    "controls": [0.0, 0.25, 0.5, 0.75, 1.0],
+}
 _TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 _DEFAULT_NUCLEUS = (1.0, 1.0, 0.0, 1.0)
 
@@ -68,7 +82,7 @@ def _geometry(mpp: float, downsample: float, origin: Sequence[float]) -> dict[st
     return {"mpp": float(mpp), "downsample": float(downsample), "origin": [float(v) for v in origin]}
 
 
-def _slide_mpp(result: RegionResult) -> float:
+def slide_mpp(result: RegionResult) -> float:
     """Level-0 um/px: the slide layer's scale, which every overlay is aligned to."""
     mpp = result.provenance.slide_mpp
     if not mpp or not (float(mpp) > 0):
@@ -145,9 +159,9 @@ def attention_layer(att: AttentionMap, mpp: float, *, name: str | None = None) -
     """Image layer of one scale's attention heat in [0, 1]."""
     meta = {
         "name": name or att.name,
-        "colormap": ATTENTION_COLORMAP,
+        "colormap": dict(ATTENTION_COLORMAP),
         "blending": "translucent",
-        "opacity": 0.5,
+        "opacity": 0.7,
         "contrast_limits": (0.0, 1.0),
         "metadata": {
             "histolens": "attention",
@@ -162,7 +176,7 @@ def attention_layer(att: AttentionMap, mpp: float, *, name: str | None = None) -
 
 def result_to_layer_data(result: RegionResult, names: Sequence[str] | None = None) -> list[tuple]:
     """All layers of ``result`` as ``(data, meta, layer_type)``; ``names`` keeps only those."""
-    mpp = _slide_mpp(result)
+    mpp = slide_mpp(result)
     out: list[tuple] = []
     if result.nuclei is not None:
         out.append(nuclei_layer(result.nuclei, mpp))

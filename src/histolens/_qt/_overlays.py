@@ -40,9 +40,9 @@ def overlay_mpp(result: Any) -> float:
     """The level-0 um/px that ``result.to_layer_data()`` used for ``scale``/``translate``."""
     try:
         # histolens.layers decides it (slide mpp, or the user's); ask it rather than guess.
-        from ..layers import _slide_mpp
+        from ..layers import slide_mpp
 
-        return float(_slide_mpp(result))
+        return float(slide_mpp(result))
     except ImportError:
         prov = result.provenance
         return float(prov.slide_mpp or result.mpp)
