@@ -182,10 +182,11 @@ def batch_tensors(batch: Sequence[Example], mean: Sequence[float], std: Sequence
     }
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine to 5 % of ``base`` over ``progress`` in [0, 1]."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    t = min(1.0, max(0.0, progress))
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -274,34 +275,26 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
     val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state: dict[str, Any] = {"step": 0, "total_steps": None, "elapsed_s": 0.0, "seed": args.seed, "args": _jsonable(vars(args))}
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "seed": args.seed, "args": _jsonable(vars(args))}
     if args.resume and ckpt_path.exists():
         state.update(load_checkpoint(ckpt_path, model, optimizer))
         log.info("resumed from %s at step %d (%.1f min trained)", ckpt_path, state["step"], state["elapsed_s"] / 60)
     budget = args.minutes * 60.0
-    if args.max_steps:
-        state["total_steps"] = args.max_steps
     use_bf16 = args.precision == "bf16"
     model.train()
     last_ckpt = time.time()
     start_wall = time.time() - state["elapsed_s"]
-    timing_from: tuple[int, float] | None = None
     running: dict[str, float] = {}
     step = state["step"]
     while True:
         elapsed = time.time() - start_wall
-        if elapsed >= budget or (state["total_steps"] and step >= state["total_steps"]):
+        if elapsed >= budget or (args.max_steps and step >= args.max_steps):
             break
-        # Fix the cosine length from the measured speed after a short warm-up, then keep it.
-        if state["total_steps"] is None:
-            if step == args.warmup and timing_from is None:
-                timing_from = (step, time.time())
-            elif timing_from and step == timing_from[0] + 20:
-                per = (time.time() - timing_from[1]) / 20
-                state["total_steps"] = int(step + (budget - elapsed) / per * 0.95)
-                log.info("%.2f s/step -> cosine schedule over %d steps", per, state["total_steps"])
-        total = state["total_steps"] or int(1e9)
-        lr = _lr_at(step, total if state["total_steps"] else step + 10**6, args.lr, args.warmup)
+        # The cosine follows the *time* budget (a shared CPU's speed varies too much to fix a
+        # step count in advance); with --max-steps it follows the steps instead. The data
+        # stream stays deterministic per step either way.
+        progress = step / args.max_steps if args.max_steps else elapsed / budget
+        lr = _lr_at(step, progress, args.lr, args.warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])
