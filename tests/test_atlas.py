@@ -244,6 +244,31 @@ def test_sdpa_and_explicit_paths_agree():
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
 
 
+def test_reliance_mode_equals_explicit_weights():
+    """The fused-kernel context reliance equals the one summed from the explicit weights, and
+    the tokens are the same (atlas_small-like g=4 with scale dropping, and g=2)."""
+    torch.manual_seed(0)
+    for cfg in (
+        A.ATLAS_CONFIGS["atlas_test"],
+        A.AtlasConfig(
+            stem_in=8, stem_features=8, heads=2, depths=(1, 1), g=4, pos_hidden=8, scale_blocks=3
+        ),
+    ):
+        net = A.Atlas(cfg).eval()
+        x = torch.randn(1, 3, 1024, 768)
+        with torch.no_grad():
+            full = net(x, want_attention=True)
+            fused = net(x, want_attention="reliance")
+        assert all("reliance" in blk for blk in fused["attention"])
+        for u, v in zip(full["scales"], fused["scales"], strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+        a, b = A.context_reliance(full, 1), A.context_reliance(fused, 1)
+        assert set(a) == set(b) and a
+        for s in a:
+            assert a[s].std() > 0  # not a constant map
+            torch.testing.assert_close(a[s], b[s], rtol=1e-5, atol=1e-5)
+
+
 def test_scale_dropping_keeps_every_scale_output():
     cfg = A.AtlasConfig(
         stem_in=8, stem_features=8, heads=2, depths=(1, 1), g=4, pos_hidden=8, scale_blocks=3

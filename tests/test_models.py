@@ -181,6 +181,59 @@ def test_predict_tiles_bf16_close_to_fp32():
     assert np.abs(a["tile_probs"] - b["tile_probs"]).max() < 0.05
 
 
+def _randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics, so folding them into the convolutions is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2, generator=g)
+                mod.running_var.uniform_(0.5, 2.0, generator=g)
+                mod.weight.uniform_(0.5, 1.5, generator=g)
+                mod.bias.normal_(0, 0.2, generator=g)
+
+
+@pytest.mark.parametrize("name", ["test-tiny", "histolens-default"])
+def test_fast_inference_equals_the_model_itself(name, monkeypatch):
+    """Same weights, old path (the module itself, explicit attention weights) vs the inference
+    copy (BN folded, channels-last, fused-kernel context reliance): fp32 max abs diff < 1e-4."""
+    from histolens.models import _model
+    from histolens.models.atlas import Atlas
+
+    model = create_model(name, device="cpu", pretrained=False)
+    _randomise_batchnorms(model)
+    side = 256 if name == "test-tiny" else 512
+    tiles = np.random.default_rng(3).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    new = model.predict_tiles(tiles, precision="fp32")
+    assert model.inference_copy(torch.float32) is not None
+    monkeypatch.setattr(_model, "FAST_COPY_MAX_BYTES", 0)
+    monkeypatch.setattr(Atlas, "supports_reliance", False)
+    assert model.inference_copy(torch.float32) is None
+    old = model.predict_tiles(tiles, precision="fp32")
+    assert set(old) == set(new)
+    for key in old:
+        if key == "attention":
+            assert set(old[key]) == set(new[key]) and old[key]
+            for s in old[key]:
+                assert np.abs(old[key][s] - new[key][s]).max() < 1e-4
+        else:
+            assert np.abs(old[key] - new[key]).max() < 1e-4, key
+
+
+def test_inference_copy_follows_weight_changes():
+    """The cached inference copy is rebuilt when the weights change in place (training)."""
+    model = create_model("test-tiny", device="cpu")
+    tiles = np.random.default_rng(4).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    a = model.predict_tiles(tiles, tasks=("nuclei",), precision="fp32")["nuclei_prob"]
+    first = model.inference_copy(torch.float32)
+    assert model.inference_copy(torch.float32) is first  # cached while nothing changes
+    with torch.no_grad():
+        model.nuclei_head.np_out.bias += 3.0
+    b = model.predict_tiles(tiles, tasks=("nuclei",), precision="fp32")["nuclei_prob"]
+    assert model.inference_copy(torch.float32) is not first
+    assert b.mean() > a.mean() + 0.1
+
+
 @pytest.mark.parametrize(
     ("tiles", "message"),
     [

@@ -7,6 +7,7 @@ Frames: every output of :meth:`HistoLensModel.predict_tiles` is on the model-inp
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "card_path_for",
     "cpu_bf16_is_faster",
     "default_device",
+    "fold_batchnorms",
     "file_sha256",
     "load_model_weights",
     "save_model_weights",
@@ -48,6 +50,37 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 _BF16_CPU: dict[str, Any] = {}
+
+#: Largest model (parameter bytes) for which inference keeps a folded/cast copy of itself.
+FAST_COPY_MAX_BYTES = 256 * 2**20
+
+
+def fold_batchnorms(module: nn.Module) -> nn.Module:
+    """Fold eval-mode BatchNorms into the convolution before them, in place; returns ``module``.
+
+    Only pairs whose order is certain are folded: a ``Conv2d`` directly followed by a
+    ``BatchNorm2d`` in an ``nn.Sequential``, and the ``fuse_pairs`` a module declares (attribute
+    names of a conv and the batch norm applied right after it). ``W' = W * g / sqrt(var + eps)``,
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta``: the same function with one pass less
+    over the (largest, full-resolution) activations.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        fold_batchnorms(child)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                module._modules[b] = nn.Identity()
+    for conv_name, bn_name in getattr(module, "fuse_pairs", ()):
+        conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            setattr(module, bn_name, nn.Identity())
+    return module
 
 
 def cpu_bf16_is_faster() -> bool:
@@ -111,7 +144,7 @@ class HistoLensModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def _features(self, x: torch.Tensor, want_attention: bool = False) -> dict:
+    def _features(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
         return self.backbone(x, want_attention=want_attention)
 
     def _heads(self, x: torch.Tensor, feats: dict, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -128,6 +161,46 @@ class HistoLensModel(nn.Module):
         return self._heads(x, self._features(x), ("nuclei", "tiles"))
 
     # -- inference ------------------------------------------------------------------------
+    def _weights_version(self) -> tuple:
+        """Changes whenever a parameter or buffer is replaced or updated in place (an optimiser
+        step, ``load_state_dict``, ``.to()``), so a cached inference copy is never stale."""
+        return tuple(
+            (t.data_ptr(), t._version, t.dtype, str(t.device))
+            for t in (*self.parameters(), *self.buffers())
+        )
+
+    def inference_copy(self, dtype: torch.dtype = torch.float32) -> HistoLensModel | None:
+        """A cached eval copy for inference: BatchNorms folded into convolutions, weights in
+        ``dtype`` (bf16 runs natively, no per-op autocast casts), channels-last memory format
+        (what oneDNN convolutions want on CPU). None when the model is too large to copy
+        (> ``FAST_COPY_MAX_BYTES``); predict_tiles then runs the model itself under autocast.
+
+        fp32 outputs equal the model's own up to float rounding (BN folding), see
+        ``tests/test_models.py``. The copy is rebuilt when the weights change.
+        """
+        size = sum(t.numel() * t.element_size() for t in self.parameters())
+        if size > FAST_COPY_MAX_BYTES:
+            return None
+        cache = self.__dict__.setdefault("_inference_copies", {})
+        version = self._weights_version()
+        hit = cache.get(dtype)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        cache.pop(dtype, None)
+        # deepcopy must not recurse into the cache of copies
+        saved = self.__dict__.pop("_inference_copies")
+        try:
+            fast = copy.deepcopy(self).eval()
+        finally:
+            self.__dict__["_inference_copies"] = saved
+        fold_batchnorms(fast)
+        fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
+        fast.mean, fast.std = self.mean.clone(), self.std.clone()  # normalisation stays fp32
+        for p in fast.parameters():
+            p.requires_grad_(False)
+        cache[dtype] = (version, fast)
+        return fast
+
     def _use_bf16(self, precision: str) -> bool:
         if precision not in ("auto", "fp32", "bf16"):
             msg = f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}"
@@ -169,19 +242,26 @@ class HistoLensModel(nn.Module):
         b, h, w, _ = arr.shape
         self._check_input(h, w)
         want_attention = "attention" in tasks and hasattr(self.backbone, "attention_maps")
+        bf16 = self._use_bf16(precision)
+        fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
+        net = fast if fast is not None else self
+        # Atlas reduces its attention to the per-token context reliance inside the fused kernel.
+        attention_mode: bool | str = want_attention
+        if want_attention and getattr(net.backbone, "supports_reliance", False):
+            attention_mode = "reliance"
         was_training = self.training
         self.eval()
         try:
             with (
                 torch.inference_mode(),
-                torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=self._use_bf16(precision)
-                ),
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and fast is None),
             ):
-                x = self.preprocess(arr)
-                feats = self._features(x, want_attention)
-                raw = self._heads(x, feats, tasks)
-                maps = self.backbone.attention_maps(feats, b) if want_attention else {}
+                x = self.preprocess(arr)  # (B, 3, H, W) fp32, channels-last strides (from BHWC)
+                if fast is not None:
+                    x = x.to(next(fast.parameters()).dtype)
+                feats = net._features(x, attention_mode)
+                raw = net._heads(x, feats, tasks)
+                maps = net.backbone.attention_maps(feats, b) if want_attention else {}
         finally:
             self.train(was_training)
         out: dict[str, Any] = {}

@@ -207,6 +207,9 @@ def window_coords(mh: int, mw: int, device: torch.device) -> torch.Tensor:
 # Modules
 # --------------------------------------------------------------------------------------------
 class _ConvResidual(nn.Module):
+    #: (conv, batch norm) attribute pairs applied as ``bn(conv(x))``: inference may fold them.
+    fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
     def __init__(self, c: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1)
@@ -317,21 +320,37 @@ class ScaleBlock(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        want_attention: bool,
+        want_attention: bool | str,
+        n_own: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Residual attention then residual MLP; q (B, n, C), k/v (B, m, C).
 
-        Returns the new x and, when asked, the head-averaged weights (B, n, m).
+        Returns the new x and, when ``want_attention`` is true, the head-averaged weights
+        (B, n, m); when it is ``"reliance"`` (and ``n_own`` is given: the first ``n_own`` keys
+        are the query's own window), only (B, n, 1), the head-averaged attention mass on the
+        keys after the first ``n_own`` (the coarser scales), computed inside the fused kernel.
         """
         q, k, v = self._split(q), self._split(k), self._split(v)
-        if want_attention:
+        weights = None
+        if want_attention == "reliance" and n_own is not None:
+            # One extra channel: q and k get a 0 (scores unchanged, the scale is given
+            # explicitly), v gets 1 on the coarse keys, so the extra output channel is the
+            # softmax mass on them, without materialising the (n, m) weights.
+            d = q.shape[-1]
+            ind = torch.zeros((*v.shape[:-1], 1), dtype=v.dtype, device=v.device)
+            ind[..., n_own:, :] = 1
+            o = F.scaled_dot_product_attention(
+                F.pad(q, (0, 1)), F.pad(k, (0, 1)), torch.cat([v, ind], -1), scale=d**-0.5
+            )
+            weights = o[..., d:].mean(1)
+            o = o[..., :d]
+        elif want_attention and want_attention != "reliance":
             # Explicit softmax: the fused kernel never materialises the weights we want to show.
             a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
             o = a @ v
             weights = a.mean(1)
         else:
             o = F.scaled_dot_product_attention(q, k, v)
-            weights = None
         o = o.transpose(1, 2).flatten(2)
         x = x + self.drop_path(self.proj(o))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -354,21 +373,26 @@ class MSABlock(nn.Module):
         xs: list[torch.Tensor],
         layouts: list[ScaleLayout],
         batch: int,
-        want_attention: bool = False,
+        want_attention: bool | str = False,
         first_scale: int = 0,
     ) -> tuple[list[torch.Tensor], dict[str, dict[int, torch.Tensor]]]:
         """``xs[s]``: (B * nW_s, K_s, C) windows of scale ``first_scale + s`` (finest first).
 
-        Returns the updated xs and, when ``want_attention``, head-averaged weights
+        Returns the updated xs and, when ``want_attention`` is true, head-averaged weights
         ``{"top_down": {s: (B*nW_s, K_s, K_s + sum K_t)},
         "bottom_up": {s: (B*nW_{s-1}, K_s', K_{s-1})}}``
-        keyed by the local scale index ``s``.
+        keyed by the local scale index ``s``; when it is ``"reliance"``, only
+        ``{"reliance": {s: (B*nW_s, K_s, 1)}}``, the top-down attention mass each token puts on
+        coarser scales (what :func:`context_reliance` needs, from the fused kernel).
         """
         n = len(xs)
         last = len(self.scales) - 1
         blocks = [self.scales[min(first_scale + s, last)] for s in range(n)]
         xs = list(xs)
-        attn: dict[str, dict[int, torch.Tensor]] = {"top_down": {}, "bottom_up": {}}
+        reliance = want_attention == "reliance"
+        attn: dict[str, dict[int, torch.Tensor]] = (
+            {"reliance": {}} if reliance else {"top_down": {}, "bottom_up": {}}
+        )
         for s in range(n):
             lay = layouts[s]
             coords = window_coords(lay.mh, lay.mw, xs[s].device).to(blocks[s].pos[0].weight.dtype)
@@ -396,12 +420,13 @@ class MSABlock(nn.Module):
                 vs.append(vt[idx])
             k_all = torch.cat(ks, 1) if len(ks) > 1 else k
             v_all = torch.cat(vs, 1) if len(vs) > 1 else v
-            xs[s], a = blocks[s].attend(xs[s], q, k_all, v_all, want_attention)
+            n_own = k.shape[1] if len(ks) > 1 else None
+            xs[s], a = blocks[s].attend(xs[s], q, k_all, v_all, want_attention, n_own)
             # Finer scales (and, for the finest, the first bottom-up step) read the updated tokens.
             if n > 1:
                 kv_cache[s] = blocks[s].keys_values(xs[s])
             if a is not None:
-                attn["top_down"][s] = a
+                attn["reliance" if reliance else "top_down"][s] = a
         # Bottom-up cross-attention: coarse tokens grouped by the fine window they cover read it.
         for s in range(1, n):
             fine, coarse = layouts[s - 1], layouts[s]
@@ -411,7 +436,7 @@ class MSABlock(nn.Module):
             q = blocks[s].query(grouped)
             # Scale s-1 is unchanged since its keys were last computed only when s-1 == 0.
             k, v = kv_cache[0] if s == 1 else blocks[s - 1].keys_values(xs[s - 1])
-            out, a = blocks[s].attend(grouped, q, k, v, want_attention)
+            out, a = blocks[s].attend(grouped, q, k, v, False if reliance else want_attention)
             out_grid = from_windows(out, batch, coarse.h, coarse.w, gm_h, gm_w)
             xs[s] = to_windows(out_grid, coarse.mh, coarse.mw)
             if a is not None:
@@ -431,6 +456,8 @@ class Atlas(nn.Module):
     """
 
     stride = 16
+    #: ``forward(..., want_attention="reliance")`` returns only the context reliance per token.
+    supports_reliance = True
 
     def __init__(self, cfg: AtlasConfig) -> None:
         super().__init__()
@@ -457,7 +484,7 @@ class Atlas(nn.Module):
         ph, pw = padded_grid(h, w, cfg.window, cfg.g, n)
         return scale_layouts(ph, pw, cfg.window, cfg.g, n, self.stride), (ph, pw)
 
-    def forward(self, x: torch.Tensor, want_attention: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
         b, _, hh, ww = x.shape
         if hh % self.stride or ww % self.stride:
             msg = f"Atlas input {hh}x{ww} px must be a multiple of {self.stride} px; pad the tile"
@@ -467,8 +494,9 @@ class Atlas(nn.Module):
         out["pyramid"] = {2: pyr[2], 4: pyr[4], 8: pyr[8], 16: out["scales"][0]}
         return out
 
-    def forward_tokens(self, tokens: torch.Tensor, want_attention: bool = False) -> dict:
-        """MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention)."""
+    def forward_tokens(self, tokens: torch.Tensor, want_attention: bool | str = False) -> dict:
+        """MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention;
+        ``want_attention="reliance"`` keeps only what :func:`context_reliance` needs)."""
         b = tokens.shape[0]
         h, w = tokens.shape[-2:]
         layouts, (ph, pw) = self.layouts_for(h, w)
@@ -520,7 +548,7 @@ def context_reliance(out: dict, batch: int) -> dict[int, torch.Tensor]:
     """Per scale ``s`` with a coarser scale: (B, h_s, w_s) fraction of the scale-``s`` tokens'
     top-down attention spent on coarser scales, averaged over blocks; in [0, 1].
 
-    Needs ``out`` from ``Atlas.forward(..., want_attention=True)``. The map is on the scale-``s``
+    Needs ``out`` from ``Atlas.forward(..., want_attention=True)`` (or ``"reliance"``). The map is on the scale-``s``
     token grid (stride σ_s px), cropped to the unpadded input.
     """
     layouts: list[ScaleLayout] = out["layouts"]
@@ -528,12 +556,18 @@ def context_reliance(out: dict, batch: int) -> dict[int, torch.Tensor]:
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     for blk in out["attention"]:
-        for s, a in blk["top_down"].items():
+        if "reliance" in blk:  # already reduced inside the fused kernel: (B*nW, K, 1)
+            per_scale = dict(blk["reliance"])
+        else:
+            per_scale = {}
+            for s, a in blk["top_down"].items():
+                lay = layouts[s]
+                if a.shape[-1] == lay.tokens_per_window:  # the coarsest present scale: no context
+                    continue
+                per_scale[s] = a[..., lay.tokens_per_window :].sum(-1, keepdim=True)
+        for s, r in per_scale.items():
             lay = layouts[s]
-            if a.shape[-1] == lay.tokens_per_window:  # the coarsest present scale: no context
-                continue
-            r = a[..., lay.tokens_per_window :].sum(-1, keepdim=True).float()  # (B*nW, K, 1)
-            grid = from_windows(r, batch, lay.h, lay.w, lay.mh, lay.mw)[:, 0]
+            grid = from_windows(r.float(), batch, lay.h, lay.w, lay.mh, lay.mw)[:, 0]
             sums[s] = sums.get(s, 0) + grid
             counts[s] = counts.get(s, 0) + 1
     g = layouts[1].stride // layouts[0].stride if len(layouts) > 1 else 1
