@@ -137,3 +137,34 @@ def test_group_tiles_makes_rectangles_of_free_tiles():
         assert len(rows) <= 3 and len(cols) <= 3 and len(b.tiles) == len(rows) * len(cols)
         assert b.outer.height == b.inner.height + 64 and b.inner.height == 64 * len(rows)
     assert len(group_tiles(todo, grid, 1)) == len(todo)
+
+
+def test_split_instances_equals_keep_instances_per_tile():
+    """One pass over a block's labels gives each tile exactly what keep_instances would."""
+    from scipy import ndimage
+
+    from histolens.tiles import group_tiles, split_instances
+
+    rng = np.random.default_rng(5)
+    grid = TileGrid(size=64, halo=32, multiple=32)
+    block = group_tiles(grid.tiles(Region(0, 0, 192, 128)), grid, 3)[0]
+    assert len(block.tiles) == 6
+    blobs = ndimage.gaussian_filter(rng.random(block.outer.shape), 3) > 0.52
+    labels, n = ndimage.label(blobs)
+    assert n > 20
+    types = rng.integers(0, 4, n)
+    probs = rng.random(n).astype(np.float32)
+    split = split_instances(labels.astype(np.uint32), block, types, probs)
+    assert sum(s.count for s in split) > 10
+    total = 0
+    for tile, got in zip(block.tiles, split, strict=True):
+        want = keep_instances(labels.astype(np.uint32), block.tile_in_block(tile), types, probs)
+        total += want.count
+        assert got.count == want.count and got.origin == want.origin
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_allclose(got.centroids, want.centroids)
+        np.testing.assert_array_equal(got.types, want.types)
+        np.testing.assert_array_equal(got.probs, want.probs)
+    assert total == sum(s.count for s in split)
+    empty = split_instances(np.zeros(block.outer.shape, np.uint32), block)
+    assert [e.count for e in empty] == [0] * 6

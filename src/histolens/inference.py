@@ -49,9 +49,9 @@ from .tiles import (
     TileInstances,
     cells_covering,
     group_tiles,
-    keep_instances,
     plan_grid,
     read_analysis_box,
+    split_instances,
     tissue_fraction,
 )
 
@@ -424,16 +424,17 @@ def _postprocess(
         # Post-process the whole block once: its halo covers every tile's seam nuclei.
         labels, types, probs = _hover_instances(out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp)
         labels = np.asarray(labels)
+    owned = split_instances(labels, block, types, probs) if labels is not None else None
     results = []
-    for tile, is_tissue in zip(block.tiles, tissue):
+    for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue)):
         if not is_tissue:
             results.append(TileOutput(skipped=True))
             continue
         res = TileOutput(skipped=False)
         oy, ox = tile.inner.y0 - block.outer.y0, tile.inner.x0 - block.outer.x0
         n = tile.inner.height
-        if labels is not None:
-            res.instances = keep_instances(labels, block.tile_in_block(tile), types, probs)
+        if owned is not None:
+            res.instances = owned[k]
         if "tiles" in tasks:
             c = int(card.class_cell_px)
             sy, sx = slice(oy // c, (oy + n) // c), slice(ox // c, (ox + n) // c)

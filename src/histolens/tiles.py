@@ -34,6 +34,7 @@ __all__ = [
     "group_tiles",
     "keep_instances",
     "plan_grid",
+    "split_instances",
     "read_analysis_box",
     "tissue_fraction",
 ]
@@ -344,6 +345,72 @@ def keep_instances(
         types=t,
         probs=p,
     )
+
+
+def split_instances(
+    labels: np.ndarray,
+    block: Block,
+    types: Sequence[int] | np.ndarray | None = None,
+    probs: Sequence[float] | np.ndarray | None = None,
+) -> list[TileInstances]:
+    """:func:`keep_instances` for every tile of ``block`` in one pass over the block's labels.
+
+    ``labels`` covers ``block.outer`` (global analysis pixels). Each instance goes to the tile
+    whose inner box holds its centroid (the same rule, so the result equals calling
+    :func:`keep_instances` per tile); centroids and bounding boxes are computed once for the
+    block instead of once per tile, which matters when a block holds many small tiles.
+    Returns one :class:`TileInstances` per ``block.tiles``, in that order.
+    """
+    labels = np.asarray(labels)
+    outer = block.outer
+    if labels.shape != outer.shape:
+        msg = f"block labels have shape {labels.shape}, expected the outer box {outer.shape}"
+        raise ValueError(msg)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return [TileInstances.empty() for _ in block.tiles]
+    from scipy import ndimage
+
+    flat = labels.ravel().astype(np.intp, copy=False)
+    counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    yy, xx = np.divmod(np.arange(flat.size, dtype=np.int64), labels.shape[1])
+    sy = np.bincount(flat, weights=yy, minlength=n + 1)
+    sx = np.bincount(flat, weights=xx, minlength=n + 1)
+    ids = np.nonzero(counts[1:] > 0)[0] + 1
+    cy = sy[ids] / counts[ids] + outer.y0
+    cx = sx[ids] / counts[ids] + outer.x0
+    ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)  # pixel k spans [k - 0.5, k + 0.5)
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=n)
+    types_a = None if types is None else np.asarray(types)
+    probs_a = None if probs is None else np.asarray(probs)
+    out = []
+    for tile in block.tiles:
+        inner = tile.inner
+        own = (ry >= inner.y0) & (ry < inner.y1) & (rx >= inner.x0) & (rx < inner.x1)
+        mine = ids[own]
+        if len(mine) == 0:
+            out.append(TileInstances.empty())
+            continue
+        # The union of the owned instances' bounding boxes (block-local), then one remap.
+        y0 = min(boxes[i - 1][0].start for i in mine)
+        y1 = max(boxes[i - 1][0].stop for i in mine)
+        x0 = min(boxes[i - 1][1].start for i in mine)
+        x1 = max(boxes[i - 1][1].stop for i in mine)
+        remap = np.zeros(n + 1, np.uint32)
+        remap[mine] = np.arange(1, len(mine) + 1, dtype=np.uint32)
+        crop = remap[labels[y0:y1, x0:x1]]
+        t = np.zeros(len(mine), np.int32) if types_a is None else types_a[mine - 1].astype(np.int32)
+        p = np.ones(len(mine), np.float32) if probs_a is None else probs_a[mine - 1].astype(np.float32)
+        out.append(
+            TileInstances(
+                labels=crop,
+                origin=(outer.y0 + y0, outer.x0 + x0),
+                centroids=np.stack([cy[own], cx[own]], axis=1),
+                types=t,
+                probs=p,
+            )
+        )
+    return out
 
 
 @dataclass

@@ -166,15 +166,15 @@ def hover_instances(
         return labels, np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
     t = type_prob.shape[0]
     arg = np.argmax(type_prob, axis=0)
-    fg = labels > 0
-    votes = np.bincount(labels[fg].astype(np.int64) * t + arg[fg], minlength=(n + 1) * t).reshape(
-        n + 1, t
-    )
+    # Foreground pixels once (index arrays), reused by the vote and the probability gather.
+    fy, fx = np.nonzero(labels)
+    lab = labels[fy, fx].astype(np.int64)
+    votes = np.bincount(lab * t + arg[fy, fx], minlength=(n + 1) * t).reshape(n + 1, t)
     types = votes[1:].argmax(1)
     # Mean probability of the voted type over each instance.
-    chosen = type_prob[types[labels[fg] - 1], np.nonzero(fg)[0], np.nonzero(fg)[1]]
-    sums = np.bincount(labels[fg], weights=chosen, minlength=n + 1)[1:]
-    areas = np.bincount(labels[fg], minlength=n + 1)[1:]
+    chosen = type_prob[types[lab - 1], fy, fx]
+    sums = np.bincount(lab, weights=chosen, minlength=n + 1)[1:]
+    areas = np.bincount(lab, minlength=n + 1)[1:]
     return labels, types.astype(np.int64), (sums / np.maximum(areas, 1)).astype(np.float32)
 
 
