@@ -10,6 +10,20 @@ because the fused CPU attention kernel is not counted by it).
     python benchmarks/backbone_scaling.py            # all sizes, global attention up to 4096 px
     python benchmarks/backbone_scaling.py --quick    # < 4 min; global at 4096 px estimated
 
+Two configurations by default, both compared at the same width, depth and precision, each at
+its best implementation (MSA: ``Atlas.forward_tokens`` with the fused SDPA kernel; global:
+timm ViT blocks, also fused SDPA):
+
+- ``atlas_tiny`` (dim 96, 3 blocks): the default model's backbone; the headline keys
+  ``speedup_at_2048`` and ``msa_growth_1024_to_4096`` of the JSON line describe it;
+- ``atlas_small`` (dim 384, 2 + 6 blocks, g = 4): a realistic width where global attention's
+  O(N^2) dominates; its figures are under the key ``"atlas_small"`` (with ``--quick`` only 1024
+  and 2048 px, so it has no 4096 px growth figure).
+
+Threads default to 1: on a 2-core CPU shared with another job, 2 OpenMP threads wait for
+each other whenever one core is taken, which distorts the comparison (the MSA side, with many
+small kernels, suffers most).
+
 The last line printed is one JSON object (speedup_at_2048, msa_growth_1024_to_4096, ...).
 """
 
@@ -161,17 +175,70 @@ def _peak_worker(dtype_name: str, threads: int, queue: Any) -> None:
     queue.put(_matmul_peak(dtype_name, threads))
 
 
+def _ratio(a: dict, pa: int, b: dict, pb: int) -> float | None:
+    return a[pa] / b[pb] if pa in a and pb in b else None
+
+
+def run_config(
+    config: str, sizes: tuple[int, ...], quick: bool, threads: int, dtype: str, peaks: dict
+) -> dict:
+    """Time MSA and global attention of ``config`` at ``sizes``; the summary dict."""
+    rows: dict[tuple[str, int], dict] = {}
+    for px in sizes:
+        for kind in ("msa", "global"):
+            if kind == "global" and quick and px == 4096:
+                continue
+            r = _spawn(_run_one, kind, px, config, threads, dtype)
+            rows[(kind, px)] = r
+            g = r["gflops_per_s"]
+            print(
+                f"{config:>11} {kind:>6} {px:>5} px {r['tokens']:>6} tokens  {r['seconds']:8.3f} s  "
+                f"peak +{r['peak_mb_over_base']:7.0f} MiB  {r['gflop']:8.1f} GFLOP  "
+                f"{g:6.1f} GFLOP/s ({100 * g / peaks['float32']:4.1f}% of fp32 peak, "
+                f"{100 * g / peaks['bfloat16']:4.1f}% of bf16)",
+                flush=True,
+            )
+    msa = {px: rows[("msa", px)]["seconds"] for px in sizes}
+    glob = {px: rows[("global", px)]["seconds"] for px in sizes if ("global", px) in rows}
+    estimated = 4096 in sizes and 4096 not in glob and 2048 in glob
+    if estimated:
+        glob[4096] = glob[2048] * 16  # attention-dominated: N^2 with N x4
+    return {
+        "config": config,
+        "speedup_at_2048": _ratio(glob, 2048, msa, 2048),
+        "speedup_at_4096": _ratio(glob, 4096, msa, 4096),
+        "speedup_at_4096_estimated": estimated,
+        "msa_growth_1024_to_4096": _ratio(msa, 4096, msa, 1024),
+        "msa_growth_1024_to_2048": _ratio(msa, 2048, msa, 1024),
+        "global_growth_1024_to_2048": _ratio(glob, 2048, glob, 1024),
+        "msa_seconds": msa,
+        "global_seconds": glob,
+        "msa_peak_mb": {px: rows[("msa", px)]["peak_mb_over_base"] for px in sizes},
+        "global_peak_mb": {
+            px: r["peak_mb_over_base"] for (k, px), r in rows.items() if k == "global"
+        },
+        "msa_gflops_per_s": {px: rows[("msa", px)]["gflops_per_s"] for px in sizes},
+        "global_gflops_per_s": {
+            px: r["gflops_per_s"] for (k, px), r in rows.items() if k == "global"
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="skip global attention at 4096 px (estimated x16 from 2048)",
+        help="skip global attention at 4096 px (estimated x16 from 2048); atlas_small only at "
+        "1024 and 2048 px",
     )
     ap.add_argument(
-        "--config", default="atlas_tiny", help="Atlas config whose width/depth both use"
+        "--configs",
+        nargs="+",
+        default=["atlas_tiny", "atlas_small"],
+        help="Atlas configs whose width/depth both sides use; the first is the headline",
     )
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="input sizes in px")
     args = ap.parse_args(argv)
@@ -184,49 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         f"bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         flush=True,
     )
-    rows: dict[tuple[str, int], dict] = {}
-    for px in sizes:
-        for kind in ("msa", "global"):
-            if kind == "global" and args.quick and px == 4096:
-                continue
-            r = _spawn(_run_one, kind, px, args.config, args.threads, args.dtype)
-            rows[(kind, px)] = r
-            g = r["gflops_per_s"]
-            print(
-                f"{kind:>6} {px:>5} px {r['tokens']:>6} tokens  {r['seconds']:8.3f} s  "
-                f"peak +{r['peak_mb_over_base']:7.0f} MiB  {r['gflop']:8.1f} GFLOP  "
-                f"{g:6.1f} GFLOP/s ({100 * g / peaks['float32']:4.1f}% of fp32 peak, "
-                f"{100 * g / peaks['bfloat16']:4.1f}% of bf16)",
-                flush=True,
-            )
-    msa = {px: rows[("msa", px)]["seconds"] for px in sizes}
-    glob = {px: rows[("global", px)]["seconds"] for px in sizes if ("global", px) in rows}
-    estimated = 4096 in sizes and 4096 not in glob and 2048 in glob
-    if estimated:
-        glob[4096] = glob[2048] * 16  # attention-dominated: N^2 with N x4
-
-    def ratio(a: dict, pa: int, b: dict, pb: int) -> float | None:
-        return a[pa] / b[pb] if pa in a and pb in b else None
-
+    results = []
+    for i, config in enumerate(args.configs):
+        cfg_sizes = sizes
+        if args.quick and i > 0:  # wider configs: the sizes that fit the 4-minute budget
+            cfg_sizes = tuple(px for px in sizes if px in (1024, 2048)) or sizes
+        results.append(run_config(config, cfg_sizes, args.quick, args.threads, args.dtype, peaks))
     summary = {
-        "config": args.config,
+        "headline_config": args.configs[0],
+        **results[0],
         "dtype": args.dtype,
         "threads": args.threads,
-        "speedup_at_2048": ratio(glob, 2048, msa, 2048),
-        "speedup_at_4096": ratio(glob, 4096, msa, 4096),
-        "speedup_at_4096_estimated": estimated,
-        "msa_growth_1024_to_4096": ratio(msa, 4096, msa, 1024),
-        "global_growth_1024_to_2048": ratio(glob, 2048, glob, 1024),
-        "msa_seconds": msa,
-        "global_seconds": glob,
-        "msa_peak_mb": {px: rows[("msa", px)]["peak_mb_over_base"] for px in sizes},
-        "global_peak_mb": {
-            px: r["peak_mb_over_base"] for (k, px), r in rows.items() if k == "global"
-        },
-        "msa_gflops_per_s": {px: rows[("msa", px)]["gflops_per_s"] for px in sizes},
-        "global_gflops_per_s": {
-            px: r["gflops_per_s"] for (k, px), r in rows.items() if k == "global"
-        },
+        **{r["config"]: r for r in results[1:]},
         "matmul_peak_gflops": peaks,
         "wall_seconds": time.perf_counter() - t_start,
     }
