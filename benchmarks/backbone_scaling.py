@@ -192,7 +192,8 @@ def run_config(
             rows[(kind, px)] = r
             g = r["gflops_per_s"]
             print(
-                f"{config:>11} {kind:>6} {px:>5} px {r['tokens']:>6} tokens  {r['seconds']:8.3f} s  "
+                f"{config:>11} {kind:>6} {px:>5} px {r['tokens']:>6} tokens  "
+                f"{r['seconds']:8.3f} s  "
                 f"peak +{r['peak_mb_over_base']:7.0f} MiB  {r['gflop']:8.1f} GFLOP  "
                 f"{g:6.1f} GFLOP/s ({100 * g / peaks['float32']:4.1f}% of fp32 peak, "
                 f"{100 * g / peaks['bfloat16']:4.1f}% of bf16)",

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument(
         "--weights", type=Path, default=None,
-        help="safetensors state dict for the model (e.g. a training checkpoint); 'model.' prefix stripped",
+        help="safetensors state dict for the model (e.g. a training checkpoint); "
+        "'model.' prefix stripped",
     )
     args = ap.parse_args(argv)
 

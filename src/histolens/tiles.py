@@ -399,15 +399,15 @@ def split_instances(
         remap = np.zeros(n + 1, np.uint32)
         remap[mine] = np.arange(1, len(mine) + 1, dtype=np.uint32)
         crop = remap[labels[y0:y1, x0:x1]]
-        t = np.zeros(len(mine), np.int32) if types_a is None else types_a[mine - 1].astype(np.int32)
-        p = np.ones(len(mine), np.float32) if probs_a is None else probs_a[mine - 1].astype(np.float32)
+        t = np.zeros(len(mine), np.int32) if types_a is None else types_a[mine - 1]
+        p = np.ones(len(mine), np.float32) if probs_a is None else probs_a[mine - 1]
         out.append(
             TileInstances(
                 labels=crop,
                 origin=(outer.y0 + y0, outer.x0 + x0),
                 centroids=np.stack([cy[own], cx[own]], axis=1),
-                types=t,
-                probs=p,
+                types=np.asarray(t, np.int32),
+                probs=np.asarray(p, np.float32),
             )
         )
     return out

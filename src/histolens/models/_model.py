@@ -254,7 +254,9 @@ class HistoLensModel(nn.Module):
         try:
             with (
                 torch.inference_mode(),
-                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16 and fast is None),
+                torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=bf16 and fast is None
+                ),
             ):
                 x = self.preprocess(arr)  # (B, 3, H, W) fp32, channels-last strides (from BHWC)
                 if fast is not None:

@@ -548,8 +548,8 @@ def context_reliance(out: dict, batch: int) -> dict[int, torch.Tensor]:
     """Per scale ``s`` with a coarser scale: (B, h_s, w_s) fraction of the scale-``s`` tokens'
     top-down attention spent on coarser scales, averaged over blocks; in [0, 1].
 
-    Needs ``out`` from ``Atlas.forward(..., want_attention=True)`` (or ``"reliance"``). The map is on the scale-``s``
-    token grid (stride σ_s px), cropped to the unpadded input.
+    Needs ``out`` from ``Atlas.forward(..., want_attention=True)`` (or ``"reliance"``). The map
+    is on the scale-``s`` token grid (stride σ_s px), cropped to the unpadded input.
     """
     layouts: list[ScaleLayout] = out["layouts"]
     h, w = out["grid"]
