@@ -12,6 +12,7 @@ from skimage.io import imread
 from skimage.segmentation import relabel_sequential
 
 from histolens.models.postprocess import (
+    MIN_NUCLEUS_UM2,
     hover_instances,
     hover_parameters,
     instances_to_hv,
@@ -74,11 +75,17 @@ def test_parameters_scale_with_mpp():
         hover_parameters(0)
 
 
-def test_synthetic_touching_disks_come_back():
+@pytest.mark.parametrize("markers", ["hv", "distance"])
+def test_synthetic_touching_disks_come_back(markers):
     lab = touching_disks()
     pred, types, probs = hover_instances(
-        (lab > 0).astype(np.float32), instances_to_hv(lab), mpp=0.25
+        (lab > 0).astype(np.float32), instances_to_hv(lab), mpp=0.25, markers=markers
     )
+    if markers == "distance":
+        # Disk 6 (r = 6 px = 1.5 um, ~7 um^2) is below the smallest nucleus kept: it must go.
+        areas_um2 = np.bincount(lab.ravel())[1:] * 0.25**2
+        assert not pred[lab == 6].any() and areas_um2[5] < MIN_NUCLEUS_UM2
+        lab = np.where(lab == 6, 0, lab)
     assert pred.dtype == np.uint32 and pred.max() == lab.max()
     ious = matched_ious(lab, pred)
     assert ious.min() >= 0.95, ious
@@ -98,7 +105,7 @@ def test_types_by_majority_vote():
     type_prob[:, ys[:20], xs[:20]] = 0.0
     type_prob[1, ys[:20], xs[:20]] = 1.0
     pred, types, probs = hover_instances(
-        (lab > 0).astype(np.float32), instances_to_hv(lab), type_prob, mpp=0.25
+        (lab > 0).astype(np.float32), instances_to_hv(lab), type_prob, mpp=0.25, markers="hv"
     )
     for i, k in want.items():
         j = np.bincount(pred[lab == i]).argmax()
@@ -109,16 +116,29 @@ def test_types_by_majority_vote():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match=r"\(2, H, W\)"):
         hover_instances(np.zeros((8, 8)), np.zeros((8, 8)), mpp=0.5)
+    with pytest.raises(ValueError, match="markers"):
+        hover_instances(np.zeros((8, 8)), np.zeros((2, 8, 8)), mpp=0.5, markers="sobel")
 
 
-def test_tile_independence():
+def test_distance_markers_drop_specks_and_split_a_figure_eight():
+    """Two overlapping disks (no HV help) become two nuclei; a 3-px speck is not a nucleus."""
+    yy, xx = np.mgrid[:64, :96]
+    fg = ((yy - 32) ** 2 + (xx - 34) ** 2 < 12**2) | ((yy - 32) ** 2 + (xx - 58) ** 2 < 12**2)
+    fg[5, 5] = fg[5, 6] = fg[6, 5] = True
+    pred, _, _ = hover_instances(fg.astype(np.float32), np.zeros((2, 64, 96), np.float32), mpp=0.25)
+    assert pred.max() == 2 and pred[5, 5] == 0
+    assert pred[32, 30] != pred[32, 62] and pred[32, 30] > 0 and pred[32, 62] > 0
+
+
+@pytest.mark.parametrize("markers", ["hv", "distance"])
+def test_tile_independence(markers):
     """A nucleus's segmentation must not depend on the rest of the tile (no per-tile min-max)."""
     lab = touching_disks()
     hv = instances_to_hv(lab)
     prob = (lab > 0).astype(np.float32)
-    whole, _, _ = hover_instances(prob, hv, mpp=0.25)
+    whole, _, _ = hover_instances(prob, hv, mpp=0.25, markers=markers)
     # Crop to the right half, which holds disks 4 and 6 (and part of 5) with a margin.
-    crop, _, _ = hover_instances(prob[:, 64:], hv[:, :, 64:], mpp=0.25)
+    crop, _, _ = hover_instances(prob[:, 64:], hv[:, :, 64:], mpp=0.25, markers=markers)
     for i in (4, 6):
         a = whole[:, 64:][lab[:, 64:] == i]
         b = crop[lab[:, 64:] == i]
@@ -130,7 +150,9 @@ def _oracle(paths: list[Path], mpp: float) -> np.ndarray:
     ious = []
     for p in paths:
         gt = relabel_sequential(imread(p).astype(np.int64))[0]
-        pred, _, _ = hover_instances((gt > 0).astype(np.float32), instances_to_hv(gt), mpp=mpp)
+        pred, _, _ = hover_instances(
+            (gt > 0).astype(np.float32), instances_to_hv(gt), mpp=mpp, markers="hv"
+        )
         ious.append(matched_ious(gt, pred))
     return np.concatenate(ious)
 

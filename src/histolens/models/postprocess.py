@@ -21,6 +21,8 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 __all__ = [
+    "MARKER_SPACING_UM",
+    "MIN_NUCLEUS_UM2",
     "REFERENCE_MPP",
     "hover_instances",
     "hover_parameters",
@@ -30,6 +32,13 @@ __all__ = [
 
 #: HoVer-Net's settings (Sobel 21, min size 10 px, 5x5 opening) are for 40x, about 0.25 um/px.
 REFERENCE_MPP = 0.25
+
+#: "distance" markers: nucleus centres at least this far apart (um), and the smallest nucleus
+#: kept (um^2; a lymphocyte is ~20-30 um^2). Chosen on MoNuSeg *training* tiles with the
+#: default model (never on the held-out patients): AJI 0.53 against 0.46 for HV-core markers,
+#: and 4,000 instances for 3,822 true ones against 19,000 fragments for HoVer-style markers.
+MARKER_SPACING_UM = 2.5
+MIN_NUCLEUS_UM2 = 10.0
 
 
 def _odd(x: float) -> int:
@@ -104,6 +113,7 @@ def hover_instances(
     threshold: float = 0.5,
     core_threshold: float = 0.5,
     sobel_size: int | None = None,
+    markers: str = "distance",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nucleus instances from probability + HV maps by marker-controlled watershed.
 
@@ -120,6 +130,12 @@ def hover_instances(
         ones). HoVer derives markers from the thresholded Sobel energy instead, which lost
         small nuclei on ground-truth maps.
     sobel_size : override the mpp-scaled Sobel size (odd px).
+    markers : ``"distance"`` (default): one marker per peak of the foreground's distance to
+        background, lowered where the HV maps say "rim" (``hypot(h, v)`` near 1), peaks at least
+        :data:`MARKER_SPACING_UM` apart, nuclei under :data:`MIN_NUCLEUS_UM2` dropped. It needs
+        only a good foreground, so it stays robust when a small model's HV maps are noisy.
+        ``"hv"``: HV cores (``hypot(h, v) < core_threshold``) flooded over the Sobel energy,
+        exact on clean HV maps (ground truth, a well-trained model).
 
     Returns
     -------
@@ -139,8 +155,16 @@ def hover_instances(
             f"type_prob must be (T, H, W) matching nuclei_prob {prob.shape}, got {type_prob.shape}"
         )
         raise ValueError(msg)
+    if markers not in ("distance", "hv"):
+        msg = f"markers must be 'distance' or 'hv', got {markers!r}"
+        raise ValueError(msg)
     p = hover_parameters(mpp)
     blb_lab, _ = ndi.label(prob >= threshold)
+    if markers == "distance":
+        min_px = max(p["min_size"], math.ceil(MIN_NUCLEUS_UM2 / (mpp * mpp)))
+        blb = _remove_small(blb_lab, min_px) > 0
+        labels = _distance_watershed(blb, hv, mpp=mpp, min_px=min_px)
+        return _type_vote(labels, type_prob)
     blb = _remove_small(blb_lab, p["min_size"]) > 0
 
     k = sobel_size or p["sobel_size"]
@@ -161,6 +185,38 @@ def hover_instances(
     marker_lab = _remove_small(marker_lab, max(1, p["min_size"] // 3))
     labels = watershed(dist, markers=marker_lab, mask=blb)
     labels, _, _ = _relabel(labels)
+    return _type_vote(labels, type_prob)
+
+
+def _distance_watershed(blb: np.ndarray, hv: np.ndarray, *, mpp: float, min_px: int) -> np.ndarray:
+    """Instances of a foreground mask: watershed from distance-transform peaks (see ``markers``)."""
+    from skimage.feature import peak_local_max
+
+    if not blb.any():
+        return np.zeros(blb.shape, np.uint32)
+    dist = ndi.distance_transform_edt(blb)
+    # HV magnitude is ~0 at a nucleus centre and ~1 at its rim: subtracting it (1 um per unit)
+    # deepens the valleys between touching nuclei that the distance alone sees as one blob.
+    rim = np.hypot(ndi.gaussian_filter(hv[0], 1.0), ndi.gaussian_filter(hv[1], 1.0))
+    height = ndi.gaussian_filter(dist, sigma=0.5 / mpp) - (1.0 / mpp) * rim * blb
+    components, _ = ndi.label(blb)
+    peaks = peak_local_max(
+        height,
+        min_distance=max(1, round(MARKER_SPACING_UM / mpp)),
+        labels=components,
+        exclude_border=False,
+    )
+    marker_lab = np.zeros(blb.shape, np.int32)
+    marker_lab[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    labels = watershed(-height, markers=marker_lab, mask=blb)
+    labels = _remove_small(labels, min_px)
+    return _relabel(labels)[0]
+
+
+def _type_vote(
+    labels: np.ndarray, type_prob: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-instance type by majority vote of the per-pixel argmax, and its mean probability."""
     n = int(labels.max())
     if type_prob is None or n == 0:
         return labels, np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
