@@ -56,11 +56,19 @@ def _run_headless(args: argparse.Namespace) -> int:
     print(f"region  {region.as_tuple()} (level-0 px)")
     start = time.perf_counter()
     result = None
+    tty = sys.stdout.isatty()
+    last_print = 0.0
     for partial in analyze(slide, region, model=args.model, device=args.device):
         result = partial
         done, total = partial.tiles_done, partial.tiles_total
-        print(f"\rtiles   {done}/{total}", end="", flush=True)
-    print()
+        if tty:
+            print(f"\rtiles   {done}/{total}", end="", flush=True)
+        elif time.perf_counter() - last_print > 5 or partial.complete:
+            # redirected to a log: a line every few seconds, not a carriage-return stream
+            last_print = time.perf_counter()
+            print(f"tiles   {done}/{total}", flush=True)
+    if tty:
+        print()
     assert result is not None
     seconds = time.perf_counter() - start
     paths = write_result(result, args.out, slide=slide)
