@@ -285,18 +285,18 @@ def test_a_slide_failing_during_analysis_does_not_stop_the_others(
 ):
     import shutil
 
-    from histolens import batch
+    from histolens import inference
 
     other = tmp_path / "other.tif"
     shutil.copy(synthetic_slide, other)
-    real = batch._engine_run_blocks
+    real = inference.run_blocks
 
     def flaky(slide, *args, **kwargs):
         if slide.name == "other":
             raise RuntimeError("decoder crashed on tile (3, 4)")
         return real(slide, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "_engine_run_blocks", flaky)
+    monkeypatch.setattr(inference, "run_blocks", flaky)
     outcomes = run_batch(
         [other, synthetic_slide], tmp_path / "out", model=ThresholdModel(), tasks=("tiles",),
         block_px=384, progress=False,

@@ -161,6 +161,8 @@ def _run_block(
     """
     import dask
 
+    from .inference import run_blocks
+
     if threads:
         import torch
 
@@ -168,68 +170,16 @@ def _run_block(
     # Pixels are read inside this task: on a dask worker, a nested compute() would otherwise
     # go back to the distributed scheduler (and try to ship open file handles there).
     with dask.config.set(scheduler="synchronous"):
-        return _engine_run_blocks(
+        return run_blocks(
             _open_slide_ref(slide_ref),
             plan,
             blocks,
             model,
             tasks,
-            precision,
-            batch_size,
-            skip_background,
+            precision=precision,
+            batch_size=batch_size,
+            skip_background=skip_background,
         )
-
-
-def _engine_run_blocks(
-    slide: Any,
-    plan: Any,
-    blocks: Sequence[Any],
-    model: Any,
-    tasks: tuple[str, ...],
-    precision: str,
-    batch_size: int,
-    skip_background: bool,
-) -> tuple[list[list[Any]], dict[str, float]]:
-    # The engine's own per-block steps (read + tissue test, batched model call with OOM
-    # back-off, post-processing and ownership), so a work unit's outputs are the engine's.
-    from .inference import (
-        TileOutput,
-        _batch_blocks,
-        _postprocess,
-        _predict_with_backoff,
-        _read_blocks,
-    )
-
-    level = slide.levels[plan.level.level]
-    state = {"batch": int(batch_size), "oom_retries": 0}
-    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
-    outputs: dict[int, list[Any]] = {}
-    index = {id(b): i for i, b in enumerate(blocks)}
-    for batch in _batch_blocks(list(blocks), batch_size):
-        reads = _read_blocks(level, batch, plan.step, skip_background)
-        for r in reads:
-            timings["read"] += r.read_s
-            timings["preprocess"] += r.prep_s
-        run_reads = [r for r in reads if r.rgb is not None]
-        per_input: list[dict[str, Any]] = []
-        if run_reads:
-            t0 = time.perf_counter()
-            per_input = _predict_with_backoff(
-                model, np.stack([r.rgb for r in run_reads]), tasks, precision, state
-            )
-            timings["model"] += time.perf_counter() - t0
-        it = iter(per_input)
-        for r in reads:
-            if r.rgb is None:
-                outputs[index[id(r.block)]] = [TileOutput(skipped=True) for _ in r.block.tiles]
-                continue
-            t0 = time.perf_counter()
-            outputs[index[id(r.block)]] = _postprocess(
-                r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp
-            )
-            timings["postprocess"] += time.perf_counter() - t0
-    timings["oom_retries"] = float(state["oom_retries"])
-    return [outputs[i] for i in range(len(blocks))], timings
 
 
 # --------------------------------------------------------------------------- one slide
@@ -292,7 +242,7 @@ def _plan_slide(
     device: str,
     precision: str,
 ) -> _SlideJob:
-    from .inference import _card_dict, plan_analysis
+    from .inference import card_to_dict, plan_analysis
     from .result import Provenance
     from .slide import SlideError, open_slide
 
@@ -320,11 +270,11 @@ def _plan_slide(
         run_mask = tiles_in_mask(tiles, plan.f, mask, scale)
     else:
         run_mask = np.ones(len(tiles), bool)
-    from .inference import _order_blocks
+    from .inference import order_blocks
 
     # Grouped and ordered exactly as analyze() runs a fresh region (its blocks are the model
     # inputs, its order the paste order), then dealt out in work units.
-    model_blocks = _order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
+    model_blocks = order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
     blocks = group_work(model_blocks, block_px)
     prov = Provenance(
         slide_path=str(getattr(slide, "path", path) or path),
@@ -336,7 +286,7 @@ def _plan_slide(
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
         analysis_mpp=plan.analysis_mpp,
         model_name=str(card.name),
-        model_card=_card_dict(card),
+        model_card=card_to_dict(card),
         device=device,
         precision=precision,
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -349,9 +299,9 @@ def _plan_slide(
 
 def _assemble(job: _SlideJob, card: Any, tasks: tuple[str, ...]) -> Any:
     """Paste every tile's output in the engine's order (block by block); build the result."""
-    from .inference import TileOutput, _Assembly
+    from .inference import TileOutput, ResultAssembly
 
-    asm = _Assembly(job.plan, card, tasks)
+    asm = ResultAssembly(job.plan, card, tasks)
     prov = job.provenance
     t0 = time.perf_counter()
     skipped = TileOutput(skipped=True)
@@ -509,15 +459,15 @@ def run_batch(
     ``on_result(path, RegionResult)`` is called for each finished slide (tests, notebooks).
     """
     from .export import DEFAULT_FORMATS, write_result
-    from .inference import _resolve_model, _resolve_tasks, resolve_precision
+    from .inference import resolve_model, resolve_tasks, resolve_precision
 
     out_root = Path(out)
     out_root.mkdir(parents=True, exist_ok=True)
     paths = [os.fspath(p) for p in slides]
     distributed = bool(workers) or scheduler is not None or client is not None
-    model = _resolve_model(model, "cpu" if distributed else None)
+    model = resolve_model(model, "cpu" if distributed else None)
     card = model.card
-    task_t = _resolve_tasks(tasks, card)
+    task_t = resolve_tasks(tasks, card)
     device = str(getattr(model, "device", "cpu"))
     prec = resolve_precision(device, precision)
     fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS

@@ -63,9 +63,16 @@ __all__ = [
     "analyze",
     "analyze_region",
     "default_cache",
+    "ResultAssembly",
+    "TileOutput",
+    "card_to_dict",
+    "order_blocks",
     "plan_analysis",
     "resolve_device",
+    "resolve_model",
     "resolve_precision",
+    "resolve_tasks",
+    "run_blocks",
 ]
 
 ALL_TASKS: tuple[str, ...] = ("nuclei", "tiles", "attention")
@@ -467,7 +474,7 @@ def _origin(cells0: tuple[int, int], level0_per_cell: float) -> tuple[float, flo
     return (tidy(cells0[0] * level0_per_cell), tidy(cells0[1] * level0_per_cell))
 
 
-class _Assembly:
+class ResultAssembly:
     """Region-sized canvases filled tile by tile, and the result built from them."""
 
     def __init__(self, plan: AnalysisPlan, card: Any, tasks: tuple[str, ...]) -> None:
@@ -579,7 +586,7 @@ class _Assembly:
 # -- entry points ----------------------------------------------------------------------------
 
 
-def _resolve_model(model: Any, device: str | None) -> Any:
+def resolve_model(model: Any, device: str | None) -> Any:
     if model is None or isinstance(model, str):
         from .models import create_model
 
@@ -598,7 +605,7 @@ def _resolve_model(model: Any, device: str | None) -> Any:
     return model
 
 
-def _resolve_tasks(tasks: Iterable[str], card: Any) -> tuple[str, ...]:
+def resolve_tasks(tasks: Iterable[str], card: Any) -> tuple[str, ...]:
     asked = tuple(dict.fromkeys(tasks))
     unknown = [t for t in asked if t not in ALL_TASKS]
     if unknown:
@@ -614,7 +621,7 @@ def _resolve_tasks(tasks: Iterable[str], card: Any) -> tuple[str, ...]:
     return tuple(t for t in asked if t in offered)
 
 
-def _card_dict(card: Any) -> dict[str, Any]:
+def card_to_dict(card: Any) -> dict[str, Any]:
     if hasattr(card, "to_dict"):
         return dict(card.to_dict())
     from dataclasses import asdict, is_dataclass
@@ -697,9 +704,9 @@ def analyze(
             stacklevel=2,
         )
     region = clipped
-    model = _resolve_model(model, device)
+    model = resolve_model(model, device)
     card = model.card
-    tasks = _resolve_tasks(tasks, card)
+    tasks = resolve_tasks(tasks, card)
     dev = str(getattr(model, "device", device or "cpu"))
     prec = resolve_precision(dev, precision)
     if batch_size < 1:
@@ -727,7 +734,7 @@ def analyze(
         mpp_source=mpp_source,
         analysis_mpp=plan.analysis_mpp,
         model_name=str(card.name),
-        model_card=_card_dict(card),
+        model_card=card_to_dict(card),
         device=dev,
         precision=prec,
         started=started,
@@ -736,7 +743,7 @@ def analyze(
     timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0, "stitch": 0.0,
                "model_input_px": 0.0}
     prov.timings = timings
-    asm = _Assembly(plan, card, tasks)
+    asm = ResultAssembly(plan, card, tasks)
 
     def snapshot(*, complete: bool) -> RegionResult:
         prov.seconds = time.perf_counter() - t_start
@@ -769,7 +776,7 @@ def analyze(
             cached.append((t, hit))
     level_array = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
-    batches = _batch_blocks(_order_blocks(todo, plan), batch_size)
+    batches = _batch_blocks(order_blocks(todo, plan), batch_size)
 
     def compute() -> Generator[list[tuple[Tile, TileOutput]], None, None]:
         """Outputs of the uncached tiles, one list per batch of blocks."""
@@ -849,7 +856,7 @@ def analyze(
     return result
 
 
-def _order_blocks(todo: Sequence[Tile], plan: AnalysisPlan) -> list[Block]:
+def order_blocks(todo: Sequence[Tile], plan: AnalysisPlan) -> list[Block]:
     """Blocks to run, the tile nearest the region's centre first and alone, then outwards.
 
     The first model call is then one small input where the user is looking (fast first
@@ -884,6 +891,58 @@ def _batch_blocks(blocks: Sequence[Block], batch_size: int) -> list[list[Block]]
         else:
             batches.append([b])
     return batches
+
+
+def run_blocks(
+    slide: Any,
+    plan: AnalysisPlan,
+    blocks: Sequence[Block],
+    model: Any,
+    tasks: tuple[str, ...],
+    *,
+    precision: str,
+    batch_size: int,
+    skip_background: bool,
+) -> tuple[list[list[TileOutput]], dict[str, float]]:
+    """Run model ``blocks`` of ``plan`` without cache or assembly: what a batch worker does.
+
+    The engine's own per-block steps (read + tissue test, batched model call with OOM
+    back-off, post-processing and instance ownership), so a work unit's outputs equal
+    ``analyze``'s. Returns, per block, its tiles' :class:`TileOutput` in tile order, and the
+    seconds spent per stage (``read``, ``preprocess``, ``model``, ``postprocess``).
+    """
+
+    level = slide.levels[plan.level.level]
+    state = {"batch": int(batch_size), "oom_retries": 0}
+    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
+    outputs: dict[int, list[Any]] = {}
+    index = {id(b): i for i, b in enumerate(blocks)}
+    for batch in _batch_blocks(list(blocks), batch_size):
+        reads = _read_blocks(level, batch, plan.step, skip_background)
+        for r in reads:
+            timings["read"] += r.read_s
+            timings["preprocess"] += r.prep_s
+        run_reads = [r for r in reads if r.rgb is not None]
+        per_input: list[dict[str, Any]] = []
+        if run_reads:
+            t0 = time.perf_counter()
+            per_input = _predict_with_backoff(
+                model, np.stack([r.rgb for r in run_reads]), tasks, precision, state
+            )
+            timings["model"] += time.perf_counter() - t0
+        it = iter(per_input)
+        for r in reads:
+            if r.rgb is None:
+                outputs[index[id(r.block)]] = [TileOutput(skipped=True) for _ in r.block.tiles]
+                continue
+            t0 = time.perf_counter()
+            outputs[index[id(r.block)]] = _postprocess(
+                r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp
+            )
+            timings["postprocess"] += time.perf_counter() - t0
+    timings["oom_retries"] = float(state["oom_retries"])
+    return [outputs[i] for i in range(len(blocks))], timings
+
 
 
 def analyze_region(slide: Any, region: Region, **kwargs: Any) -> RegionResult:
