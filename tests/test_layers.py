@@ -92,7 +92,7 @@ def test_tile_class_layer_is_direct_and_transparent_where_unknown():
     assert meta["metadata"]["legend"] == {"x": "#00ff00", "y": "#ffff00"}
     att = result_to_layer_data(_result(1.0, (0, 0)), names=["attention s0"])[0]
     img = napari_layers.Layer.create(*att)
-    assert tuple(img.contrast_limits) == (0.0, 1.0) and img.opacity == 0.7 and img.blending == "translucent"
+    assert tuple(img.contrast_limits) == (0.0, 1.0) and img.opacity == 0.5 and img.blending == "translucent"
     assert img.colormap.map(np.array([0.0]))[0][3] == 0  # glass and low attention stay see-through
 
 

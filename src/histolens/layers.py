@@ -140,7 +140,7 @@ def tile_class_layer(tiles: TileClassResult, mpp: float, *, name: str = "tile cl
         "name": name,
         "colormap": colors,
         "features": feats,
-        "opacity": 0.4,
+        "opacity": 0.3,
         "blending": "translucent",
         "metadata": {
             "histolens": "tile classes",
@@ -161,7 +161,7 @@ def attention_layer(att: AttentionMap, mpp: float, *, name: str | None = None) -
         "name": name or att.name,
         "colormap": dict(ATTENTION_COLORMAP),
         "blending": "translucent",
-        "opacity": 0.7,
+        "opacity": 0.5,
         "contrast_limits": (0.0, 1.0),
         "metadata": {
             "histolens": "attention",

@@ -73,8 +73,10 @@ def update_overlays(
     """
     from napari.layers import Layer
 
+    items = list(layer_data)
+    has_primary = any(not str(m["name"]).startswith("attention") for _, m, _ in items)
     touched: list[Any] = []
-    for data, meta, layer_type in layer_data:
+    for data, meta, layer_type in items:
         meta = dict(meta)
         name = str(meta["name"])
         scale, translate = rebase_transform(
@@ -104,9 +106,9 @@ def update_overlays(
             meta["name"] = f"{name} (HistoLens)"
         if opacity is not None and overlay_group(name) in opacity:
             meta["opacity"] = float(opacity[overlay_group(name)])
-        if name.startswith("attention") and name != "attention s0":
-            # Stacked translucent heatmaps wash the slide out: show the finest scale, let
-            # the user switch the others on in the layer list.
+        if name.startswith("attention") and (name != "attention s0" or has_primary):
+            # Heat maps over nuclei and tile classes wash the slide out: they start hidden
+            # (one click on the eye in the layer list); alone, the finest scale is shown.
             meta["visible"] = False
         layer = Layer.create(data, meta, layer_type)
         viewer.add_layer(layer)

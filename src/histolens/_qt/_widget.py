@@ -54,7 +54,7 @@ TASKS = (
     ("tiles", "tiles", "tile classes"),
     ("attention", "attention", "attention"),
 )
-DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.35, "attention": 0.45}
+DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.25, "attention": 0.4}
 LIVE_DEBOUNCE_MS = 500
 PARTIAL_REFRESH_MS = 150
 
