@@ -38,8 +38,12 @@ run: system-deps venv
 test: system-deps venv
 	xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks print ratios measured side by side in one run; quick variants, ~10 min in all.
 bench: venv
-	$(BIN)/python benchmarks/run_all.py --quick
+	$(BIN)/python benchmarks/slide_read.py --quick
+	$(BIN)/python benchmarks/backbone_scaling.py --quick
+	$(BIN)/python benchmarks/inference_speed.py --sizes 1024
+	$(BIN)/python benchmarks/batch_throughput.py --quick
 
 clean:
 	rm -rf $(VENV) out build dist .pytest_cache
