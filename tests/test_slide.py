@@ -290,3 +290,14 @@ def test_tiff_resolution_mpp(tmp_path: Path) -> None:
     )  # fmt: skip
     slide = _open(p)
     assert slide.mpp == pytest.approx(0.3) and slide.mpp_source == "tiff-resolution"
+
+
+def test_region_reads_of_plain_rgb_levels_bypass_dask_and_match_it(wsi_dir: Path) -> None:
+    """The fast path (slicing the zarr store) gives exactly what the lazy dask level gives."""
+    slide = open_slide(wsi_dir / "derived" / "CMU-1-Small-Region.pyramid.ome.tif")
+    for level, arr in enumerate(slide.levels):
+        assert getattr(arr, "_histolens_direct", None) is not None
+        f = slide.downsamples[level]
+        box = Region(int(30 * f), int(20 * f), int(71 * f), int(53 * f))  # inside every level
+        y0, x0, y1, x1 = box.at_downsample(f)
+        np.testing.assert_array_equal(slide.read_region(box, level), arr[y0:y1, x0:x1].compute())

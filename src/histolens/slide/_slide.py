@@ -73,6 +73,14 @@ class LazyImages(Mapping[str, np.ndarray]):
         return f"LazyImages({sorted(self._loaders)})"
 
 
+def _read_box(level: Any, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    """Pixels ``[y0:y1, x0:x1]`` of a level, straight from its zarr store when it has one."""
+    direct = getattr(level, "_histolens_direct", None)
+    if direct is not None:
+        return np.asarray(direct[y0:y1, x0:x1])
+    return np.asarray(level[y0:y1, x0:x1].compute())
+
+
 def as_rgb_uint8(array: Any, axes: str = "YXS") -> Any:
     """Return ``array`` (numpy or dask) as ``(Y, X, 3) uint8``.
 
@@ -285,10 +293,10 @@ class Slide:
         cy0, cx0 = min(max(y0, 0), h), min(max(x0, 0), w)
         cy1, cx1 = min(max(y1, cy0), h), min(max(x1, cx0), w)
         if (cy0, cx0, cy1, cx1) == (y0, x0, y1, x1):
-            return np.asarray(arr[y0:y1, x0:x1].compute())
+            return _read_box(arr, y0, x0, y1, x1)
         out = np.full((out_h, out_w, 3), fill, dtype=np.uint8)
         if cy1 > cy0 and cx1 > cx0:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = arr[cy0:cy1, cx0:cx1].compute()
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _read_box(arr, cy0, cx0, cy1, cx1)
         return out
 
     # --- constructors ------------------------------------------------------------------

@@ -72,11 +72,17 @@ def _snap_downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> float:
     return ratio
 
 
-def _level_array(series: Any, level: int) -> da.Array:
-    """One pyramid level as a dask array whose chunks are the file's tiles (or strips)."""
+def _level_array(series: Any, level: int, axes: str) -> da.Array:
+    """One pyramid level as ``(Y, X, 3) uint8`` dask array whose chunks are the file's tiles."""
     import zarr
 
-    return da.from_zarr(zarr.open_array(series.aszarr(level=level), mode="r"))
+    store = zarr.open_array(series.aszarr(level=level), mode="r")
+    rgb = as_rgb_uint8(da.from_zarr(store), axes)
+    if tuple(store.shape) == tuple(rgb.shape) and store.dtype == rgb.dtype:
+        # Plain interleaved RGB: Slide.read_region can slice the zarr array itself, with no
+        # dask graph per read (about 3x faster for a 1024 px box of 240 px JPEG tiles).
+        rgb._histolens_direct = store
+    return rgb
 
 
 def _series_pyramid(tif: Any, main: Any) -> list[tuple[Any, int]]:
@@ -255,7 +261,7 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
     axes = tiff_plane_axes(main) or main.axes
     levels: list[da.Array] = []
     for series, index in series_levels:
-        levels.append(as_rgb_uint8(_level_array(series, index), axes))
+        levels.append(_level_array(series, index, axes))
     keyframe = main.keyframe
     try:
         # Decode one tile of the coarsest level now: a missing codec or corrupt data fails
