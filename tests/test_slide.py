@@ -12,6 +12,7 @@ import tifffile
 
 from histolens.region import Region
 from histolens.slide import Slide, SlideError, open_slide, sample_slide_path
+from histolens.tiles import DIRECT_READ_ATTR
 
 SVS = "CMU-1-Small-Region.svs"
 OME = "OS-1-detail.ome.tif"
@@ -296,7 +297,7 @@ def test_region_reads_of_plain_rgb_levels_bypass_dask_and_match_it(wsi_dir: Path
     """The fast path (slicing the zarr store) gives exactly what the lazy dask level gives."""
     slide = open_slide(wsi_dir / "derived" / "CMU-1-Small-Region.pyramid.ome.tif")
     for level, arr in enumerate(slide.levels):
-        assert getattr(arr, "_histolens_direct", None) is not None
+        assert getattr(arr, DIRECT_READ_ATTR, None) is not None
         f = slide.downsamples[level]
         box = Region(int(30 * f), int(20 * f), int(71 * f), int(53 * f))  # inside every level
         y0, x0, y1, x1 = box.at_downsample(f)

