@@ -258,24 +258,15 @@ for _cfg, _desc in (
     ("atlas_small", "Atlas-S-like (dim 384, 6 heads, g=4)"),
     ("atlas_base", "Atlas-B (dim 768, 12 heads, g=4, 2+10 blocks)"),
 ):
+    # Same input, types and classes as the default model; g=4 puts scale 1 at stride 64.
     register_model(
-        ModelCard(
+        _DEFAULT_CARD.replace(
             name=_cfg.replace("_", "-"),
             backbone=_cfg,
-            mpp=0.5,
-            tile_size=1024,
-            halo=128,
-            input_multiple=64,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            nucleus_types=CONSEP_TYPES,
-            nucleus_colors=CONSEP_COLORS,
-            tissue_classes=KATHER_CLASSES,
-            tissue_colors=KATHER_COLORS,
-            class_cell_px=64,
             attention_strides=(16, 64),
             licence="BSD-3-Clause (architecture)",
             training_data="none",
+            recipe="",
             description=f"{_desc} + heads; architecture only, no released pathology weights",
         ),
         config=_cfg,
