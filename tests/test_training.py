@@ -240,3 +240,50 @@ def test_colour_grouping_joins_arbitrary_rotations_within_a_class():
     g = group_near_duplicates(imgs, colour_l1=0.12, labels=np.array([0, 0, 0, 1]))
     assert g[0] == g[1] != g[2]
     assert g[3] != g[0]  # the colour test never joins across classes
+
+
+def test_init_partial_copies_matching_tensors_and_names_the_rest(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from histolens.models import WeightsError, create_model
+    from histolens.training.train import load_matching_weights
+
+    model = create_model("test-tiny", pretrained=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.startswith("nuclei_head.") and k.endswith(".weight"))
+    other = next(k for k in state if k.startswith("backbone.") and state[k].dtype.is_floating_point)
+    donor = {other: torch.full_like(state[other], 0.25), key: torch.zeros(3, 3), "not.in.model": torch.ones(2)}
+    path = tmp_path / "donor.safetensors"
+    save_file(donor, str(path))
+    copied, kept = load_matching_weights(model, path)
+    assert copied == 1
+    assert key in kept and other not in kept
+    assert torch.all(model.state_dict()[other] == 0.25)
+    assert torch.equal(model.state_dict()[key], state[key])  # reshaped: left as it was
+
+    save_file({"unrelated": torch.ones(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(WeightsError, match="foreign.safetensors"):
+        load_matching_weights(model, tmp_path / "foreign.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(WeightsError, match="garbage.safetensors"):
+        load_matching_weights(model, tmp_path / "garbage.safetensors")
+
+
+def test_decoder_refine_adds_capacity_and_keeps_output_shapes() -> None:
+    import torch
+
+    from histolens.models.heads import NucleiDecoder
+
+    pyramid_channels = {16: 24, 8: 16, 4: 8}
+    plain = NucleiDecoder(pyramid_channels, 12, 4)
+    refined = NucleiDecoder(pyramid_channels, 12, 4, refine=True)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(refined) > n(plain)
+    image = torch.randn(2, 3, 64, 64)
+    pyramid = {s: torch.randn(2, c, 64 // s, 64 // s) for s, c in pyramid_channels.items()}
+    context = torch.randn(2, 12, 2, 2)
+    for m in (plain, refined):
+        out = m.eval()(image, pyramid, context)
+        assert out["nuclei_logits"].shape == (2, 1, 64, 64)
+        assert out["hv"].shape == (2, 2, 64, 64) and out["type_logits"].shape == (2, 4, 64, 64)

@@ -403,13 +403,15 @@ def build_heads(
     backbone: nn.Module,
     *,
     decoder_widths: Mapping[int, int] | None = None,
+    decoder_refine: bool = False,
     embed_dim: int | None = None,
 ) -> tuple[NucleiDecoder | None, TileClassHead | None]:
     """Heads sized from the backbone's ``pyramid_channels`` and ``num_features`` and the card."""
     c = backbone.num_features
     nuclei = (
         NucleiDecoder(
-            backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {})
+            backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {}),
+            refine=decoder_refine,
         )
         if "nuclei" in card.tasks
         else None

@@ -49,6 +49,7 @@ def _build_atlas(
     *,
     config: str,
     decoder_widths: dict[int, int] | None = None,
+    decoder_refine: bool = False,
     seed: int | None = _SEED,
 ) -> HistoLensModel:
     import torch
@@ -61,7 +62,9 @@ def _build_atlas(
         if seed is not None:
             torch.manual_seed(seed)
         backbone = Atlas(ATLAS_CONFIGS[config])
-        nuclei, tiles = build_heads(card, backbone, decoder_widths=decoder_widths)
+        nuclei, tiles = build_heads(
+            card, backbone, decoder_widths=decoder_widths, decoder_refine=decoder_refine
+        )
     return HistoLensModel(card, backbone, nuclei, tiles)
 
 

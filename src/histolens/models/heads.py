@@ -38,6 +38,10 @@ class NucleiDecoder(nn.Module):
     pyramid feature of each stride where the backbone has one, down to stride 1 where a light
     image branch restores pixel detail. The three outputs share the trunk (CPU budget) and split
     only at the last 1x1 convolutions.
+
+    ``refine`` adds a second 3 x 3 convolution at every stride from 4 down, a 3 x 3 convolution
+    at stride 1 and a separate 3 x 3 branch for the HV maps: HV regression needs more pixel-level
+    capacity than the shared trunk gives a small model (its maps separate touching nuclei).
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class NucleiDecoder(nn.Module):
         context_channels: int,
         n_types: int,
         widths: dict[int, int] | None = None,
+        *,
+        refine: bool = False,
     ) -> None:
         super().__init__()
         strides = sorted(pyramid_channels, reverse=True)
@@ -64,14 +70,20 @@ class NucleiDecoder(nn.Module):
         while s > 2:
             t = s // 2
             self.ups[str(t)] = nn.ConvTranspose2d(self.widths[s], self.widths[t], 2, stride=2)
-            self.fuse[str(t)] = _conv_bn(
-                self.widths[t] + pyramid_channels.get(t, 0), self.widths[t]
-            )
+            fuse = _conv_bn(self.widths[t] + pyramid_channels.get(t, 0), self.widths[t])
+            if refine and t <= 4:
+                fuse = nn.Sequential(fuse, _conv_bn(self.widths[t], self.widths[t]))
+            self.fuse[str(t)] = fuse
             s = t
         w1 = self.widths[1]
         self.up1 = nn.ConvTranspose2d(self.widths[2], w1, 2, stride=2)
         self.image = _conv_bn(3, w1 // 2)
-        self.fuse1 = nn.Sequential(nn.Conv2d(w1 + w1 // 2, w1, 1), nn.ReLU())
+        if refine:
+            self.fuse1 = nn.Sequential(_conv_bn(w1 + w1 // 2, w1, 1), _conv_bn(w1, w1))
+            self.hv_branch = _conv_bn(w1, w1)
+        else:
+            self.fuse1 = nn.Sequential(nn.Conv2d(w1 + w1 // 2, w1, 1), nn.ReLU())
+            self.hv_branch = nn.Identity()
         self.np_out = nn.Conv2d(w1, 1, 1)
         self.hv_out = nn.Conv2d(w1, 2, 1)
         self.type_out = nn.Conv2d(w1, n_types, 1)
@@ -98,7 +110,7 @@ class NucleiDecoder(nn.Module):
         x = self.fuse1(torch.cat([x, self.image(image.to(x.dtype))], 1))
         return {
             "nuclei_logits": self.np_out(x),
-            "hv": self.hv_out(x),
+            "hv": self.hv_out(self.hv_branch(x)),
             "type_logits": self.type_out(x),
         }
 

@@ -67,22 +67,25 @@ def _load_run_model(run: Path, name: str) -> Any:
 
 
 def _nuclei_validation(model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]) -> None:
+    """MoNuSeg held-out patients through ``histolens nuclei``'s path, with and without TTA."""
     from .evaluate import classical_nuclei, evaluate_images, find_pairs
     from .nuclei_cli import segment_nuclei
 
     mon = data / "monuseg" / "train"
     pairs = [p for p in find_pairs(mon / "images", mon / "labels") if p[0].stem[:12] in DEFAULT_VAL_PATIENTS]
-    t0 = time.perf_counter()
-    df_m = evaluate_images(pairs, lambda img, stem: segment_nuclei(img, mpp=0.25, model=model, name=stem)[0])
-    per_tile_s = (time.perf_counter() - t0) / len(pairs)
-    df_b = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=0.25))
-    for tag, df in (("model", df_m), ("baseline", df_b)):
+    runs = {}
+    for tag, tta in (("model", True), ("model_no_tta", False)):
+        t0 = time.perf_counter()
+        runs[tag] = evaluate_images(pairs, lambda img, stem, tta=tta: segment_nuclei(img, mpp=0.25, model=model, name=stem, tta=tta)[0])
+        suffix = "" if tta else "_no_tta"
+        metrics[f"cpu_seconds_per_1000px_tile_0.25mpp{suffix}"] = round((time.perf_counter() - t0) / len(pairs), 2)
+    runs["baseline"] = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=0.25))
+    prefixes = {"model": "monuseg_val", "model_no_tta": "monuseg_val_no_tta", "baseline": "baseline_monuseg_val"}
+    for tag, df in runs.items():
         log.info("MoNuSeg held-out patients, %s:\n%s", tag, df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         report[f"monuseg_val_{tag}"] = df.to_dict("records")
-        prefix = "monuseg_val" if tag == "model" else "baseline_monuseg_val"
         for c in ("dice", "aji", "pq"):
-            metrics[f"{prefix}_{c}"] = round(float(df[c].mean()), 4)
-    metrics["cpu_seconds_per_1000px_tile_0.25mpp"] = round(per_tile_s, 2)
+            metrics[f"{prefixes[tag]}_{c}"] = round(float(df[c].mean()), 4)
 
 
 def _absorb_fragments(labels: np.ndarray, prob: np.ndarray, min_px: int) -> np.ndarray:
@@ -206,16 +209,32 @@ def _probes(model: Any, data: Path, args: argparse.Namespace, report: dict[str, 
 
 
 def _phases(run: Path) -> list[dict[str, Any]]:
-    """Training phases, first to last, following ``--init-weights`` back to earlier run folders."""
+    """Training phases, first to last, following ``--init-weights``/``--init-partial`` back to earlier runs."""
     out = []
     seen = set()
     while run is not None and run not in seen:
         seen.add(run)
         state = json.loads((run / "checkpoint.json").read_text())
         out.append(state)
-        init = state.get("args", {}).get("init_weights")
+        a = state.get("args", {})
+        init = a.get("init_weights") or a.get("init_partial")
         run = Path(init).parent if init else None
+        if run is not None and not (run / "checkpoint.json").is_file():
+            break  # started from a weights file that is not a run of this recipe
     return out[::-1]
+
+
+def _phase_command(p: dict[str, Any]) -> str:
+    """One training phase as the command that reproduces it, with its steps and minutes."""
+    a = p["args"]
+    init = " --init-weights <previous phase>" if a.get("init_weights") else ""
+    if a.get("init_partial"):
+        init = " --init-partial <previous phase> (backbone and matching decoder tensors)"
+    return (
+        f"histolens train nuclei --minutes {a.get('minutes')} --lr {a.get('lr')} --warmup {a.get('warmup')} "
+        f"--batch-size {a.get('batch_size')} --crop {a.get('crop')} --seed {a.get('seed')} "
+        f"--threads {a.get('threads')}{init} ({p['step']} steps, {p['elapsed_s'] / 60:.0f} min)"
+    )
 
 
 def release(args: argparse.Namespace) -> int:
@@ -244,16 +263,10 @@ def release(args: argparse.Namespace) -> int:
     metrics["train_steps"] = total_steps
     metrics["train_minutes"] = round(total_min, 1)
     report["train_phases"] = [{k: p[k] for k in ("step", "elapsed_s", "args")} for p in phases]
-    commands = "; then ".join(
-        f"histolens train nuclei --minutes {p['args'].get('minutes')} --lr {p['args'].get('lr')} --warmup "
-        f"{p['args'].get('warmup')} --batch-size {p['args'].get('batch_size')} --crop {p['args'].get('crop')} "
-        f"--seed {p['args'].get('seed')}" + (" --init-weights <previous phase>" if p["args"].get("init_weights") else "")
-        + f" ({p['step']} steps, {p['elapsed_s'] / 60:.0f} min)"
-        for p in phases
-    )
+    commands = "; then ".join(_phase_command(p) for p in phases)
     recipe = (
-        f"{commands}. Random init; AdamW (wd {phases[0]['args'].get('weight_decay')}), warm-up + cosine, bf16 "
-        f"autocast on CPU, 2 threads, {total_steps} steps / {total_min:.0f} min in all on a shared 2-core CPU; "
+        f"{commands}. Phase 1 from random init; AdamW (wd {phases[0]['args'].get('weight_decay')}), warm-up + "
+        f"cosine, bf16 autocast on CPU, {total_steps} steps / {total_min:.0f} min in all on a shared 2-core CPU; "
         "losses NP BCE+Dice, HV MSE+MSGE (nuclei pixels), NT CE+Dice (known types only); augmentation "
         "flips/rot90, HED stain jitter, brightness/contrast, scale jitter 0.8-1.25 around 0.5 um/px. Tile head: "
         "logistic regression on the tile embeddings of the 100 Kather 2016 tiles (CV figures: grouped 5-fold). "

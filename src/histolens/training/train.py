@@ -239,6 +239,30 @@ def create_trainable_model(name: str, *, weights: Path | None = None) -> Any:
     return model.train()
 
 
+def load_matching_weights(model: Any, path: Path) -> tuple[int, list[str]]:
+    """Copy the tensors of a safetensors file whose name and shape match ``model``'s.
+
+    For warm starts across architecture changes (e.g. a trained backbone under a new decoder).
+    Returns the number of tensors copied and the model keys left at their initial values.
+    """
+    from safetensors.torch import load_file
+
+    from histolens.models import WeightsError
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        msg = f"{path}: cannot read it as safetensors ({exc}); pass a weights file written by histolens"
+        raise WeightsError(msg) from exc
+    state = model.state_dict()
+    usable = {k: v for k, v in tensors.items() if k in state and state[k].shape == v.shape}
+    if not usable:
+        msg = f"{path}: no tensor matches model {model.card.name!r} by name and shape; is it a weights file of this family?"
+        raise WeightsError(msg)
+    model.load_state_dict(usable, strict=False)
+    return len(usable), sorted(k for k in state if k not in usable)
+
+
 def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None) -> int:
     """The nuclei training loop; see the module docstring.
 
@@ -258,6 +282,10 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
 
     if model is None:
         model = create_trainable_model(args.model, weights=args.init_weights)
+    if getattr(args, "init_partial", None) is not None:
+        copied, skipped = load_matching_weights(model, args.init_partial)
+        log.info("init from %s: %d tensors copied, %d kept fresh (absent or reshaped): %s",
+                 args.init_partial, copied, len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
     card = model.card
     if len(card.nucleus_types) != len(NUCLEUS_TYPES):
         msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains the CoNSeP 4 {NUCLEUS_TYPES}"
@@ -360,6 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--out", type=Path, required=True, help="run folder: train.log, checkpoints, final weights")
     n.add_argument("--model", default="histolens-default", help="registered model to train")
     n.add_argument("--init-weights", type=Path, default=None, help="start from these weights instead of random init")
+    n.add_argument("--init-partial", type=Path, default=None, help="copy the tensors of this weights file that match by name and shape (e.g. a trained backbone under a new decoder)")
     n.add_argument("--minutes", type=float, default=60.0, help="wall-time budget in minutes (default %(default)s)")
     n.add_argument("--batch-size", type=int, default=8)
     n.add_argument("--crop", type=int, default=256, help="training crop side in px at the model's mpp")
