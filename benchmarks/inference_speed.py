@@ -55,7 +55,6 @@ def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 5) -> floa
 
 def model_flops_per_tile(model, side: int) -> float:
     """FLOPs of one forward pass on a ``side`` x ``side`` tile (all tasks), counted by torch."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     x = np.full((1, side, side, 3), 200, np.uint8)
@@ -76,7 +75,11 @@ def raw_read_vs_decode(slide_path: Path, box: tuple[int, int, int, int]) -> dict
         th, tw = page.tilelength, page.tilewidth
         per_row = math.ceil(page.imagewidth / tw)
         y0, x0, y1, x1 = box
-        idx = [r * per_row + c for r in range(y0 // th, math.ceil(y1 / th)) for c in range(x0 // tw, math.ceil(x1 / tw))]
+        idx = [
+            r * per_row + c
+            for r in range(y0 // th, math.ceil(y1 / th))
+            for c in range(x0 // tw, math.ceil(x1 / tw))
+        ]
         fh = tif.filehandle
         t0 = time.perf_counter()
         blobs = []
@@ -85,7 +88,7 @@ def raw_read_vs_decode(slide_path: Path, box: tuple[int, int, int, int]) -> dict
             blobs.append(fh.read(page.databytecounts[i]))
         t_read = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for i, data in zip(idx, blobs):
+        for i, data in zip(idx, blobs, strict=True):
             page.decode(data, i, jpegtables=page.jpegtables)
         t_decode = time.perf_counter() - t0
     return {"tiles": len(idx), "raw_read_s": t_read, "decode_s": t_decode}
@@ -111,7 +114,7 @@ def run_once(slide, region, model, precision: str, cache) -> dict:
     t0 = time.perf_counter()
     first = None
     result = None
-    for result in analyze(slide, region, model=model, precision=precision, cache=cache):
+    for result in analyze(slide, region, model=model, precision=precision, cache=cache):  # noqa: B007
         if first is None:
             first = time.perf_counter() - t0
     total = time.perf_counter() - t0
@@ -131,13 +134,19 @@ def run_once(slide, region, model, precision: str, cache) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="region sides, level-0 px")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[1024, 2048], help="region sides, level-0 px"
+    )
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default=None, help="registered model name (default: the default model)")
+    ap.add_argument(
+        "--model", default=None, help="registered model name (default: the default model)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument(
-        "--weights", type=Path, default=None,
+        "--weights",
+        type=Path,
+        default=None,
         help="safetensors state dict for the model (e.g. a training checkpoint); "
         "'model.' prefix stripped",
     )
@@ -148,9 +157,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from histolens.inference import TileCache
     from histolens.models import create_model
-    from histolens.region import Region
-
     from histolens.models.card import WeightsError
+    from histolens.region import Region
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -166,12 +174,16 @@ def main(argv=None) -> int:
 
         state = read_safetensors(args.weights)
         if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         trained = True
-    note = (f"weights from {args.weights}" if args.weights else "trained weights") if trained else (
-        "NO trained weights found: random-weight architecture (" + model.card.backbone + "); "
-        "speed figures are valid, nuclei counts are not"
+    note = (
+        (f"weights from {args.weights}" if args.weights else "trained weights")
+        if trained
+        else (
+            "NO trained weights found: random-weight architecture (" + model.card.backbone + "); "
+            "speed figures are valid, nuclei counts are not"
+        )
     )
     slide, slide_path, slide_note = open_bench_slide()
     grid_side = model.card.tile_size
@@ -193,7 +205,9 @@ def main(argv=None) -> int:
     flops = model_flops_per_tile(model, grid_side)
     report["gflop_per_tile"] = round(flops / 1e9, 2)
     print(f"model {model.card.name} ({note}); slide {slide_note}")
-    print(f"matmul peak GFLOP/s: {report['peak_gflops']}; model GFLOP per {grid_side}^2 tile: {flops / 1e9:.1f}")
+    print(
+        f"matmul peak GFLOP/s: {report['peak_gflops']}; model GFLOP per {grid_side}^2 tile: {flops / 1e9:.1f}"
+    )
     # Warm-up so one-time costs (oneDNN kernels, allocator) do not land on the first run.
     model.predict_tiles(np.full((1, grid_side, grid_side, 3), 200, np.uint8), precision="bf16")
     model.predict_tiles(np.full((1, grid_side, grid_side, 3), 200, np.uint8), precision="fp32")
@@ -203,7 +217,11 @@ def main(argv=None) -> int:
         side = min(size, h, w)
         y0, x0 = (h - side) // 2, (w - side) // 2
         region = Region(y0, x0, y0 + side, x0 + side)
-        io = raw_read_vs_decode(slide_path, region.as_tuple()) if slide_path.suffix in (".svs", ".tif") else {}
+        io = (
+            raw_read_vs_decode(slide_path, region.as_tuple())
+            if slide_path.suffix in (".svs", ".tif")
+            else {}
+        )
         for prec in args.precisions:
             cache = TileCache(1 << 30)
             cold = run_once(slide, region, model, prec, cache)
@@ -238,8 +256,10 @@ def main(argv=None) -> int:
                 "postprocess {postprocess:.2f}, stitch {stitch:.3f}".format(**t)
             )
         if io:
-            print(f"   slide tiles under the region: {io['tiles']} JPEG tiles, raw read {io['raw_read_s']:.3f} s, "
-                  f"decode {io['decode_s']:.3f} s")
+            print(
+                f"   slide tiles under the region: {io['tiles']} JPEG tiles, raw read {io['raw_read_s']:.3f} s, "
+                f"decode {io['decode_s']:.3f} s"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0

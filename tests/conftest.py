@@ -19,7 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 def shared_data() -> Path:
     """``../shared/data``, or skip: the real files are not part of this repository."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the repo as ../shared/data)")
+        pytest.skip(
+            f"real data folder {SHARED_DATA} is absent (it sits beside the repo as ../shared/data)"
+        )
     return SHARED_DATA
 
 

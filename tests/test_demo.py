@@ -13,10 +13,26 @@ from histolens.cli import main
 def test_headless_demo_writes_exports_and_png(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(
-        ["demo", "--headless", "--out", str(out), "--model", "test-tiny", "--region", "1000,600,1512,1112"]
+        [
+            "demo",
+            "--headless",
+            "--out",
+            str(out),
+            "--model",
+            "test-tiny",
+            "--region",
+            "1000,600,1512,1112",
+        ]
     )
     assert code == 0
-    for name in ("nuclei.geojson", "nuclei.csv", "tiles.geojson", "tiles.csv", "summary.json", "overview.png"):
+    for name in (
+        "nuclei.geojson",
+        "nuclei.csv",
+        "tiles.geojson",
+        "tiles.csv",
+        "summary.json",
+        "overview.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["region_level0_px"] == {"y0": 1000, "x0": 600, "y1": 1512, "x1": 1112}

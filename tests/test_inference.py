@@ -58,11 +58,12 @@ def test_tiled_equals_whole_region(image, postprocess):
     assert matched == na, f"{na - matched} of {na} nuclei differ between tiled and whole runs"
     for key in ("area_um2", "class_id"):
         np.testing.assert_allclose(
-            np.sort(tiled.nuclei.features[key].to_numpy()), np.sort(whole.nuclei.features[key].to_numpy())
+            np.sort(tiled.nuclei.features[key].to_numpy()),
+            np.sort(whole.nuclei.features[key].to_numpy()),
         )
     np.testing.assert_allclose(tiled.tiles.probabilities, whole.tiles.probabilities, atol=1e-6)
     np.testing.assert_array_equal(tiled.tiles.classes, whole.tiles.classes)
-    for x, y in zip(tiled.attention, whole.attention):
+    for x, y in zip(tiled.attention, whole.attention, strict=True):
         np.testing.assert_allclose(x.heat, y.heat, atol=1e-6)
 
 
@@ -106,7 +107,9 @@ def test_partial_results_are_progressive_and_consistent(image, monkeypatch):
     monkeypatch.setattr(inference, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    gen = analyze(slide, Region(0, 0, 768, 768), model=FakeModel(), tile_size=128, batch_size=2, cache=False)
+    gen = analyze(
+        slide, Region(0, 0, 768, 768), model=FakeModel(), tile_size=128, batch_size=2, cache=False
+    )
     results = list(gen)
     partial, final = results[:-1], results[-1]
     assert final.complete and not any(r.complete for r in partial)
@@ -138,7 +141,9 @@ def test_cache_reuses_tiles_and_overlaps(image, monkeypatch):
     assert moved.provenance.tiles_cached == 12 and moved.tiles_total == 16
     assert 0 < cache.nbytes <= cache.max_bytes
     # A different model object (same name, random weights) must not see these entries.
-    other = analyze_region(slide, Region(0, 0, 512, 512), model=FakeModel(), tile_size=128, cache=cache)
+    other = analyze_region(
+        slide, Region(0, 0, 512, 512), model=FakeModel(), tile_size=128, cache=cache
+    )
     assert other.provenance.tiles_cached == 0
 
 
@@ -147,7 +152,9 @@ def test_cache_is_bounded_by_bytes():
 
     cache = TileCache(10_000)
     for i in range(10):
-        cache.put(("k", i), TileOutput(skipped=False, tile_probs=np.zeros((10, 10, 10), np.float32)))
+        cache.put(
+            ("k", i), TileOutput(skipped=False, tile_probs=np.zeros((10, 10, 10), np.float32))
+        )
     assert cache.nbytes <= 10_000 and len(cache) == 2
     assert cache.get(("k", 9)) is not None and cache.get(("k", 0)) is None
 
@@ -158,8 +165,15 @@ def test_cancel_stops_between_tiles(image, monkeypatch):
     slide = pyramid_slide(img, mpp=0.5)
     stop = threading.Event()
     results = []
-    for r in analyze(slide, Region(0, 0, 768, 768), model=FakeModel(), tile_size=128, batch_size=2,
-                     cancel=stop, cache=False):
+    for r in analyze(
+        slide,
+        Region(0, 0, 768, 768),
+        model=FakeModel(),
+        tile_size=128,
+        batch_size=2,
+        cancel=stop,
+        cache=False,
+    ):
         results.append(r)
         if len(results) == 2:
             stop.set()
@@ -168,7 +182,9 @@ def test_cancel_stops_between_tiles(image, monkeypatch):
     assert 0 < last.tiles_done < last.tiles_total
     assert set(np.unique(last.nuclei.labels)) - {0} == set(last.nuclei.features["label"])
     # A callable works too.
-    res = analyze_region(slide, Region(0, 0, 256, 256), model=FakeModel(), cancel=lambda: True, cache=False)
+    res = analyze_region(
+        slide, Region(0, 0, 256, 256), model=FakeModel(), cancel=lambda: True, cache=False
+    )
     assert res.provenance.cancelled and res.tiles_done == 0
 
 
@@ -241,7 +257,9 @@ def test_tasks_subset_only_fills_what_was_asked(image, monkeypatch):
 def test_plan_uses_choose_level():
     card = fake_card(mpp=0.5)
     plan = plan_analysis(Region(10, 10, 1000, 1000), 0.25, (1.0, 4.0), card)
-    assert plan.level.level == 0 and plan.step == pytest.approx(2.0) and plan.f == pytest.approx(2.0)
+    assert (
+        plan.level.level == 0 and plan.step == pytest.approx(2.0) and plan.f == pytest.approx(2.0)
+    )
     assert plan.box == Region(5, 5, 500, 500)
     exact = plan_analysis(Region(10, 10, 1000, 1000), 0.499, (1.0, 4.0), card)
     assert exact.step == 1.0 and exact.analysis_mpp == pytest.approx(0.499)
@@ -278,10 +296,17 @@ def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postproces
     np.testing.assert_allclose(blocks.tiles.probabilities, whole.tiles.probabilities, atol=1e-6)
     cache = TileCache()
     model.calls.clear()
-    first = analyze_region(slide, Region(0, 0, 384, 384), model=model, cache=cache, skip_background=False)
+    first = analyze_region(
+        slide, Region(0, 0, 384, 384), model=model, cache=cache, skip_background=False
+    )
     assert first.tiles_total == 9 and model.calls == [1]  # one 3 x 3 block
-    shifted = analyze_region(slide, Region(0, 128, 384, 512), model=model, cache=cache, skip_background=False)
-    assert shifted.provenance.tiles_cached == 6 and model.calls == [1, 1]  # new column: one 3 x 1 block
+    shifted = analyze_region(
+        slide, Region(0, 128, 384, 512), model=model, cache=cache, skip_background=False
+    )
+    assert shifted.provenance.tiles_cached == 6 and model.calls == [
+        1,
+        1,
+    ]  # new column: one 3 x 1 block
 
 
 def test_device_and_precision_resolution(monkeypatch):

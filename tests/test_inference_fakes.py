@@ -80,7 +80,9 @@ def synthetic_image(
     return img, pts
 
 
-def pyramid_slide(img: np.ndarray, mpp: float | None = 0.25, n_levels: int = 4, name: str = "synthetic") -> FakeSlide:
+def pyramid_slide(
+    img: np.ndarray, mpp: float | None = 0.25, n_levels: int = 4, name: str = "synthetic"
+) -> FakeSlide:
     """A slide whose level ``k`` is the 2^k block mean of ``img``."""
     levels = [img]
     for _ in range(1, n_levels):
@@ -96,7 +98,9 @@ def pyramid_slide(img: np.ndarray, mpp: float | None = 0.25, n_levels: int = 4, 
     )
 
 
-def fake_card(mpp: float = 0.5, *, tile_size: int = 128, halo: int = 32, name: str = "fake-local") -> ModelCard:
+def fake_card(
+    mpp: float = 0.5, *, tile_size: int = 128, halo: int = 32, name: str = "fake-local"
+) -> ModelCard:
     return ModelCard(
         name=name,
         backbone="numpy-local",
@@ -156,7 +160,9 @@ class FakeModel:
         if "attention" in tasks:
             att = {}
             for s_i, s in enumerate(self.card.attention_strides):
-                att[s_i] = np.clip(dark.reshape(b, h // s, s, w // s, s).mean(axis=(2, 4)) * 3, 0, 1).astype(np.float32)
+                att[s_i] = np.clip(
+                    dark.reshape(b, h // s, s, w // s, s).mean(axis=(2, 4)) * 3, 0, 1
+                ).astype(np.float32)
             out["attention"] = att
         return out
 
@@ -185,10 +191,10 @@ def match_instances(a: np.ndarray, b: np.ndarray, iou: float = 0.9) -> tuple[int
     ids_b = np.unique(b[b > 0])
     both = (a > 0) & (b > 0)
     pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
-    area_a = dict(zip(*np.unique(a[a > 0], return_counts=True)))
-    area_b = dict(zip(*np.unique(b[b > 0], return_counts=True)))
+    area_a = dict(zip(*np.unique(a[a > 0], return_counts=True), strict=True))
+    area_b = dict(zip(*np.unique(b[b > 0], return_counts=True), strict=True))
     matched = 0
-    for (la, lb), n in zip(pairs.T, inter):
+    for (la, lb), n in zip(pairs.T, inter, strict=True):
         if n / (area_a[la] + area_b[lb] - n) >= iou:
             matched += 1  # IoU > 0.5 matches are unique, so no double counting
     return matched, len(ids_a), len(ids_b)

@@ -37,20 +37,32 @@ def test_tiny_model_tiled_matches_whole(tiny, slide):
     runs must agree on; the trained-weights check is ``test_default_model_nuclei_tiled_vs_whole``.
     """
     region = Region(0, 0, 320, 320)
-    tiled = analyze_region(slide, region, model=tiny, tile_size=64, cache=False, skip_background=False)
-    whole = analyze_region(slide, region, model=tiny, tile_size=320, cache=False, skip_background=False)
+    tiled = analyze_region(
+        slide, region, model=tiny, tile_size=64, cache=False, skip_background=False
+    )
+    whole = analyze_region(
+        slide, region, model=tiny, tile_size=320, cache=False, skip_background=False
+    )
     assert tiled.tiles_total == 25 and whole.tiles_total == 1
     assert tiled.tiles.classes.shape == whole.tiles.classes.shape == (10, 10)
     assert (tiled.tiles.classes == whole.tiles.classes).mean() >= 0.9
     assert np.abs(tiled.tiles.probabilities - whole.tiles.probabilities).max() < 0.1
     assert tiled.tiles.embeddings.shape == whole.tiles.embeddings.shape
     assert tiled.tiles.embeddings.shape[:2] == (10, 10)
-    assert [a.heat.shape for a in tiled.attention] == [a.heat.shape for a in whole.attention] == [(20, 20)]
+    assert (
+        [a.heat.shape for a in tiled.attention]
+        == [a.heat.shape for a in whole.attention]
+        == [(20, 20)]
+    )
     assert tiled.nuclei.count == whole.nuclei.count
     matched, na, _ = match_instances(tiled.nuclei.labels, whole.nuclei.labels)
     assert matched == na
     prov = tiled.provenance
-    assert prov.model_name == "test-tiny" and prov.device == "cpu" and prov.precision in ("bf16", "fp32")
+    assert (
+        prov.model_name == "test-tiny"
+        and prov.device == "cpu"
+        and prov.precision in ("bf16", "fp32")
+    )
     assert prov.model_card["name"] == "test-tiny"
 
 
@@ -58,17 +70,31 @@ def test_tiny_model_by_name_and_precisions(slide):
     """``model`` given as a name; bf16 and fp32 give the same tile classes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r32 = analyze_region(slide, Region(0, 0, 128, 128), model="test-tiny", device="cpu",
-                             precision="fp32", cache=False)
-        r16 = analyze_region(slide, Region(0, 0, 128, 128), model="test-tiny", device="cpu",
-                             precision="bf16", cache=False)
+        r32 = analyze_region(
+            slide,
+            Region(0, 0, 128, 128),
+            model="test-tiny",
+            device="cpu",
+            precision="fp32",
+            cache=False,
+        )
+        r16 = analyze_region(
+            slide,
+            Region(0, 0, 128, 128),
+            model="test-tiny",
+            device="cpu",
+            precision="bf16",
+            cache=False,
+        )
     assert r32.provenance.precision == "fp32" and r16.provenance.precision == "bf16"
     assert (r32.tiles.classes == r16.tiles.classes).mean() >= 0.9
     assert np.abs(r32.tiles.probabilities - r16.tiles.probabilities).max() < 0.05
 
 
 def test_tiny_model_partials_then_full(tiny, slide):
-    seen = list(analyze(slide, Region(0, 0, 384, 384), model=tiny, tile_size=128, batch_size=4, cache=False))
+    seen = list(
+        analyze(slide, Region(0, 0, 384, 384), model=tiny, tile_size=128, batch_size=4, cache=False)
+    )
     assert [r.complete for r in seen] == [False] * (len(seen) - 1) + [True]
     assert len(seen) >= 3
 
@@ -95,7 +121,9 @@ def test_default_model_nuclei_tiled_vs_whole(wsi_dir):
     slide = open_slide(wsi_dir / "CMU-1-Small-Region.svs")
     region = Region(700, 600, 1980, 1880)
     tiled = analyze_region(slide, region, model=model, cache=False, precision="fp32")
-    whole = analyze_region(slide, region, model=model, tile_size=1536, cache=False, precision="fp32")
+    whole = analyze_region(
+        slide, region, model=model, tile_size=1536, cache=False, precision="fp32"
+    )
     assert tiled.provenance.tiles_total > whole.provenance.tiles_total > 1
     # Ignore nuclei touching the region's own border: their context differs by construction.
     core = np.zeros(tiled.nuclei.labels.shape, bool)

@@ -5,20 +5,37 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_inference_fakes import FakeModel, fake_card, pyramid_slide, simple_instances, synthetic_image
+from test_inference_fakes import (
+    FakeModel,
+    fake_card,
+    pyramid_slide,
+    simple_instances,
+    synthetic_image,
+)
 
 import histolens.inference as inference
 from histolens.layers import result_to_layer_data, rgba
 from histolens.region import Region
-from histolens.result import NUCLEI_COLUMNS, AttentionMap, NucleiResult, Provenance, RegionResult, TileClassResult
+from histolens.result import (
+    NUCLEI_COLUMNS,
+    AttentionMap,
+    NucleiResult,
+    Provenance,
+    RegionResult,
+    TileClassResult,
+)
 
-napari_layers = pytest.importorskip("napari.layers", reason="napari is needed to validate the tuples")
+napari_layers = pytest.importorskip(
+    "napari.layers", reason="napari is needed to validate the tuples"
+)
 
 MPP = 0.25
 
 
 def _slide_layer(shape=(64, 64)):
-    return napari_layers.Image(np.zeros((*shape, 3), np.uint8), rgb=True, scale=(MPP, MPP), units=("um", "um"))
+    return napari_layers.Image(
+        np.zeros((*shape, 3), np.uint8), rgb=True, scale=(MPP, MPP), units=("um", "um")
+    )
 
 
 def _result(f: float, origin: tuple[int, int]) -> RegionResult:
@@ -49,8 +66,12 @@ def _result(f: float, origin: tuple[int, int]) -> RegionResult:
         class_colors=("#00ff00", "#ffff00"),
     )
     att = AttentionMap(np.random.default_rng(0).random((3, 3)).astype(np.float32), 2 * f, origin, 0)
-    prov = Provenance("", "t", Region(0, 0, 1, 1), 0, f, MPP, "test", MPP * f, "fake", {}, "cpu", "fp32", "now")
-    return RegionResult(Region(*origin, origin[0] + 6, origin[1] + 7), MPP * f, nuclei, tiles, [att], prov)
+    prov = Provenance(
+        "", "t", Region(0, 0, 1, 1), 0, f, MPP, "test", MPP * f, "fake", {}, "cpu", "fp32", "now"
+    )
+    return RegionResult(
+        Region(*origin, origin[0] + 6, origin[1] + 7), MPP * f, nuclei, tiles, [att], prov
+    )
 
 
 @pytest.mark.parametrize("f", [1.0, 2.0, 4.0, 8.0])
@@ -67,7 +88,9 @@ def test_every_layer_pixel_lands_on_its_slide_pixels(f, origin):
         assert tuple(str(u) for u in layer.units) == ("micrometer", "micrometer")
         per_px = {"nuclei": f, "tile classes": 4 * f, "attention s0": 2 * f}[meta["name"]]
         for i, j in [(0, 0), (1, 2), (data.shape[0] - 1, data.shape[1] - 1)]:
-            want = slide_layer.data_to_world((y0 + i * per_px + (per_px - 1) / 2, x0 + j * per_px + (per_px - 1) / 2))
+            want = slide_layer.data_to_world(
+                (y0 + i * per_px + (per_px - 1) / 2, x0 + j * per_px + (per_px - 1) / 2)
+            )
             np.testing.assert_allclose(layer.data_to_world((i, j)), want, atol=1e-9)
 
 
@@ -75,7 +98,10 @@ def test_nuclei_layer_colours_features_and_legend():
     data, meta, kind = result_to_layer_data(_result(2.0, (0, 0)), names=["nuclei"])[0]
     layer = napari_layers.Layer.create(data, meta, kind)
     assert kind == "labels" and layer.data.dtype == np.uint32
-    assert list(layer.features["index"]) == [1, 2] and list(layer.features["class_name"]) == ["b", "a"]
+    assert list(layer.features["index"]) == [1, 2] and list(layer.features["class_name"]) == [
+        "b",
+        "a",
+    ]
     # label 1 is class 1 ('b', blue), label 2 is class 0 ('a', red); background transparent
     np.testing.assert_allclose(layer.colormap.map(np.array([1]))[0], rgba("#0000ff"))
     np.testing.assert_allclose(layer.colormap.map(np.array([2]))[0], rgba("#ff0000"))
@@ -92,7 +118,11 @@ def test_tile_class_layer_is_direct_and_transparent_where_unknown():
     assert meta["metadata"]["legend"] == {"x": "#00ff00", "y": "#ffff00"}
     att = result_to_layer_data(_result(1.0, (0, 0)), names=["attention s0"])[0]
     img = napari_layers.Layer.create(*att)
-    assert tuple(img.contrast_limits) == (0.0, 1.0) and img.opacity == 0.5 and img.blending == "translucent"
+    assert (
+        tuple(img.contrast_limits) == (0.0, 1.0)
+        and img.opacity == 0.5
+        and img.blending == "translucent"
+    )
     assert img.colormap.map(np.array([0.0]))[0][3] == 0  # glass and low attention stay see-through
 
 
@@ -111,7 +141,11 @@ def test_engine_output_aligns_with_the_slide_at_each_level(level, monkeypatch):
     img, centres = synthetic_image(1024, n=40, radius=16.0, seed=5)
     slide = pyramid_slide(img, mpp=MPP)
     res = inference.analyze_region(
-        slide, Region(96, 160, 1000, 900), model=FakeModel(fake_card(mpp=MPP * 2**level)), tile_size=64, cache=False
+        slide,
+        Region(96, 160, 1000, 900),
+        model=FakeModel(fake_card(mpp=MPP * 2**level)),
+        tile_size=64,
+        cache=False,
     )
     assert res.nuclei.downsample == 2**level
     data, meta, kind = result_to_layer_data(res, names=["nuclei"])[0]
@@ -123,7 +157,12 @@ def test_engine_output_aligns_with_the_slide_at_each_level(level, monkeypatch):
     errors = []
     for k in ids:
         yy, xx = np.nonzero(data == k)
-        if yy.min() == 0 or xx.min() == 0 or yy.max() == data.shape[0] - 1 or xx.max() == data.shape[1] - 1:
+        if (
+            yy.min() == 0
+            or xx.min() == 0
+            or yy.max() == data.shape[0] - 1
+            or xx.max() == data.shape[1] - 1
+        ):
             continue  # cut by the region's own border
         w = np.asarray(layer.data_to_world((yy.mean(), xx.mean())))
         errors.append(np.sqrt(((true_world - w) ** 2).sum(axis=1)).min())

@@ -79,6 +79,8 @@ def test_visible_region_matches_canvas_extent():
 
 
 def test_visible_region_clips_to_the_slide():
-    r = visible_region((0.0, 0.0), 0.01, (800, 800), layer_scale=(0.5, 0.5), level0_shape=(3000, 2000))
+    r = visible_region(
+        (0.0, 0.0), 0.01, (800, 800), layer_scale=(0.5, 0.5), level0_shape=(3000, 2000)
+    )
     assert r == Region(0, 0, 3000, 2000)
     assert math.isclose(np.prod(r.shape), 6e6)

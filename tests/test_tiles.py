@@ -28,7 +28,9 @@ def test_plan_grid_rounds_halo_up_and_aligns():
         TileGrid(size=100, halo=32, multiple=32)
 
 
-@pytest.mark.parametrize("box", [Region(0, 0, 100, 100), Region(37, 5, 301, 260), Region(64, 64, 65, 65)])
+@pytest.mark.parametrize(
+    "box", [Region(0, 0, 100, 100), Region(37, 5, 301, 260), Region(64, 64, 65, 65)]
+)
 def test_tiles_partition_the_box(box):
     grid = TileGrid(size=64, halo=32, multiple=32)
     tiles = grid.tiles(box)
@@ -100,7 +102,9 @@ def test_seam_nucleus_is_kept_once_and_whole():
         sub = np.zeros(t.outer.shape, np.uint32)
         y0, x0 = max(t.outer.y0, 0), max(t.outer.x0, 0)
         y1, x1 = min(t.outer.y1, 64), min(t.outer.x1, 96)
-        sub[y0 - t.outer.y0 : y1 - t.outer.y0, x0 - t.outer.x0 : x1 - t.outer.x0] = full[y0:y1, x0:x1]
+        sub[y0 - t.outer.y0 : y1 - t.outer.y0, x0 - t.outer.x0 : x1 - t.outer.x0] = full[
+            y0:y1, x0:x1
+        ]
         inst = keep_instances(sub, t, types=[0, 1], probs=[0.9, 0.8])
         kept += inst.count
         canvas.paste(inst)

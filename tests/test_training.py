@@ -150,8 +150,19 @@ class _Tiny:
         class Tiny(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.card = SimpleNamespace(name="tiny", mpp=0.5, nucleus_types=NUCLEUS_TYPES, mean=(0.5,) * 3, std=(0.5,) * 3)
-                self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+                self.card = SimpleNamespace(
+                    name="tiny",
+                    mpp=0.5,
+                    nucleus_types=NUCLEUS_TYPES,
+                    mean=(0.5,) * 3,
+                    std=(0.5,) * 3,
+                )
+                self.body = nn.Sequential(
+                    nn.Conv2d(3, 16, 3, padding=1),
+                    nn.ReLU(),
+                    nn.Conv2d(16, 16, 3, padding=1),
+                    nn.ReLU(),
+                )
                 self.out = nn.Conv2d(16, 1 + 2 + len(NUCLEUS_TYPES), 1)
 
             def forward(self, x):
@@ -168,7 +179,10 @@ def test_losses_are_finite_and_mask_unknown_parts():
     from histolens.training.losses import nuclei_losses
 
     model = _Tiny.make()
-    ex = [make_example(_disks((64, 64), seed=i), np.random.default_rng(i), AugmentConfig(size=64)) for i in range(2)]
+    ex = [
+        make_example(_disks((64, 64), seed=i), np.random.default_rng(i), AugmentConfig(size=64))
+        for i in range(2)
+    ]
     from histolens.training.train import batch_tensors
 
     b = batch_tensors(ex, (0.5,) * 3, (0.5,) * 3)
@@ -176,7 +190,13 @@ def test_losses_are_finite_and_mask_unknown_parts():
     terms = nuclei_losses(out, b["foreground"], b["hv"], b["hv_valid"], b["types"])
     assert all(torch.isfinite(v) for v in terms.values())
     # No HV labels and no known types: those terms vanish but keep the graph.
-    terms = nuclei_losses(out, b["foreground"], b["hv"], torch.tensor([False, False]), torch.where(b["types"] > 0, -1, 0))
+    terms = nuclei_losses(
+        out,
+        b["foreground"],
+        b["hv"],
+        torch.tensor([False, False]),
+        torch.where(b["types"] > 0, -1, 0),
+    )
     assert float(terms["hv_mse"]) == 0.0 and float(terms["nt_ce"]) == 0.0
     terms["total"].backward()
 
@@ -186,14 +206,33 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return p.parse_args(["nuclei", "--out", str(tmp_path), "--crop", "64", "--batch-size", "2", "--warmup", "2",
-                         "--log-every", "2", "--precision", "fp32", *extra])
+    return p.parse_args(
+        [
+            "nuclei",
+            "--out",
+            str(tmp_path),
+            "--crop",
+            "64",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "2",
+            "--log-every",
+            "2",
+            "--precision",
+            "fp32",
+            *extra,
+        ]
+    )
 
 
 def _tiny_data():
     from histolens.training.train import NucleiData
 
-    return NucleiData(train={"monuseg": [_disks((96, 96), n=8, seed=i) for i in range(3)]}, val_monuseg=[_disks((64, 64), seed=9)])
+    return NucleiData(
+        train={"monuseg": [_disks((96, 96), n=8, seed=i) for i in range(3)]},
+        val_monuseg=[_disks((64, 64), seed=9)],
+    )
 
 
 def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
@@ -203,7 +242,9 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
     assert train_nuclei(_args(tmp_path, "--max-steps", "12"), model=model, data=_tiny_data()) == 0
     log = (tmp_path / "train.log").read_text()
     assert "done: 12 steps" in log
-    losses = [float(line.split(" total ")[1].split()[0]) for line in log.splitlines() if "  lr " in line]
+    losses = [
+        float(line.split(" total ")[1].split()[0]) for line in log.splitlines() if "  lr " in line
+    ]
     assert len(losses) == 6 and losses[-1] < losses[0], f"training loss did not decrease: {losses}"
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["step"] == 12 and meta["finished"]
@@ -213,7 +254,12 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
         assert np.array_equal(a.numpy(), b.numpy()), k
     assert (tmp_path / "final.safetensors").is_file()
     # --resume picks up at step 12 and runs to the new cap.
-    assert train_nuclei(_args(tmp_path, "--max-steps", "14", "--resume"), model=_Tiny.make(), data=_tiny_data()) == 0
+    assert (
+        train_nuclei(
+            _args(tmp_path, "--max-steps", "14", "--resume"), model=_Tiny.make(), data=_tiny_data()
+        )
+        == 0
+    )
     log = (tmp_path / "train.log").read_text()
     assert "resumed from" in log and "at step 12" in log and "done: 14 steps" in log
 
@@ -228,7 +274,9 @@ def test_colour_grouping_joins_arbitrary_rotations_within_a_class():
         base[..., 0], base[..., 1], base[..., 2] = hue, 0.35, 0.75
         from scipy.ndimage import gaussian_filter
 
-        blobs = gaussian_filter(rng.random((64, 64)), 3) > 0.52  # nuclei-sized blobs, not pixel noise
+        blobs = (
+            gaussian_filter(rng.random((64, 64)), 3) > 0.52
+        )  # nuclei-sized blobs, not pixel noise
         base[blobs] = (0.35, 0.2, 0.55)
         return base
 
@@ -253,7 +301,11 @@ def test_init_partial_copies_matching_tensors_and_names_the_rest(tmp_path: Path)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     key = next(k for k in state if k.startswith("nuclei_head.") and k.endswith(".weight"))
     other = next(k for k in state if k.startswith("backbone.") and state[k].dtype.is_floating_point)
-    donor = {other: torch.full_like(state[other], 0.25), key: torch.zeros(3, 3), "not.in.model": torch.ones(2)}
+    donor = {
+        other: torch.full_like(state[other], 0.25),
+        key: torch.zeros(3, 3),
+        "not.in.model": torch.ones(2),
+    }
     path = tmp_path / "donor.safetensors"
     save_file(donor, str(path))
     copied, kept = load_matching_weights(model, path)

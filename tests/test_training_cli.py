@@ -18,9 +18,15 @@ def _disk_image(shape=(200, 200), n=12, seed=0):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     k = 0
     while k < n:
-        cy, cx, r = rng.integers(12, shape[0] - 12), rng.integers(12, shape[1] - 12), rng.integers(5, 9)
+        cy, cx, r = (
+            rng.integers(12, shape[0] - 12),
+            rng.integers(12, shape[1] - 12),
+            rng.integers(5, 9),
+        )
         disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        if (inst[np.pad(disk, 0)] > 0).any() or (inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= (r + 3) ** 2] > 0).any():
+        if (inst[np.pad(disk, 0)] > 0).any() or (
+            inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= (r + 3) ** 2] > 0
+        ).any():
             continue
         k += 1
         inst[disk] = k
@@ -53,7 +59,9 @@ def test_nuclei_cli_writes_labels_and_table(tmp_path):
     src = tmp_path / "tile.tif"
     tifffile.imwrite(src, img)
     out = tmp_path / "out"
-    assert main(["nuclei", str(src), "--mpp", "0.25", "--out", str(out), "--model", "test-tiny"]) == 0
+    assert (
+        main(["nuclei", str(src), "--mpp", "0.25", "--out", str(out), "--model", "test-tiny"]) == 0
+    )
     labels = tifffile.imread(out / "tile.tif")
     assert labels.shape == (150, 170) and labels.dtype == np.uint32
     table = pd.read_csv(out / "tile.csv")
@@ -77,11 +85,44 @@ def test_evaluate_cli_scores_predictions_and_baseline(tmp_path, capsys):
         tifffile.imwrite(imgs / f"t{i}.tif", img)
         tifffile.imwrite(labs / f"t{i}.tif", inst.astype(np.uint16))
         tifffile.imwrite(preds / f"t{i}.tif", inst.astype(np.uint32))  # perfect predictions
-    assert main(["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5", "--pred", str(preds)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "nuclei",
+                "--images",
+                str(imgs),
+                "--labels",
+                str(labs),
+                "--mpp",
+                "0.5",
+                "--pred",
+                str(preds),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mean  dice 1.0000  aji 1.0000  pq 1.0000" in out
     js = tmp_path / "b.json"
-    assert main(["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5", "--baseline", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "nuclei",
+                "--images",
+                str(imgs),
+                "--labels",
+                str(labs),
+                "--mpp",
+                "0.5",
+                "--baseline",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     import json
 
     mean = json.loads(js.read_text())["mean"]
@@ -115,10 +156,28 @@ def test_train_tiles_writes_a_new_head_that_loads(tmp_path, capsys):
         d = tmp_path / "tiles" / cls
         d.mkdir(parents=True)
         for i in range(6):
-            img = np.clip(np.array(colour) + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            img = np.clip(np.array(colour) + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(
+                np.uint8
+            )
             Image.fromarray(img).save(d / f"{i}.png")
     out = tmp_path / "mine.safetensors"
-    assert main(["train", "tiles", "--images", str(tmp_path / "tiles"), "--out", str(out), "--model", "test-tiny", "--folds", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiles",
+                "--images",
+                str(tmp_path / "tiles"),
+                "--out",
+                str(out),
+                "--model",
+                "test-tiny",
+                "--folds",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "grouped 2-fold CV" in capsys.readouterr().out
     model = create_model("test-tiny", weights=out)
     assert model.card.tissue_classes == ("necrosis", "stroma")

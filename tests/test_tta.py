@@ -28,7 +28,12 @@ class CentreModel:
         hv = np.stack([(x - (w - 1) / 2) / w + self.bias, (y - (h - 1) / 2) / h])
         prob = tiles[..., 0].astype(np.float32) / 255
         types = np.stack([prob, 1 - prob], axis=1)
-        return {"nuclei_prob": prob, "hv": np.repeat(hv[None], b, 0), "type_prob": types, "tile_probs": np.ones((b, 1, 1, 3))}
+        return {
+            "nuclei_prob": prob,
+            "hv": np.repeat(hv[None], b, 0),
+            "type_prob": types,
+            "tile_probs": np.ones((b, 1, 1, 3)),
+        }
 
 
 @pytest.fixture
@@ -45,6 +50,7 @@ def test_each_view_is_undone(tiles: np.ndarray, view: tuple[bool, bool, bool]) -
     np.testing.assert_array_equal(undo_view(seen["nuclei_prob"], view), plain["nuclei_prob"])
     np.testing.assert_array_equal(undo_view(seen["type_prob"], view), plain["type_prob"])
     np.testing.assert_allclose(undo_view(seen["hv"], view, hv=True), plain["hv"], atol=1e-6)
+
 
 def test_an_equivariant_model_is_unchanged_and_a_biased_one_is_averaged() -> None:
     square = np.random.default_rng(1).integers(0, 256, size=(1, 40, 40, 3), dtype=np.uint8)

@@ -166,13 +166,31 @@ def _result(origin=(100, 200), shape=(64, 96), mpp=0.5, n_classes=2, attention=(
     nuclei = NucleiResult(labels, feats, 1.0, origin, ("tumour", "immune"), ("#ff0000", "#00ff00"))
     classes = np.array([[1, 1, 2], [0, 2, 2]], np.int32)
     tiles = TileClassResult(
-        classes, np.zeros((2, 3, n_classes), np.float32), None, 32.0, origin,
-        ("epithelium", "stroma"), ("#aa0000", "#0000aa"),
+        classes,
+        np.zeros((2, 3, n_classes), np.float32),
+        None,
+        32.0,
+        origin,
+        ("epithelium", "stroma"),
+        ("#aa0000", "#0000aa"),
     )
     maps = [AttentionMap(np.full((8, 12), 0.5, np.float32), 8.0, origin, s) for s in attention]
     prov = Provenance(
-        "", "t", region, 0, 1.0, mpp, "user", mpp, "hand", {}, "cpu", "fp32", "",
-        tiles_total=4, tiles_done=4,
+        "",
+        "t",
+        region,
+        0,
+        1.0,
+        mpp,
+        "user",
+        mpp,
+        "hand",
+        {},
+        "cpu",
+        "fp32",
+        "",
+        tiles_total=4,
+        tiles_done=4,
     )
     return RegionResult(region, mpp, nuclei, tiles, maps, prov, complete=True)
 
@@ -184,8 +202,12 @@ def test_update_overlays_updates_in_place_and_prunes():
     frame = LayerFrame.from_layer(slide_layer)
     first = _result()
     layers = update_overlays(
-        viewer, first.to_layer_data(), mpp=overlay_mpp(first), frame=frame,
-        opacity={"nuclei": 0.3, "attention": 0.2}, prune=True,
+        viewer,
+        first.to_layer_data(),
+        mpp=overlay_mpp(first),
+        frame=frame,
+        opacity={"nuclei": 0.3, "attention": 0.2},
+        prune=True,
     )
     names = [lyr.name for lyr in viewer.layers]
     assert names == ["slide", "nuclei", "tile classes", "attention s0", "attention s1"]

@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)  # a shared 2-core machine
-    from qtpy.QtWidgets import QApplication
-
     import napari._qt.qt_main_window as qt_main_window
+    from qtpy.QtWidgets import QApplication
 
     from histolens._qt._launch import open_viewer
 

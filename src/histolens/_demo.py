@@ -18,8 +18,12 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headless", action="store_true", help="no GUI: analyse and write files")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (headless)")
-    parser.add_argument("--model", default=None, help="registered model name (default: the embedded model)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="output folder (headless)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="registered model name (default: the embedded model)"
+    )
     parser.add_argument(
         "--region",
         default=None,
@@ -75,6 +79,6 @@ def _run_headless(args: argparse.Namespace) -> int:
     png = render_overview_png(slide, result, args.out / "overview.png")
     n = result.nuclei.count if result.nuclei is not None else 0
     print(f"done    {n} nuclei in {seconds:.1f} s on {result.provenance.device}")
-    for name, path in sorted({**paths, "overview": png}.items()):
+    for _name, path in sorted({**paths, "overview": png}.items()):
         print(f"wrote   {path}")
     return 0

@@ -299,7 +299,7 @@ def _plan_slide(
 
 def _assemble(job: _SlideJob, card: Any, tasks: tuple[str, ...]) -> Any:
     """Paste every tile's output in the engine's order (block by block); build the result."""
-    from .inference import TileOutput, ResultAssembly
+    from .inference import ResultAssembly, TileOutput
 
     asm = ResultAssembly(job.plan, card, tasks)
     prov = job.provenance
@@ -459,7 +459,7 @@ def run_batch(
     ``on_result(path, RegionResult)`` is called for each finished slide (tests, notebooks).
     """
     from .export import DEFAULT_FORMATS, write_result
-    from .inference import resolve_model, resolve_tasks, resolve_precision
+    from .inference import resolve_model, resolve_precision, resolve_tasks
 
     out_root = Path(out)
     out_root.mkdir(parents=True, exist_ok=True)

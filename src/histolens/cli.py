@@ -16,11 +16,26 @@ __all__ = ["main"]
 
 #: name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "view": ("histolens._qt._launch", "open napari with a slide (default: the sample) and the HistoLens dock"),
-    "demo": ("histolens._demo", "the main job: napari with the sample slide, or headless: analyse it and write files + a PNG"),
-    "analyze": ("histolens.batch", "analyse whole slides or regions and write GeoJSON, CSV, masks and a summary"),
-    "nuclei": ("histolens.training.nuclei_cli", "segment nuclei in plain images; write label TIFFs and CSVs"),
-    "evaluate": ("histolens.training.evaluate", "score nuclei predictions against ground truth (Dice, AJI, PQ)"),
+    "view": (
+        "histolens._qt._launch",
+        "open napari with a slide (default: the sample) and the HistoLens dock",
+    ),
+    "demo": (
+        "histolens._demo",
+        "the main job: napari with the sample slide, or headless: analyse it and write files + a PNG",
+    ),
+    "analyze": (
+        "histolens.batch",
+        "analyse whole slides or regions and write GeoJSON, CSV, masks and a summary",
+    ),
+    "nuclei": (
+        "histolens.training.nuclei_cli",
+        "segment nuclei in plain images; write label TIFFs and CSVs",
+    ),
+    "evaluate": (
+        "histolens.training.evaluate",
+        "score nuclei predictions against ground truth (Dice, AJI, PQ)",
+    ),
     "train": ("histolens.training.train", "train the default model's heads (the project's recipe)"),
     "models": ("histolens.models._cli", "list the registered models and their cards"),
 }

@@ -331,7 +331,11 @@ def plan_analysis(
         math.ceil(region.y1 / f - eps) if region.height else math.floor(region.y1 / f + eps),
         math.ceil(region.x1 / f - eps) if region.width else math.floor(region.x1 / f + eps),
     )
-    multiples = [int(card.input_multiple), int(card.class_cell_px), *map(int, card.attention_strides)]
+    multiples = [
+        int(card.input_multiple),
+        int(card.class_cell_px),
+        *map(int, card.attention_strides),
+    ]
     largest = plan_grid(int(card.tile_size), int(card.halo), multiples)
     if tile_size is not None:
         grid, cells = plan_grid(int(card.tile_size), int(card.halo), multiples, inner=tile_size), 1
@@ -379,7 +383,9 @@ def _read_block(level_array: Any, block: Block, step: float, skip_background: bo
     return _Read(block, rgb if any(tissue) else None, tissue, t1 - t0, time.perf_counter() - t1)
 
 
-def _read_blocks(level_array: Any, blocks: Sequence[Block], step: float, skip_background: bool) -> list[_Read]:
+def _read_blocks(
+    level_array: Any, blocks: Sequence[Block], step: float, skip_background: bool
+) -> list[_Read]:
     return [_read_block(level_array, b, step, skip_background) for b in blocks]
 
 
@@ -429,11 +435,13 @@ def _postprocess(
     labels = types = probs = None
     if "nuclei" in tasks:
         # Post-process the whole block once: its halo covers every tile's seam nuclei.
-        labels, types, probs = _hover_instances(out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp)
+        labels, types, probs = _hover_instances(
+            out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp
+        )
         labels = np.asarray(labels)
     owned = split_instances(labels, block, types, probs) if labels is not None else None
     results = []
-    for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue)):
+    for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue, strict=True)):
         if not is_tissue:
             results.append(TileOutput(skipped=True))
             continue
@@ -505,7 +513,9 @@ class ResultAssembly:
             self.classes.paste(np.argmax(out.tile_probs, axis=-1).astype(np.int32) + 1, origin)
             if out.embeddings is not None:
                 if self.emb is None:
-                    self.emb = CellCanvas(self.cls_box, (out.embeddings.shape[-1],), np.float32, 0.0)
+                    self.emb = CellCanvas(
+                        self.cls_box, (out.embeddings.shape[-1],), np.float32, 0.0
+                    )
                 self.emb.paste(out.embeddings, origin)
         for scale, heat in out.attention.items():
             canvas = self.att.get(scale)
@@ -740,8 +750,14 @@ def analyze(
         started=started,
         tiles_total=len(tiles),
     )
-    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "postprocess": 0.0, "stitch": 0.0,
-               "model_input_px": 0.0}
+    timings = {
+        "read": 0.0,
+        "preprocess": 0.0,
+        "model": 0.0,
+        "postprocess": 0.0,
+        "stitch": 0.0,
+        "model_input_px": 0.0,
+    }
     prov.timings = timings
     asm = ResultAssembly(plan, card, tasks)
 
@@ -784,12 +800,16 @@ def analyze(
             return
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histolens-read")
         try:
-            nxt: Future = pool.submit(_read_blocks, level_array, batches[0], plan.step, skip_background)
+            nxt: Future = pool.submit(
+                _read_blocks, level_array, batches[0], plan.step, skip_background
+            )
             for b in range(len(batches)):
                 reads = nxt.result()
                 if b + 1 < len(batches):
                     # Prefetch: the next batch is read and resampled while the model runs.
-                    nxt = pool.submit(_read_blocks, level_array, batches[b + 1], plan.step, skip_background)
+                    nxt = pool.submit(
+                        _read_blocks, level_array, batches[b + 1], plan.step, skip_background
+                    )
                 for r in reads:
                     timings["read"] += r.read_s
                     timings["preprocess"] += r.prep_s
@@ -797,20 +817,24 @@ def analyze(
                 outs: dict[int, dict[str, Any]] = {}
                 if run:
                     t0 = time.perf_counter()
-                    per_input = _predict_with_backoff(model, np.stack([r.rgb for r in run]), tasks, prec, state)
+                    per_input = _predict_with_backoff(
+                        model, np.stack([r.rgb for r in run]), tasks, prec, state
+                    )
                     timings["model"] += time.perf_counter() - t0
                     # Pixels the model saw (halo included): the compute actually spent.
                     timings["model_input_px"] += float(sum(r.block.outer.area for r in run))
-                    outs = {id(r): o for r, o in zip(run, per_input)}
+                    outs = {id(r): o for r, o in zip(run, per_input, strict=True)}
                 done: list[tuple[Tile, TileOutput]] = []
                 for r in reads:
                     if r.rgb is None:
                         results = [TileOutput(skipped=True) for _ in r.block.tiles]
                     else:
                         t0 = time.perf_counter()
-                        results = _postprocess(r.block, r.tissue, outs[id(r)], card, tasks, plan.analysis_mpp)
+                        results = _postprocess(
+                            r.block, r.tissue, outs[id(r)], card, tasks, plan.analysis_mpp
+                        )
                         timings["postprocess"] += time.perf_counter() - t0
-                    for tile, res in zip(r.block.tiles, results):
+                    for tile, res in zip(r.block.tiles, results, strict=True):
                         if tile_cache is not None:
                             tile_cache.put((*base_key, tile.row, tile.col), res)
                         done.append((tile, res))
@@ -944,11 +968,10 @@ def run_blocks(
     return [outputs[i] for i in range(len(blocks))], timings
 
 
-
 def analyze_region(slide: Any, region: Region, **kwargs: Any) -> RegionResult:
     """Run :func:`analyze` to the end and return its last (full or cancelled) result."""
     result = None
-    for result in analyze(slide, region, **kwargs):
+    for result in analyze(slide, region, **kwargs):  # noqa: B007 (the last one is returned)
         pass
     assert result is not None  # analyze always yields at least once
     return result

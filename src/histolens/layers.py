@@ -56,7 +56,9 @@ def rgba(color: Any, alpha: float = 1.0) -> tuple[float, float, float, float]:
     if isinstance(color, str):
         h = color.lstrip("#")
         if len(h) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in h):
-            msg = f"colour {color!r} is not '#rrggbb' or '#rrggbbaa'; give hex or an (r, g, b) tuple"
+            msg = (
+                f"colour {color!r} is not '#rrggbb' or '#rrggbbaa'; give hex or an (r, g, b) tuple"
+            )
             raise ValueError(msg)
         vals = [int(h[i : i + 2], 16) / 255.0 for i in range(0, len(h), 2)]
     else:
@@ -79,7 +81,11 @@ def _transform(mpp: float, downsample: float, origin: Sequence[float]) -> dict[s
 
 def _geometry(mpp: float, downsample: float, origin: Sequence[float]) -> dict[str, Any]:
     """Level-0 geometry kept in layer metadata, so writers can map pixels back to the slide."""
-    return {"mpp": float(mpp), "downsample": float(downsample), "origin": [float(v) for v in origin]}
+    return {
+        "mpp": float(mpp),
+        "downsample": float(downsample),
+        "origin": [float(v) for v in origin],
+    }
 
 
 def slide_mpp(result: RegionResult) -> float:
@@ -104,7 +110,7 @@ def nuclei_layer(nuclei: NucleiResult, mpp: float, *, name: str = "nuclei") -> t
         None: _DEFAULT_NUCLEUS,
         0: _TRANSPARENT,
     }
-    for lab, cid in zip(feats["label"].to_numpy(), feats["class_id"].to_numpy()):
+    for lab, cid in zip(feats["label"].to_numpy(), feats["class_id"].to_numpy(), strict=True):
         cid = int(cid)
         colors[int(lab)] = class_colors[cid] if 0 <= cid < len(class_colors) else _DEFAULT_NUCLEUS
     meta = {
@@ -129,13 +135,14 @@ def nuclei_layer(nuclei: NucleiResult, mpp: float, *, name: str = "nuclei") -> t
 
 def tile_class_layer(tiles: TileClassResult, mpp: float, *, name: str = "tile classes") -> tuple:
     """Labels layer of ``class + 1`` per cell with a direct colormap (0 transparent) and a legend."""
-    colors: dict[int | None, tuple[float, float, float, float]] = {None: _TRANSPARENT, 0: _TRANSPARENT}
+    colors: dict[int | None, tuple[float, float, float, float]] = {
+        None: _TRANSPARENT,
+        0: _TRANSPARENT,
+    }
     for i, c in enumerate(tiles.class_colors):
         colors[i + 1] = rgba(c)
     names = list(tiles.class_names)
-    feats = pd.DataFrame(
-        {"index": np.arange(len(names) + 1), "class_name": ["none", *names]}
-    )
+    feats = pd.DataFrame({"index": np.arange(len(names) + 1), "class_name": ["none", *names]})
     meta = {
         "name": name,
         "colormap": colors,
@@ -146,7 +153,7 @@ def tile_class_layer(tiles: TileClassResult, mpp: float, *, name: str = "tile cl
             "histolens": "tile classes",
             "class_names": names,
             "class_colors": list(tiles.class_colors),
-            "legend": {n: c for n, c in zip(names, tiles.class_colors)},
+            "legend": {n: c for n, c in zip(names, tiles.class_colors, strict=True)},
             "probabilities": tiles.probabilities,
             **_geometry(mpp, tiles.cell, tiles.origin),
         },

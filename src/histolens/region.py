@@ -104,7 +104,10 @@ class Region:
 
     def contains(self, other: Region) -> bool:
         return (
-            self.y0 <= other.y0 and self.x0 <= other.x0 and other.y1 <= self.y1 and other.x1 <= self.x1
+            self.y0 <= other.y0
+            and self.x0 <= other.x0
+            and other.y1 <= self.y1
+            and other.x1 <= self.x1
         )
 
     def at_downsample(self, factor: float) -> tuple[int, int, int, int]:

@@ -295,7 +295,9 @@ class TileInstances:
 
     @property
     def nbytes(self) -> int:
-        return int(self.labels.nbytes + self.centroids.nbytes + self.types.nbytes + self.probs.nbytes)
+        return int(
+            self.labels.nbytes + self.centroids.nbytes + self.types.nbytes + self.probs.nbytes
+        )
 
     @classmethod
     def empty(cls) -> TileInstances:
@@ -350,8 +352,16 @@ def keep_instances(
     rows = np.nonzero(local.any(axis=1))[0]
     cols = np.nonzero(local.any(axis=0))[0]
     crop = local[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
-    t = np.zeros(len(ids), np.int32) if types is None else np.asarray(types)[ids - 1].astype(np.int32)
-    p = np.ones(len(ids), np.float32) if probs is None else np.asarray(probs)[ids - 1].astype(np.float32)
+    t = (
+        np.zeros(len(ids), np.int32)
+        if types is None
+        else np.asarray(types)[ids - 1].astype(np.int32)
+    )
+    p = (
+        np.ones(len(ids), np.float32)
+        if probs is None
+        else np.asarray(probs)[ids - 1].astype(np.float32)
+    )
     return TileInstances(
         labels=crop,
         origin=(tile.outer.y0 + int(rows[0]), tile.outer.x0 + int(cols[0])),

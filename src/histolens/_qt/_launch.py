@@ -11,7 +11,10 @@ __all__ = ["add_arguments", "launch_viewer", "open_viewer", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "slide", nargs="?", type=Path, default=None,
+        "slide",
+        nargs="?",
+        type=Path,
+        default=None,
         help="whole-slide image to open (default: the packaged CMU-1-Small-Region sample)",
     )
     parser.add_argument("--model", default=None, help="model to preselect (see `histolens models`)")
@@ -38,16 +41,16 @@ def open_viewer(
     import napari
     from napari.layers import Layer
 
-    from .._reader import read_slides
-    from ..slide import sample_slide_path
+    from histolens._reader import read_slides
+    from histolens.slide import sample_slide_path
+
     from ._widget import HistoLensWidget
     from ._worker import preload_model_stack
 
     path = Path(slide_path) if slide_path is not None else Path(sample_slide_path())
     if not path.exists():
         msg = (
-            f"slide {path} does not exist; give a path to a whole-slide image "
-            "(e.g. .svs, .ome.tif)"
+            f"slide {path} does not exist; give a path to a whole-slide image (e.g. .svs, .ome.tif)"
         )
         raise FileNotFoundError(msg)
     # torch/timm before the first GL context: see preload_model_stack for the crash it avoids

@@ -40,7 +40,7 @@ def overlay_mpp(result: Any) -> float:
     """The level-0 um/px that ``result.to_layer_data()`` used for ``scale``/``translate``."""
     try:
         # histolens.layers decides it (slide mpp, or the user's); ask it rather than guess.
-        from ..layers import slide_mpp
+        from histolens.layers import slide_mpp
 
         return float(slide_mpp(result))
     except ImportError:
@@ -83,7 +83,8 @@ def update_overlays(
             meta.get("scale", (mpp, mpp)), meta.get("translate", (0.0, 0.0)), mpp, frame
         )
         if (tuple(scale), tuple(translate)) != (
-            tuple(meta.get("scale", ())), tuple(meta.get("translate", ()))
+            tuple(meta.get("scale", ())),
+            tuple(meta.get("translate", ())),
         ):
             meta.pop("units", None)  # the slide layer is not in micrometres: follow its units
         meta["scale"], meta["translate"] = scale, translate

@@ -20,7 +20,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..result import RegionResult
+from histolens.result import RegionResult
+
 from ._summary import ClassCount, ReviewSummary, summarize
 
 __all__ = ["AreaHistogram", "ReviewPanel"]

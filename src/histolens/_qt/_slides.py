@@ -29,7 +29,7 @@ def _from_metadata(metadata: Mapping[str, Any]) -> Any | None:
             return obj
     path = hl.get("path") if isinstance(hl, Mapping) else None
     if path:
-        from ..slide import open_slide
+        from histolens.slide import open_slide
 
         slide = open_slide(path)
         mpp = hl.get("mpp") if isinstance(hl, Mapping) else None
@@ -44,7 +44,7 @@ def slide_for_layer(layer: Any) -> Any:
     found = _from_metadata(layer.metadata or {})
     if found is not None:
         return found
-    from ..slide import Slide
+    from histolens.slide import Slide
 
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     sy, sx = (float(v) for v in tuple(layer.scale)[-2:])

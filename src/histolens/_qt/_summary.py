@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..result import RegionResult
+from histolens.result import RegionResult
 
 __all__ = ["ClassCount", "ReviewSummary", "summarize"]
 

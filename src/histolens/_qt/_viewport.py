@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..region import Region, visible_region
+from histolens.region import Region, visible_region
 
 __all__ = [
     "CameraState",

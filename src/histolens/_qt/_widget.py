@@ -29,8 +29,9 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
-from ..region import Region
-from ..result import RegionResult
+from histolens.region import Region
+from histolens.result import RegionResult
+
 from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
@@ -91,7 +92,7 @@ class HistoLensWidget(QWidget):
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
         self.model_combo = QComboBox()
         try:
-            from ..models import list_models
+            from histolens.models import list_models
 
             self.model_combo.addItems(list_models())
         except Exception as exc:  # noqa: BLE001 (the dock must open to report it)
@@ -235,7 +236,8 @@ class HistoLensWidget(QWidget):
         has = mpp is not None
         self.mpp_spin.setEnabled(not has)
         self.mpp_label.setText(
-            f"slide: {mpp:.4f} µm/px ({slide.mpp_source})" if has
+            f"slide: {mpp:.4f} µm/px ({slide.mpp_source})"
+            if has
             else "slide has no pixel size: set the mpp override above"
         )
 

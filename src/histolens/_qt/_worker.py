@@ -16,8 +16,8 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..region import Region
-from ..result import RegionResult
+from histolens.region import Region
+from histolens.result import RegionResult
 
 __all__ = [
     "MAX_VIEW_PIXELS",
@@ -101,7 +101,7 @@ class ModelCache:
         with self._lock:
             key = (name, device)
             if key not in self._models:
-                from ..models import create_model
+                from histolens.models import create_model
 
                 self._models[key] = create_model(name, device=device)
             return self._models[key]
@@ -125,7 +125,7 @@ def analysis_job(
     request: AnalysisRequest, models: ModelCache
 ) -> Generator[tuple[int, RegionResult], None, JobOutcome]:
     """Analyse ``request.region``; yield ``(stamp, partial result)`` as tiles finish."""
-    from ..inference import analyze
+    from histolens.inference import analyze
 
     last: RegionResult | None = None
     with warnings.catch_warnings(record=True) as caught:
@@ -150,7 +150,7 @@ def analysis_job(
 
 def export_job(result: RegionResult, folder: str, slide: Any = None) -> dict[str, Any]:
     """:func:`histolens.export.write_result` for a worker (RuntimeError converted, see above)."""
-    from ..export import write_result
+    from histolens.export import write_result
 
     try:
         return dict(write_result(result, folder, slide=slide))

@@ -8,6 +8,7 @@ Frames: every output of :meth:`HistoLensModel.predict_tiles` is on the model-inp
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -70,7 +71,7 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
         fold_batchnorms(child)
     if isinstance(module, nn.Sequential):
         names = list(module._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             conv, bn = module._modules[a], module._modules[b]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 module._modules[a] = fuse_conv_bn_eval(conv.eval(), bn.eval())
@@ -410,7 +411,10 @@ def build_heads(
     c = backbone.num_features
     nuclei = (
         NucleiDecoder(
-            backbone.pyramid_channels, c, len(card.nucleus_types), dict(decoder_widths or {}),
+            backbone.pyramid_channels,
+            c,
+            len(card.nucleus_types),
+            dict(decoder_widths or {}),
             refine=decoder_refine,
         )
         if "nuclei" in card.tasks

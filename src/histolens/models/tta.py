@@ -76,7 +76,9 @@ class TestTimeAugmented:
         self.model = model
         self.card = model.card.replace(name=f"{model.card.name}+tta")
 
-    def predict_tiles(self, tiles: np.ndarray, *, tasks: Iterable[str] = ("nuclei",), precision: str = "auto") -> dict[str, Any]:
+    def predict_tiles(
+        self, tiles: np.ndarray, *, tasks: Iterable[str] = ("nuclei",), precision: str = "auto"
+    ) -> dict[str, Any]:
         """Like the model's ``predict_tiles``; ``nuclei_prob``, ``hv``, ``type_prob`` averaged."""
         tasks = tuple(tasks)
         arr = np.asarray(tiles)
@@ -85,7 +87,9 @@ class TestTimeAugmented:
             return out
         sums = {k: out[k].astype(np.float32) for k in _AVERAGED if k in out}
         for view in DIHEDRAL_VIEWS[1:]:
-            pred = self.model.predict_tiles(apply_view(arr, view), tasks=("nuclei",), precision=precision)
+            pred = self.model.predict_tiles(
+                apply_view(arr, view), tasks=("nuclei",), precision=precision
+            )
             for k in sums:
                 sums[k] += undo_view(pred[k], view, hv=k == "hv")
         for k, v in sums.items():

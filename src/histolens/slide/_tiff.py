@@ -15,6 +15,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from histolens.tiles import DIRECT_READ_ATTR
+
 from ._mpp import (
     aperio_properties,
     mpp_from_aperio,
@@ -23,7 +25,6 @@ from ._mpp import (
     mpp_from_resolution,
     mpp_from_ventana,
 )
-from ..tiles import DIRECT_READ_ATTR
 from ._slide import LazyImages, SlideError, as_rgb_uint8
 
 __all__ = ["open_tiff", "tiff_plane_axes"]

@@ -112,7 +112,9 @@ def resample_image(image: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def resample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int] | None = None) -> np.ndarray:
+def resample_labels(
+    labels: np.ndarray, factor: float, shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """Resize a label map by ``factor`` with nearest neighbour (labels must never blend)."""
     if abs(factor - 1.0) < 1e-6 and shape is None:
         return labels
@@ -163,7 +165,17 @@ def load_monuseg(root: Path, *, mpp: float, binary: bool = True) -> list[NucleiS
         image = resample_image(_read_rgb(img_path), f)
         inst = resample_labels(inst, f, image.shape[:2])
         types = np.where(inst > 0, -1, 0).astype(np.int16)
-        out.append(NucleiSample(img_path.stem, monuseg_patient(img_path.stem), "monuseg", image, inst, inst > 0, types))
+        out.append(
+            NucleiSample(
+                img_path.stem,
+                monuseg_patient(img_path.stem),
+                "monuseg",
+                image,
+                inst,
+                inst > 0,
+                types,
+            )
+        )
     if binary:
         extra = root / "train_extra_binary"
         for img_path in sorted((extra / "images").glob("*.tif")):
@@ -171,7 +183,17 @@ def load_monuseg(root: Path, *, mpp: float, binary: bool = True) -> list[NucleiS
             image = resample_image(_read_rgb(img_path), f)
             mask = resample_labels(mask, f, image.shape[:2])
             types = np.where(mask, -1, 0).astype(np.int16)
-            out.append(NucleiSample(img_path.stem, monuseg_patient(img_path.stem), "monuseg-binary", image, None, mask, types))
+            out.append(
+                NucleiSample(
+                    img_path.stem,
+                    monuseg_patient(img_path.stem),
+                    "monuseg-binary",
+                    image,
+                    None,
+                    mask,
+                    types,
+                )
+            )
     return out
 
 
@@ -191,7 +213,11 @@ def load_consep(root: Path, *, mpp: float) -> list[NucleiSample]:
         tmap = resample_labels(tmap, f, image.shape[:2])
         # CoNSeP types 1..4 already follow NUCLEUS_TYPES order (+1); keep them aligned with inst.
         tmap = np.where(inst > 0, tmap, 0).astype(np.int16)
-        out.append(NucleiSample(img_path.stem, consep_group(img_path.stem), "consep", image, inst, inst > 0, tmap))
+        out.append(
+            NucleiSample(
+                img_path.stem, consep_group(img_path.stem), "consep", image, inst, inst > 0, tmap
+            )
+        )
     return out
 
 
@@ -269,7 +295,9 @@ def mosaic(samples: Sequence[NucleiSample], *, name: str | None = None) -> Nucle
             s = samples[2 * r + c]
             ims.append(s.image)
             fgs.append(s.foreground)
-            ts.append(s.types if s.types is not None else np.where(s.foreground, -1, 0).astype(np.int16))
+            ts.append(
+                s.types if s.types is not None else np.where(s.foreground, -1, 0).astype(np.int16)
+            )
             if has_inst:
                 inst = s.instances.astype(np.int64)
                 ins.append(np.where(inst > 0, inst + offset, 0))
@@ -352,7 +380,9 @@ def dihedral_dhash(image: np.ndarray, *, size: int = 8) -> int:
     return min(codes)
 
 
-def colour_histogram(image: np.ndarray, *, bins: int = 8, radius_fraction: float = 0.36) -> np.ndarray:
+def colour_histogram(
+    image: np.ndarray, *, bins: int = 8, radius_fraction: float = 0.36
+) -> np.ndarray:
     """Normalised RGB histogram (``bins**3``) of the central disc of a tile.
 
     Invariant to any rotation about the centre and to flips, and robust to the small zooms and
@@ -362,7 +392,9 @@ def colour_histogram(image: np.ndarray, *, bins: int = 8, radius_fraction: float
     yy, xx = np.mgrid[:h, :w]
     disc = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) < radius_fraction * min(h, w)
     q = (image[disc].astype(np.int64) * bins) // 256
-    hist = np.bincount((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2], minlength=bins**3).astype(np.float32)
+    hist = np.bincount((q[:, 0] * bins + q[:, 1]) * bins + q[:, 2], minlength=bins**3).astype(
+        np.float32
+    )
     return hist / hist.sum()
 
 
@@ -395,7 +427,11 @@ def group_near_duplicates(
     if colour_l1 is not None:
         hists = np.stack([colour_histogram(im) for im in images])
         # Compare only within a label (3x less work on LC25000; families never cross classes).
-        subsets = [np.nonzero(labels == v)[0] for v in np.unique(labels)] if labels is not None else [np.arange(n)]
+        subsets = (
+            [np.nonzero(labels == v)[0] for v in np.unique(labels)]
+            if labels is not None
+            else [np.arange(n)]
+        )
         for idx in subsets:
             hs = hists[idx]
             for a in range(0, len(idx), 64):  # chunks keep the (64, m, bins^3) array small

@@ -32,7 +32,9 @@ __all__ = [
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 
 
-def classical_nuclei(image: np.ndarray, *, mpp: float, min_area_um2: float = 8.0, peak_distance_um: float = 2.5) -> np.ndarray:
+def classical_nuclei(
+    image: np.ndarray, *, mpp: float, min_area_um2: float = 8.0, peak_distance_um: float = 2.5
+) -> np.ndarray:
     """The classical baseline: uint32 nuclei instances of an RGB image at ``mpp`` um/px.
 
     Haematoxylin optical density (``rgb2hed``), lightly smoothed; Otsu threshold; holes filled
@@ -53,7 +55,12 @@ def classical_nuclei(image: np.ndarray, *, mpp: float, min_area_um2: float = 8.0
     min_px = max(1, round(min_area_um2 / (mpp * mpp)))
     fg = remove_small_objects(fg, max_size=min_px - 1) if min_px > 1 else fg
     dist = ndi.distance_transform_edt(fg)
-    peaks = peak_local_max(dist, min_distance=max(1, round(peak_distance_um / mpp)), labels=ndi.label(fg)[0], exclude_border=False)
+    peaks = peak_local_max(
+        dist,
+        min_distance=max(1, round(peak_distance_um / mpp)),
+        labels=ndi.label(fg)[0],
+        exclude_border=False,
+    )
     markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = watershed(-dist, markers, mask=fg)
@@ -175,15 +182,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     n = sub.add_parser("nuclei", help="Dice, AJI and PQ of nuclei instances against label images")
     n.add_argument("--images", type=Path, required=True, help="folder of RGB images")
-    n.add_argument("--labels", type=Path, required=True, help="folder of instance labels (<stem>.png/.tif, 0 = background)")
+    n.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="folder of instance labels (<stem>.png/.tif, 0 = background)",
+    )
     n.add_argument("--mpp", type=float, required=True, help="um/px of the images")
     src = n.add_mutually_exclusive_group()
-    src.add_argument("--pred", type=Path, default=None, help="score these predictions (<stem>.tif) instead of running a model")
-    src.add_argument("--baseline", action="store_true", help="score the classical baseline (H channel + Otsu + watershed)")
+    src.add_argument(
+        "--pred",
+        type=Path,
+        default=None,
+        help="score these predictions (<stem>.tif) instead of running a model",
+    )
+    src.add_argument(
+        "--baseline",
+        action="store_true",
+        help="score the classical baseline (H channel + Otsu + watershed)",
+    )
     n.add_argument("--model", default=None, help="registered model (default: histolens-default)")
     n.add_argument("--weights", type=Path, default=None, help="weights file for --model")
-    n.add_argument("--only", default=None, help="comma-separated image stems or 12-char patient ids to score")
-    n.add_argument("--json", type=Path, default=None, help="also write per-image and mean scores here")
+    n.add_argument(
+        "--only", default=None, help="comma-separated image stems or 12-char patient ids to score"
+    )
+    n.add_argument(
+        "--json", type=Path, default=None, help="also write per-image and mean scores here"
+    )
     n.add_argument("--threads", type=int, default=2)
 
 
@@ -211,11 +236,17 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
         model = create_model(args.model, weights=args.weights)
-        df = evaluate_images(pairs, lambda img, stem: segment_nuclei(img, mpp=args.mpp, model=model, name=stem)[0])
+        df = evaluate_images(
+            pairs, lambda img, stem: segment_nuclei(img, mpp=args.mpp, model=model, name=stem)[0]
+        )
         what = f"model {model.card.name}"
     print(f"# {what} on {len(df)} images at {args.mpp} um/px")
     print(_summarise(df))
     if args.json:
         means = {c: float(df[c].mean()) for c in ("dice", "aji", "pq", "dq", "sq")}
-        args.json.write_text(json.dumps({"source": what, "per_image": df.to_dict("records"), "mean": means}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"source": what, "per_image": df.to_dict("records"), "mean": means}, indent=1
+            )
+        )
     return 0

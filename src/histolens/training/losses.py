@@ -46,7 +46,9 @@ def _grad(hv: torch.Tensor) -> torch.Tensor:
     return F.conv2d(hv, k, padding=2, groups=2)
 
 
-def _soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def _soft_dice(
+    prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     if mask is not None:
         prob, target = prob * mask, target * mask
     inter = (prob * target).sum()
@@ -81,7 +83,9 @@ def nuclei_losses(
     if n_valid > 0:
         terms["hv_mse"] = (((pred_hv - hv) ** 2) * valid).sum() / (n_valid * pred_hv[0].numel())
         focus = (foreground[:, None] * valid).expand_as(pred_hv)
-        terms["hv_msge"] = (((_grad(pred_hv) - _grad(hv)) ** 2) * focus).sum() / (focus.sum() + 1e-8)
+        terms["hv_msge"] = (((_grad(pred_hv) - _grad(hv)) ** 2) * focus).sum() / (
+            focus.sum() + 1e-8
+        )
     else:  # a batch of binary-mask tiles only: keep the graph, contribute nothing
         terms["hv_mse"] = terms["hv_msge"] = pred_hv.sum() * 0.0
 
@@ -106,4 +110,3 @@ def nuclei_losses(
     total = sum(getattr(weights, k) * v for k, v in terms.items())
     terms["total"] = total
     return terms
-

@@ -42,7 +42,9 @@ def dice(true: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
 
 
-def overlap_table(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def overlap_table(
+    true: np.ndarray, pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pixel overlaps of every (true, pred) pair.
 
     Returns ``(true_ids, pred_ids, inter, true_area, pred_area)``: ``inter[i, j]`` is the number
@@ -84,7 +86,9 @@ def aji(true: np.ndarray, pred: np.ndarray) -> float:
     return c / u
 
 
-def match_instances(true: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def match_instances(
+    true: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique matches with IoU > ``iou_threshold`` (>= 0.5 makes them unique by construction).
 
     Returns ``(true_ids, pred_ids, iou)`` of the matched pairs.
@@ -142,7 +146,10 @@ def type_scores(true_types: np.ndarray, pred_types: np.ndarray, n_types: int) ->
     p = np.asarray(pred_types, int)
     keep = t >= 0
     t, p = t[keep], p[keep]
-    out: dict[str, object] = {"n": len(t), "accuracy": float((t == p).mean()) if len(t) else float("nan")}
+    out: dict[str, object] = {
+        "n": len(t),
+        "accuracy": float((t == p).mean()) if len(t) else float("nan"),
+    }
     f1s = []
     for k in range(n_types):
         tp = int(((t == k) & (p == k)).sum())
@@ -151,7 +158,12 @@ def type_scores(true_types: np.ndarray, pred_types: np.ndarray, n_types: int) ->
         prec = tp / (tp + fp) if tp + fp else float("nan")
         rec = tp / (tp + fn) if tp + fn else float("nan")
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-        out[f"type{k}"] = {"precision": prec, "recall": rec, "f1": f1, "support": int((t == k).sum())}
+        out[f"type{k}"] = {
+            "precision": prec,
+            "recall": rec,
+            "f1": f1,
+            "support": int((t == k).sum()),
+        }
         f1s.append(f1)
     out["macro_f1"] = float(np.nanmean(f1s)) if any(np.isfinite(f1s)) else float("nan")
     return out

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["NUCLEI_TABLE_COLUMNS", "add_arguments", "labels_to_input_grid", "read_rgb", "run", "segment_nuclei"]
+__all__ = [
+    "NUCLEI_TABLE_COLUMNS",
+    "add_arguments",
+    "labels_to_input_grid",
+    "read_rgb",
+    "run",
+    "segment_nuclei",
+]
 
 #: ``histolens nuclei`` averages 8 views by default: it serves batch evaluation, where the
 #: measured gain is worth 8x model time (see docs/model-card.md).
@@ -60,7 +67,9 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def labels_to_input_grid(labels: np.ndarray, downsample: float, origin: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+def labels_to_input_grid(
+    labels: np.ndarray, downsample: float, origin: tuple[float, float], shape: tuple[int, int]
+) -> np.ndarray:
     """Sample an analysis-grid label image at the centres of the input (level-0) pixels.
 
     ``labels`` pixel ``(i, j)`` covers level-0 ``[origin + i * downsample, ... + downsample)``.
@@ -71,11 +80,21 @@ def labels_to_input_grid(labels: np.ndarray, downsample: float, origin: tuple[fl
     ix = np.floor((np.arange(w) + 0.5 - origin[1]) / downsample).astype(int)
     vy = (iy >= 0) & (iy < labels.shape[0])
     vx = (ix >= 0) & (ix < labels.shape[1])
-    out = labels[np.clip(iy, 0, labels.shape[0] - 1)[:, None], np.clip(ix, 0, labels.shape[1] - 1)[None, :]]
+    out = labels[
+        np.clip(iy, 0, labels.shape[0] - 1)[:, None], np.clip(ix, 0, labels.shape[1] - 1)[None, :]
+    ]
     return np.where(vy[:, None] & vx[None, :], out, 0).astype(np.uint32)
 
 
-def segment_nuclei(image: np.ndarray, *, mpp: float, model: Any = None, name: str = "image", precision: str = "auto", tta: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+def segment_nuclei(
+    image: np.ndarray,
+    *,
+    mpp: float,
+    model: Any = None,
+    name: str = "image",
+    precision: str = "auto",
+    tta: bool = False,
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Nuclei of an RGB image at ``mpp`` um/px: (uint32 labels (H, W), per-nucleus table).
 
     ``model`` is a registered name, a model object or None (the default model). Labels not
@@ -106,14 +125,22 @@ def segment_nuclei(image: np.ndarray, *, mpp: float, model: Any = None, name: st
     tile_size = min(int(card.tile_size) - 2 * int(card.halo), needed)
     slide = Slide.from_array(image, mpp=mpp, name=name)
     result = analyze_region(
-        slide, Region(0, 0, h, w), model=model, tasks=("nuclei",), cache=False, skip_background=False,
-        precision=precision, tile_size=max(1, tile_size),
+        slide,
+        Region(0, 0, h, w),
+        model=model,
+        tasks=("nuclei",),
+        cache=False,
+        skip_background=False,
+        precision=precision,
+        tile_size=max(1, tile_size),
     )
     nuc = result.nuclei
     if nuc is None:
         msg = "the model produced no nuclei result; use a model whose card lists the 'nuclei' task"
         raise ValueError(msg)
-    labels = labels_to_input_grid(np.asarray(nuc.labels), float(nuc.downsample), tuple(nuc.origin), (h, w))
+    labels = labels_to_input_grid(
+        np.asarray(nuc.labels), float(nuc.downsample), tuple(nuc.origin), (h, w)
+    )
     area_px = np.bincount(labels.ravel().astype(np.int64), minlength=int(labels.max()) + 1)
     feats = nuc.features
     rows = []
@@ -133,14 +160,27 @@ def segment_nuclei(image: np.ndarray, *, mpp: float, model: Any = None, name: st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens nuclei``."""
     parser.add_argument("images", nargs="+", type=Path, help="RGB images (TIFF, PNG, JPEG)")
-    parser.add_argument("--mpp", type=float, required=True, help="um/px of the images (0.25 at 40x, 0.5 at 20x)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for <stem>.tif and <stem>.csv")
-    parser.add_argument("--model", default=None, help="registered model name (default: histolens-default)")
-    parser.add_argument("--weights", type=Path, default=None, help="weights file for --model (default: its embedded weights)")
+    parser.add_argument(
+        "--mpp", type=float, required=True, help="um/px of the images (0.25 at 40x, 0.5 at 20x)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder for <stem>.tif and <stem>.csv"
+    )
+    parser.add_argument(
+        "--model", default=None, help="registered model name (default: histolens-default)"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights file for --model (default: its embedded weights)",
+    )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
-        "--tta", action=argparse.BooleanOptionalAction, default=TTA_DEFAULT,
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=TTA_DEFAULT,
         help="average the nuclei maps over 8 flips/transposes (~8x model time; default: %(default)s)",
     )
 
@@ -158,8 +198,12 @@ def run(args: argparse.Namespace) -> int:
     for path in args.images:
         t0 = time.perf_counter()
         image = read_rgb(path)
-        labels, table = segment_nuclei(image, mpp=args.mpp, model=model, name=path.stem, precision=args.precision, tta=args.tta)
+        labels, table = segment_nuclei(
+            image, mpp=args.mpp, model=model, name=path.stem, precision=args.precision, tta=args.tta
+        )
         tifffile.imwrite(args.out / f"{path.stem}.tif", labels, compression="zlib")
         table.to_csv(args.out / f"{path.stem}.csv", index=False)
-        print(f"{path.name}: {len(table)} nuclei in {time.perf_counter() - t0:.1f} s -> {args.out / path.stem}.tif/.csv")
+        print(
+            f"{path.name}: {len(table)} nuclei in {time.perf_counter() - t0:.1f} s -> {args.out / path.stem}.tif/.csv"
+        )
     return 0

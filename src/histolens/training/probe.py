@@ -40,8 +40,16 @@ log = logging.getLogger("histolens.train")
 
 #: Colours for user-defined tile classes (r, g, b), cycled when there are more classes.
 PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -63,7 +71,9 @@ class LinearProbe:
         return self.logits(x).argmax(1)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-2, iters: int = 200) -> LinearProbe:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-2, iters: int = 200
+) -> LinearProbe:
     """Fit an L2-regularised multinomial logistic regression (torch L-BFGS, full batch).
 
     Features are standardised for conditioning; the scaling is folded back into the weights.
@@ -114,7 +124,14 @@ def grouped_folds(labels: np.ndarray, groups: np.ndarray, k: int, *, seed: int =
 
 
 def cross_validate(
-    x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, *, k: int = 5, seed: int = 0, l2: float = 1e-2
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    n_classes: int,
+    *,
+    k: int = 5,
+    seed: int = 0,
+    l2: float = 1e-2,
 ) -> dict[str, Any]:
     """k-fold CV of :func:`fit_logistic` with :func:`grouped_folds`: accuracy and balanced accuracy."""
     folds = grouped_folds(y, groups, k, seed=seed)
@@ -146,7 +163,9 @@ def _balanced_accuracy(y: np.ndarray, p: np.ndarray, n_classes: int) -> float:
     return float(np.mean(rec))
 
 
-def tile_embeddings(model: Any, images: np.ndarray, *, image_mpp: float | None = None, batch_size: int = 16) -> np.ndarray:
+def tile_embeddings(
+    model: Any, images: np.ndarray, *, image_mpp: float | None = None, batch_size: int = 16
+) -> np.ndarray:
     """Mean tile embedding (N, D) of uint8 tiles (N, H, W, 3) from ``model.predict_tiles``.
 
     With ``image_mpp`` (um/px), tiles are first resampled to the model's mpp, as at inference.
@@ -162,7 +181,9 @@ def tile_embeddings(model: Any, images: np.ndarray, *, image_mpp: float | None =
         chunk = [resample_image(im, f) for im in images[i : i + batch_size]]
         h, w = chunk[0].shape[:2]
         hp, wp = -(-h // m) * m, -(-w // m) * m
-        arr = np.stack([np.pad(im, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect") for im in chunk])
+        arr = np.stack(
+            [np.pad(im, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect") for im in chunk]
+        )
         emb = model.predict_tiles(arr, tasks=("tiles",))["embeddings"]
         gy = max(1, int(np.floor(h / c + 0.5)))
         gx = max(1, int(np.floor(w / c + 0.5)))
@@ -170,7 +191,12 @@ def tile_embeddings(model: Any, images: np.ndarray, *, image_mpp: float | None =
     return np.concatenate(out).astype(np.float32)
 
 
-def install_linear_head(model: Any, probe: LinearProbe, classes: Sequence[str], colors: Sequence[tuple[int, int, int]] | None = None) -> Any:
+def install_linear_head(
+    model: Any,
+    probe: LinearProbe,
+    classes: Sequence[str],
+    colors: Sequence[tuple[int, int, int]] | None = None,
+) -> Any:
     """Replace the model's tile classifier by ``probe`` and its card's classes; returns the model."""
     import torch
 
@@ -187,7 +213,9 @@ def install_linear_head(model: Any, probe: LinearProbe, classes: Sequence[str], 
         conv.weight.copy_(torch.from_numpy(probe.weight)[:, :, None, None])
         conv.bias.copy_(torch.from_numpy(probe.bias))
     head.classifier = conv.to(next(model.parameters()).device)
-    colors = tuple(colors) if colors else tuple(PALETTE[i % len(PALETTE)] for i in range(len(classes)))
+    colors = (
+        tuple(colors) if colors else tuple(PALETTE[i % len(PALETTE)] for i in range(len(classes)))
+    )
     model.card = model.card.replace(tissue_classes=tuple(classes), tissue_colors=colors)
     return model
 
@@ -210,12 +238,16 @@ def load_tile_folder(images: Path, labels_csv: Path | None = None) -> TileSet:
         with open(labels_csv, newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
-                msg = f"{labels_csv} needs the columns 'image' and 'label', found {reader.fieldnames}"
+                msg = (
+                    f"{labels_csv} needs the columns 'image' and 'label', found {reader.fieldnames}"
+                )
                 raise ValueError(msg)
             pairs = [(images / r["image"], r["label"]) for r in reader]
     else:
         for d in sorted(p for p in images.iterdir() if p.is_dir()):
-            pairs += [(p, d.name) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            pairs += [
+                (p, d.name) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+            ]
     if not pairs:
         msg = f"no labelled tiles found in {images}: use one sub-folder per class or pass --labels CSV"
         raise ValueError(msg)
@@ -232,19 +264,52 @@ def load_tile_folder(images: Path, labels_csv: Path | None = None) -> TileSet:
         raise ValueError(msg)
     stack = np.stack(arrs)
     labels = np.array([classes.index(lab) for _, lab in pairs])
-    return TileSet(stack, labels, group_near_duplicates(stack), classes, tuple(str(p) for p, _ in pairs))
+    return TileSet(
+        stack, labels, group_near_duplicates(stack), classes, tuple(str(p) for p, _ in pairs)
+    )
 
 
 def add_tile_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens train tiles``."""
-    parser.add_argument("--images", type=Path, required=True, help="folder of tiles: one sub-folder per class, or flat with --labels")
-    parser.add_argument("--labels", type=Path, default=None, help="CSV with columns image,label (image relative to --images)")
-    parser.add_argument("--out", type=Path, required=True, help="new weights file (.safetensors); its card is written beside it")
-    parser.add_argument("--model", default="histolens-default", help="model whose backbone embeds the tiles")
-    parser.add_argument("--weights", type=Path, default=None, help="weights of that model (default: its embedded weights)")
-    parser.add_argument("--mpp", type=float, default=None, help="um/px of the tiles; resampled to the model's mpp (default: used as is)")
-    parser.add_argument("--folds", type=int, default=5, help="grouped cross-validation folds (0 = skip)")
-    parser.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic regression")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        help="folder of tiles: one sub-folder per class, or flat with --labels",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV with columns image,label (image relative to --images)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="new weights file (.safetensors); its card is written beside it",
+    )
+    parser.add_argument(
+        "--model", default="histolens-default", help="model whose backbone embeds the tiles"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="weights of that model (default: its embedded weights)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="um/px of the tiles; resampled to the model's mpp (default: used as is)",
+    )
+    parser.add_argument(
+        "--folds", type=int, default=5, help="grouped cross-validation folds (0 = skip)"
+    )
+    parser.add_argument(
+        "--l2", type=float, default=1e-2, help="L2 penalty of the logistic regression"
+    )
     parser.add_argument("--threads", type=int, default=2)
 
 
@@ -258,23 +323,30 @@ def train_tiles(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tiles = load_tile_folder(args.images, args.labels)
-    model = create_model(args.model, weights=args.weights) if args.weights else create_model(args.model)
+    model = (
+        create_model(args.model, weights=args.weights) if args.weights else create_model(args.model)
+    )
     x = tile_embeddings(model, tiles.images, image_mpp=args.mpp)
     n_classes = len(tiles.classes)
     report: dict[str, Any] = {"classes": list(tiles.classes), "n": len(tiles.labels)}
     if args.folds and args.folds > 1:
         cv = cross_validate(x, tiles.labels, tiles.groups, n_classes, k=args.folds, l2=args.l2)
         report["grouped_cv"] = cv
-        print(f"grouped {args.folds}-fold CV: accuracy {cv['accuracy_mean']:.3f} +- {cv['accuracy_std']:.3f}, "
-              f"balanced {cv['balanced_accuracy_mean']:.3f} ({cv['groups']} groups, {cv['n']} tiles)")
+        print(
+            f"grouped {args.folds}-fold CV: accuracy {cv['accuracy_mean']:.3f} +- {cv['accuracy_std']:.3f}, "
+            f"balanced {cv['balanced_accuracy_mean']:.3f} ({cv['groups']} groups, {cv['n']} tiles)"
+        )
     probe = fit_logistic(x, tiles.labels, n_classes, l2=args.l2)
     install_linear_head(model, probe, tiles.classes)
     metrics = dict(model.card.metrics)
     if "grouped_cv" in report:
         metrics["tiles_grouped_cv_accuracy"] = report["grouped_cv"]["accuracy_mean"]
     card = save_model_weights(
-        model, args.out, metrics=metrics,
-        recipe=model.card.recipe + f" | tile head: logistic regression on tile embeddings of {args.images} "
+        model,
+        args.out,
+        metrics=metrics,
+        recipe=model.card.recipe
+        + f" | tile head: logistic regression on tile embeddings of {args.images} "
         f"({len(tiles.labels)} tiles, classes {', '.join(tiles.classes)}), l2={args.l2}",
     )
     print(f"wrote {args.out} (sha256 {card.weights_sha256[:12]}...) and its card")

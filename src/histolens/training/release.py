@@ -42,11 +42,26 @@ LICENCE = (
 
 def add_release_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens train release``."""
-    parser.add_argument("--run", type=Path, required=True, help="run folder of `histolens train nuclei` (final.safetensors)")
-    parser.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors); card beside it")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        help="run folder of `histolens train nuclei` (final.safetensors)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="weights file to write (.safetensors); card beside it",
+    )
     parser.add_argument("--data", type=Path, default=default_data_root())
     parser.add_argument("--model", default="histolens-default")
-    parser.add_argument("--lc25000-tiles", type=int, default=600, help="LC25000 tiles (whole dHash groups) used for the probe CV")
+    parser.add_argument(
+        "--lc25000-tiles",
+        type=int,
+        default=600,
+        help="LC25000 tiles (whole dHash groups) used for the probe CV",
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -66,23 +81,44 @@ def _load_run_model(run: Path, name: str) -> Any:
     return model.eval()
 
 
-def _nuclei_validation(model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]) -> None:
+def _nuclei_validation(
+    model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]
+) -> None:
     """MoNuSeg held-out patients through ``histolens nuclei``'s path, with and without TTA."""
     from .evaluate import classical_nuclei, evaluate_images, find_pairs
     from .nuclei_cli import segment_nuclei
 
     mon = data / "monuseg" / "train"
-    pairs = [p for p in find_pairs(mon / "images", mon / "labels") if p[0].stem[:12] in DEFAULT_VAL_PATIENTS]
+    pairs = [
+        p
+        for p in find_pairs(mon / "images", mon / "labels")
+        if p[0].stem[:12] in DEFAULT_VAL_PATIENTS
+    ]
     runs = {}
     for tag, tta in (("model", True), ("model_no_tta", False)):
         t0 = time.perf_counter()
-        runs[tag] = evaluate_images(pairs, lambda img, stem, tta=tta: segment_nuclei(img, mpp=0.25, model=model, name=stem, tta=tta)[0])
+        runs[tag] = evaluate_images(
+            pairs,
+            lambda img, stem, tta=tta: segment_nuclei(
+                img, mpp=0.25, model=model, name=stem, tta=tta
+            )[0],
+        )
         suffix = "" if tta else "_no_tta"
-        metrics[f"cpu_seconds_per_1000px_tile_0.25mpp{suffix}"] = round((time.perf_counter() - t0) / len(pairs), 2)
+        metrics[f"cpu_seconds_per_1000px_tile_0.25mpp{suffix}"] = round(
+            (time.perf_counter() - t0) / len(pairs), 2
+        )
     runs["baseline"] = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=0.25))
-    prefixes = {"model": "monuseg_val", "model_no_tta": "monuseg_val_no_tta", "baseline": "baseline_monuseg_val"}
+    prefixes = {
+        "model": "monuseg_val",
+        "model_no_tta": "monuseg_val_no_tta",
+        "baseline": "baseline_monuseg_val",
+    }
     for tag, df in runs.items():
-        log.info("MoNuSeg held-out patients, %s:\n%s", tag, df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        log.info(
+            "MoNuSeg held-out patients, %s:\n%s",
+            tag,
+            df.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+        )
         report[f"monuseg_val_{tag}"] = df.to_dict("records")
         for c in ("dice", "aji", "pq"):
             metrics[f"{prefixes[tag]}_{c}"] = round(float(df[c].mean()), 4)
@@ -119,7 +155,9 @@ def _fragment_diagnostic(model: Any, data: Path, report: dict[str, Any], min_px:
         img = np.pad(s.image, ((0, -h % m), (0, -w % m), (0, 0)), mode="reflect")
         out = model.predict_tiles(img[None], tasks=("nuclei",))
         prob, hv = out["nuclei_prob"][0][:h, :w], out["hv"][0][:, :h, :w]
-        lab = _absorb_fragments(hover_instances(prob, hv, mpp=float(model.card.mpp))[0], prob, min_px)
+        lab = _absorb_fragments(
+            hover_instances(prob, hv, mpp=float(model.card.mpp))[0], prob, min_px
+        )
         true = _read_truth(data, s.name)
         full = resample_labels(lab, 1.0, true.shape)
         rows.append({"image": s.name, **score_pair(true, full.astype(np.int64))})
@@ -136,7 +174,9 @@ def _read_truth(data: Path, name: str) -> np.ndarray:
         return np.asarray(im).astype(np.int64)
 
 
-def _type_validation(model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]) -> None:
+def _type_validation(
+    model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]
+) -> None:
     from .datasets import NUCLEUS_TYPES, load_consep
     from .evaluate import classical_nuclei, evaluate_types
     from .metrics import panoptic_quality
@@ -153,7 +193,11 @@ def _type_validation(model: Any, data: Path, report: dict[str, Any], metrics: di
 
     res = evaluate_types(samples, predict, len(NUCLEUS_TYPES))
     # The baseline has no types: only its PQ on the same patches.
-    base_pq = float(np.mean([panoptic_quality(s.instances, classical_nuclei(s.image, mpp=0.25)).pq for s in samples]))
+    base_pq = float(
+        np.mean(
+            [panoptic_quality(s.instances, classical_nuclei(s.image, mpp=0.25)).pq for s in samples]
+        )
+    )
     for k, name in enumerate(names):
         res[name] = res.pop(f"type{k}")
     report["consep_val_types"] = res
@@ -169,13 +213,21 @@ def _type_validation(model: Any, data: Path, report: dict[str, Any], metrics: di
             metrics[f"consep_val_f1_{name}"] = round(f1, 4)
 
 
-def _probes(model: Any, data: Path, args: argparse.Namespace, report: dict[str, Any], metrics: dict[str, float]) -> Any:
+def _probes(
+    model: Any,
+    data: Path,
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    metrics: dict[str, float],
+) -> Any:
     from .datasets import load_kather, load_lc25000
     from .probe import cross_validate, fit_logistic, tile_embeddings
 
     kather = load_kather(data)
     xk = tile_embeddings(model, kather.images, image_mpp=KATHER_EFFECTIVE_MPP)
-    cv_k = cross_validate(xk, kather.labels, kather.groups, len(kather.classes), k=args.folds, seed=args.seed)
+    cv_k = cross_validate(
+        xk, kather.labels, kather.groups, len(kather.classes), k=args.folds, seed=args.seed
+    )
     report["kather_probe"] = cv_k
     metrics["kather_probe_grouped_cv_accuracy"] = round(cv_k["accuracy_mean"], 4)
     metrics["kather_probe_grouped_cv_balanced_accuracy"] = round(cv_k["balanced_accuracy_mean"], 4)
@@ -194,12 +246,19 @@ def _probes(model: Any, data: Path, args: argparse.Namespace, report: dict[str, 
         n += int((lc.groups == g).sum())
     idx = np.nonzero(np.isin(lc.groups, chosen))[0]
     sizes = np.bincount(lc.groups)
-    report["lc25000_grouping"] = {"tiles": len(lc.groups), "groups": int(len(groups)), "largest_group": int(sizes.max()),
-                                  "mean_group_size": float(sizes.mean()), "probe_tiles": len(idx)}
+    report["lc25000_grouping"] = {
+        "tiles": len(lc.groups),
+        "groups": int(len(groups)),
+        "largest_group": int(sizes.max()),
+        "mean_group_size": float(sizes.mean()),
+        "probe_tiles": len(idx),
+    }
     xl = tile_embeddings(model, lc.images[idx])  # mpp unknown: run at the tiles' own scale
     yl, gl = lc.labels[idx], lc.groups[idx]
     cv_l = cross_validate(xl, yl, gl, len(lc.classes), k=args.folds, seed=args.seed)
-    leaky = cross_validate(xl, yl, np.arange(len(yl)), len(lc.classes), k=args.folds, seed=args.seed)
+    leaky = cross_validate(
+        xl, yl, np.arange(len(yl)), len(lc.classes), k=args.folds, seed=args.seed
+    )
     report["lc25000_probe_grouped"] = cv_l
     report["lc25000_probe_ungrouped_leaky"] = leaky
     metrics["lc25000_probe_grouped_cv_accuracy"] = round(cv_l["accuracy_mean"], 4)
@@ -279,13 +338,28 @@ def release(args: argparse.Namespace) -> int:
         "all resampled to 0.5 um/px; tile head: Kather 2016 100-tile sample."
     )
     card = card.replace(
-        licence=LICENCE, training_data=training_data, recipe=recipe, metrics=metrics,
-        description=card.description + f"; trained by the project's recipe (release {time.strftime('%Y-%m-%d')})",
+        licence=LICENCE,
+        training_data=training_data,
+        recipe=recipe,
+        metrics=metrics,
+        description=card.description
+        + f"; trained by the project's recipe (release {time.strftime('%Y-%m-%d')})",
     )
     card = save_model_weights(model, args.out, card=card)
     size_mb = args.out.stat().st_size / 1e6
-    report.update(metrics=metrics, weights=str(args.out), weights_mb=size_mb, sha256=card.weights_sha256,
-                  release_minutes=(time.time() - t0) / 60)
+    report.update(
+        metrics=metrics,
+        weights=str(args.out),
+        weights_mb=size_mb,
+        sha256=card.weights_sha256,
+        release_minutes=(time.time() - t0) / 60,
+    )
     (args.run / "release_report.json").write_text(json.dumps(report, indent=1, default=float))
-    log.info("wrote %s (%.2f MB, sha256 %s) and its card; metrics %s", args.out, size_mb, card.weights_sha256, metrics)
+    log.info(
+        "wrote %s (%.2f MB, sha256 %s) and its card; metrics %s",
+        args.out,
+        size_mb,
+        card.weights_sha256,
+        metrics,
+    )
     return 0

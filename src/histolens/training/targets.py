@@ -59,7 +59,9 @@ class Example:
     types: np.ndarray
 
 
-def hed_jitter(image: np.ndarray, rng: np.random.Generator, *, sigma: float, bias: float) -> np.ndarray:
+def hed_jitter(
+    image: np.ndarray, rng: np.random.Generator, *, sigma: float, bias: float
+) -> np.ndarray:
     """Stain augmentation in haematoxylin-eosin-DAB space: ``hed * a + b`` per channel.
 
     Perturbing optical densities (not RGB) mimics lab-to-lab staining variation.
@@ -73,7 +75,9 @@ def hed_jitter(image: np.ndarray, rng: np.random.Generator, *, sigma: float, bia
     return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _brightness_contrast(image: np.ndarray, rng: np.random.Generator, *, brightness: float, contrast: float) -> np.ndarray:
+def _brightness_contrast(
+    image: np.ndarray, rng: np.random.Generator, *, brightness: float, contrast: float
+) -> np.ndarray:
     x = image.astype(np.float32)
     c = rng.uniform(1 - contrast, 1 + contrast)
     b = rng.uniform(-brightness, brightness) * 255.0
@@ -89,7 +93,13 @@ def _pad_to(arr: np.ndarray, h: int, w: int, value: int) -> np.ndarray:
     return np.pad(arr, pad, constant_values=value)
 
 
-def make_example(sample: NucleiSample, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig(), *, augment: bool = True) -> Example:
+def make_example(
+    sample: NucleiSample,
+    rng: np.random.Generator,
+    cfg: AugmentConfig = AugmentConfig(),
+    *,
+    augment: bool = True,
+) -> Example:
     """A random ``cfg.size`` crop of ``sample`` with geometry and colour augmentation and targets.
 
     Scale jitter: a crop of ``size / s`` px is resized to ``size`` (zoom ``s`` drawn
@@ -100,7 +110,11 @@ def make_example(sample: NucleiSample, rng: np.random.Generator, cfg: AugmentCon
     size = cfg.size
     s = float(np.exp(rng.uniform(*np.log(cfg.scale)))) if augment else 1.0
     crop = max(8, round(size / s))
-    types = sample.types if sample.types is not None else np.where(sample.foreground, -1, 0).astype(np.int16)
+    types = (
+        sample.types
+        if sample.types is not None
+        else np.where(sample.foreground, -1, 0).astype(np.int16)
+    )
     inst = sample.instances
     image = _pad_to(sample.image, crop, crop, cfg.pad_value)
     fg = _pad_to(sample.foreground, crop, crop, 0)
@@ -112,7 +126,12 @@ def make_example(sample: NucleiSample, rng: np.random.Generator, cfg: AugmentCon
     image, fg, types = image[win], fg[win], types[win]
     inst = inst[win] if inst is not None else None
     if crop != size:
-        image = np.clip(resize(image, (size, size), order=1, preserve_range=True, anti_aliasing=crop > size) + 0.5, 0, 255).astype(np.uint8)
+        image = np.clip(
+            resize(image, (size, size), order=1, preserve_range=True, anti_aliasing=crop > size)
+            + 0.5,
+            0,
+            255,
+        ).astype(np.uint8)
         fg = resample_labels(fg, 1.0, (size, size))
         types = resample_labels(types, 1.0, (size, size))
         inst = resample_labels(inst, 1.0, (size, size)) if inst is not None else None

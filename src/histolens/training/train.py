@@ -67,7 +67,12 @@ def setup_logging(path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -86,7 +91,9 @@ class NucleiData:
         parts = [f"{k}: {len(v)}" for k, v in self.train.items()]
         parts.append(f"consep tiles: {len(self.consep_groups)}")
         parts.append(f"val monuseg: {[s.name for s in self.val_monuseg]}")
-        parts.append(f"val consep patches: {len(self.val_consep)} ({sorted({s.group for s in self.val_consep})})")
+        parts.append(
+            f"val consep patches: {len(self.val_consep)} ({sorted({s.group for s in self.val_consep})})"
+        )
         return "; ".join(parts)
 
 
@@ -105,7 +112,9 @@ def load_nuclei_data(
     found = {s.group for s in monuseg}
     missing = val_p - found
     if missing:
-        msg = f"validation patients {sorted(missing)} are not in MoNuSeg; choose from {sorted(found)}"
+        msg = (
+            f"validation patients {sorted(missing)} are not in MoNuSeg; choose from {sorted(found)}"
+        )
         raise ValueError(msg)
     val_t = set(val_consep_tiles)
     groups_found = {s.group for s in consep}
@@ -145,7 +154,9 @@ def _draw_sample(data: NucleiData, rng: np.random.Generator, min_size: int) -> N
     return s
 
 
-def make_batch(data: NucleiData, rng: np.random.Generator, batch_size: int, cfg: AugmentConfig) -> list[Example]:
+def make_batch(
+    data: NucleiData, rng: np.random.Generator, batch_size: int, cfg: AugmentConfig
+) -> list[Example]:
     """``batch_size`` augmented examples drawn across sources by :data:`SOURCE_WEIGHTS`."""
     return [make_example(_draw_sample(data, rng, cfg.size), rng, cfg) for _ in range(batch_size)]
 
@@ -166,7 +177,9 @@ def _fixed_val_batch(data: NucleiData, cfg: AugmentConfig, seed: int, n: int = 8
 # ----------------------------------------------------------------------------- torch side
 
 
-def batch_tensors(batch: Sequence[Example], mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+def batch_tensors(
+    batch: Sequence[Example], mean: Sequence[float], std: Sequence[float]
+) -> dict[str, Any]:
     """Stack examples into torch tensors; images normalised with the card's mean/std."""
     import torch
 
@@ -204,7 +217,10 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, state: dict[str, Any
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
-    meta = dict(state, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]])
+    meta = dict(
+        state,
+        param_groups=[{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+    )
     jtmp = path.with_suffix(".json.tmp")
     jtmp.write_text(json.dumps(meta, indent=1))
     os.replace(jtmp, path.with_suffix(".json"))
@@ -235,7 +251,11 @@ def create_trainable_model(name: str, *, weights: Path | None = None) -> Any:
     """The named model, random-initialised (or loaded from ``weights``), in training mode."""
     from histolens.models import create_model
 
-    model = create_model(name, pretrained=False) if weights is None else create_model(name, weights=weights)
+    model = (
+        create_model(name, pretrained=False)
+        if weights is None
+        else create_model(name, weights=weights)
+    )
     return model.train()
 
 
@@ -263,7 +283,9 @@ def load_matching_weights(model: Any, path: Path) -> tuple[int, list[str]]:
     return len(usable), sorted(k for k in state if k not in usable)
 
 
-def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None) -> int:
+def train_nuclei(
+    args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None
+) -> int:
     """The nuclei training loop; see the module docstring.
 
     ``model`` and ``data`` default to ``create_model(args.model)`` (random init) and
@@ -284,18 +306,31 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
         model = create_trainable_model(args.model, weights=args.init_weights)
     if getattr(args, "init_partial", None) is not None:
         copied, skipped = load_matching_weights(model, args.init_partial)
-        log.info("init from %s: %d tensors copied, %d kept fresh (absent or reshaped): %s",
-                 args.init_partial, copied, len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+        log.info(
+            "init from %s: %d tensors copied, %d kept fresh (absent or reshaped): %s",
+            args.init_partial,
+            copied,
+            len(skipped),
+            ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""),
+        )
     card = model.card
     if len(card.nucleus_types) != len(NUCLEUS_TYPES):
         msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains the CoNSeP 4 {NUCLEUS_TYPES}"
         raise ValueError(msg)
     mpp = float(card.mpp)
-    log.info("model %s: mpp %.3f um/px, %d params", args.model, mpp, sum(p.numel() for p in model.parameters()))
+    log.info(
+        "model %s: mpp %.3f um/px, %d params",
+        args.model,
+        mpp,
+        sum(p.numel() for p in model.parameters()),
+    )
     t0 = time.time()
     if data is None:
         data = load_nuclei_data(
-            args.data, mpp=mpp, val_patients=args.val_patients.split(","), val_consep_tiles=args.val_consep_tiles.split(",")
+            args.data,
+            mpp=mpp,
+            val_patients=args.val_patients.split(","),
+            val_consep_tiles=args.val_consep_tiles.split(","),
         )
     log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
     cfg = AugmentConfig(size=args.crop)
@@ -303,10 +338,20 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
     val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "seed": args.seed, "args": _jsonable(vars(args))}
+    state: dict[str, Any] = {
+        "step": 0,
+        "elapsed_s": 0.0,
+        "seed": args.seed,
+        "args": _jsonable(vars(args)),
+    }
     if args.resume and ckpt_path.exists():
         state.update(load_checkpoint(ckpt_path, model, optimizer))
-        log.info("resumed from %s at step %d (%.1f min trained)", ckpt_path, state["step"], state["elapsed_s"] / 60)
+        log.info(
+            "resumed from %s at step %d (%.1f min trained)",
+            ckpt_path,
+            state["step"],
+            state["elapsed_s"] / 60,
+        )
     budget = args.minutes * 60.0
     use_bf16 = args.precision == "bf16"
     model.train()
@@ -340,7 +385,9 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
             running[k] = running.get(k, 0.0) + float(v.detach())
         if step % args.log_every == 0:
             msg = " ".join(f"{k} {v / args.log_every:.4f}" for k, v in running.items())
-            log.info("step %d  %.1f min  lr %.2e  %s", step, (time.time() - start_wall) / 60, lr, msg)
+            log.info(
+                "step %d  %.1f min  lr %.2e  %s", step, (time.time() - start_wall) / 60, lr, msg
+            )
             running.clear()
         if time.time() - last_ckpt >= args.checkpoint_minutes * 60:
             state.update(step=step, elapsed_s=time.time() - start_wall)
@@ -353,8 +400,16 @@ def train_nuclei(args: argparse.Namespace, *, model: Any = None, data: NucleiDat
     save_checkpoint(ckpt_path, model, optimizer, state)
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"))
-    log.info("done: %d steps in %.1f min; weights %s", step, state["elapsed_s"] / 60, out / "final.safetensors")
+    save_file(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+        str(out / "final.safetensors"),
+    )
+    log.info(
+        "done: %d steps in %.1f min; weights %s",
+        step,
+        state["elapsed_s"] / 60,
+        out / "final.safetensors",
+    )
     return 0
 
 
@@ -374,7 +429,11 @@ def _validate(model: Any, b: dict[str, Any] | None, use_bf16: bool, step: int) -
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if not callable(v) and not k.startswith("_")}
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in d.items()
+        if not callable(v) and not k.startswith("_")
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -383,35 +442,81 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens train nuclei`` and ``histolens train tiles``."""
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    n = sub.add_parser("nuclei", help="train backbone + nuclei heads (HoVer-style) from random init")
-    n.add_argument("--data", type=Path, default=default_data_root(), help="shared data root (default: %(default)s)")
-    n.add_argument("--out", type=Path, required=True, help="run folder: train.log, checkpoints, final weights")
+    n = sub.add_parser(
+        "nuclei", help="train backbone + nuclei heads (HoVer-style) from random init"
+    )
+    n.add_argument(
+        "--data",
+        type=Path,
+        default=default_data_root(),
+        help="shared data root (default: %(default)s)",
+    )
+    n.add_argument(
+        "--out", type=Path, required=True, help="run folder: train.log, checkpoints, final weights"
+    )
     n.add_argument("--model", default="histolens-default", help="registered model to train")
-    n.add_argument("--init-weights", type=Path, default=None, help="start from these weights instead of random init")
-    n.add_argument("--init-partial", type=Path, default=None, help="copy the tensors of this weights file that match by name and shape (e.g. a trained backbone under a new decoder)")
-    n.add_argument("--minutes", type=float, default=60.0, help="wall-time budget in minutes (default %(default)s)")
+    n.add_argument(
+        "--init-weights",
+        type=Path,
+        default=None,
+        help="start from these weights instead of random init",
+    )
+    n.add_argument(
+        "--init-partial",
+        type=Path,
+        default=None,
+        help="copy the tensors of this weights file that match by name and shape (e.g. a trained backbone under a new decoder)",
+    )
+    n.add_argument(
+        "--minutes",
+        type=float,
+        default=60.0,
+        help="wall-time budget in minutes (default %(default)s)",
+    )
     n.add_argument("--batch-size", type=int, default=8)
-    n.add_argument("--crop", type=int, default=256, help="training crop side in px at the model's mpp")
+    n.add_argument(
+        "--crop", type=int, default=256, help="training crop side in px at the model's mpp"
+    )
     n.add_argument("--lr", type=float, default=1e-3)
     n.add_argument("--weight-decay", type=float, default=1e-4)
     n.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     n.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    n.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on CPU")
-    n.add_argument("--max-steps", type=int, default=None, help="stop (and end the cosine) at this step, if before the time budget")
+    n.add_argument(
+        "--precision", choices=("bf16", "fp32"), default="bf16", help="autocast dtype on CPU"
+    )
+    n.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop (and end the cosine) at this step, if before the time budget",
+    )
     n.add_argument("--checkpoint-minutes", type=float, default=5.0)
     n.add_argument("--log-every", type=int, default=10)
     n.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    n.add_argument("--val-patients", default=",".join(DEFAULT_VAL_PATIENTS), help="held-out MoNuSeg patients (comma-separated)")
-    n.add_argument("--val-consep-tiles", default=",".join(DEFAULT_VAL_CONSEP_TILES), help="held-out CoNSeP source tiles")
+    n.add_argument(
+        "--val-patients",
+        default=",".join(DEFAULT_VAL_PATIENTS),
+        help="held-out MoNuSeg patients (comma-separated)",
+    )
+    n.add_argument(
+        "--val-consep-tiles",
+        default=",".join(DEFAULT_VAL_CONSEP_TILES),
+        help="held-out CoNSeP source tiles",
+    )
     n.set_defaults(_task=train_nuclei)
-    t = sub.add_parser("tiles", help="fit a tile-class head on your own labelled tiles; write new weights + card")
+    t = sub.add_parser(
+        "tiles", help="fit a tile-class head on your own labelled tiles; write new weights + card"
+    )
     from .probe import add_tile_arguments, train_tiles
 
     add_tile_arguments(t)
     t.set_defaults(_task=train_tiles)
-    r = sub.add_parser("release", help="evaluate a finished nuclei run, fit the Kather tile head, write weights + card")
+    r = sub.add_parser(
+        "release",
+        help="evaluate a finished nuclei run, fit the Kather tile head, write weights + card",
+    )
     from .release import add_release_arguments, release
 
     add_release_arguments(r)
