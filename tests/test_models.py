@@ -482,3 +482,11 @@ def test_cli_lists_and_prints_cards(capsys):
     assert _cli.run(parser.parse_args(["test-tiny"])) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "test-tiny"
     assert _cli.run(parser.parse_args(["nope"])) == 2
+
+
+def test_trained_listing_keeps_only_models_with_complete_weights_here():
+    trained = list_models(trained=True)
+    assert trained[0] == "histolens-default"  # the embedded weights ship with the package
+    # random-init architectures and backbone-only foundation checkpoints are not "trained"
+    assert not {"test-tiny", "atlas-small", "atlas-base", "pluto-s16", "uni"} & set(trained)
+    assert set(trained) <= set(list_models())

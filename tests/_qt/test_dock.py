@@ -106,7 +106,7 @@ def dock(make_napari_viewer, cmu_path, qtbot):
     layers = _open_with_plugin_reader(viewer, cmu_path)
     widget = HistoLensWidget(viewer)
     viewer.window.add_dock_widget(widget, name="HistoLens")
-    widget.model_combo.setCurrentText("test-tiny")
+    widget.select_model("test-tiny")
     widget.device_combo.setCurrentText("cpu")
     tiny = models.create_model("test-tiny", device="cpu")
     widget._models._models[("test-tiny", "cpu")] = _DarkNucleiModel(tiny)
@@ -303,7 +303,7 @@ def test_image_without_mpp_asks_for_the_override(make_napari_viewer, qtbot, note
     # With the override, the analysis runs and its overlays land on the uncalibrated
     # (scale 1, world = level-0 pixels) layer, not at micrometre coordinates.
     widget.mpp_spin.setValue(0.5)
-    widget.model_combo.setCurrentText("test-tiny")
+    widget.select_model("test-tiny")
     widget.device_combo.setCurrentText("cpu")
     viewer.reset_view()
     request = widget.analyze_view()

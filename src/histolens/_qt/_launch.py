@@ -63,12 +63,7 @@ def open_viewer(
     dock = HistoLensWidget(viewer)
     viewer.window.add_dock_widget(dock, name="HistoLens", area="right")
     if model is not None:
-        index = dock.model_combo.findText(model)
-        if index < 0:
-            choices = [dock.model_combo.itemText(i) for i in range(dock.model_combo.count())]
-            msg = f"unknown model {model!r}; choose one of {choices}"
-            raise ValueError(msg)
-        dock.model_combo.setCurrentIndex(index)
+        dock.select_model(model)
     if mpp is not None:
         dock.mpp_spin.setValue(float(mpp))
     if live:

@@ -86,6 +86,18 @@ class HistoLensWidget(QWidget):
         camera.events.zoom.connect(self._on_view_changed)
         self.viewer.canvas.events.size.connect(self._on_view_changed)
 
+    def select_model(self, name: str) -> None:
+        """Choose a registered model, adding it to the list when it is not shown by default
+        (an architecture without trained weights: asked for by name, so the user knows)."""
+        from histolens.models import list_models
+
+        if self.model_combo.findText(name) < 0:
+            if name not in list_models():
+                msg = f"unknown model {name!r}; choose one of {list_models()}"
+                raise ValueError(msg)
+            self.model_combo.addItem(name)
+        self.model_combo.setCurrentIndex(self.model_combo.findText(name))
+
     # --- construction ------------------------------------------------------------------
     def _build(self) -> None:
         self.layer_combo = QComboBox()
@@ -94,7 +106,13 @@ class HistoLensWidget(QWidget):
         try:
             from histolens.models import list_models
 
-            self.model_combo.addItems(list_models())
+            # Only models with trained weights here: an untrained architecture would paint
+            # random nuclei on the slide. The others stay reachable from Python.
+            self.model_combo.addItems(list_models(trained=True) or list_models())
+            self.model_combo.setToolTip(
+                "models with trained weights on this machine; "
+                "histolens.list_models() lists every architecture"
+            )
         except Exception as exc:  # noqa: BLE001 (the dock must open to report it)
             show_error(f"HistoLens: could not list models ({exc})")
         self.device_combo = QComboBox()

@@ -80,13 +80,27 @@ def register_model(
     return deco
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted; the default first."""
-    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str = "*", *, trained: bool = False) -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, sorted; the default first.
+
+    ``trained=True`` keeps only models whose complete trained weights are on this machine
+    (backbone *and* heads), i.e. the ones whose outputs mean something; the others are
+    architectures for training, benchmarks and tests.
+    """
+    names = sorted(
+        n
+        for n in _REGISTRY
+        if fnmatch.fnmatch(n, pattern) and (not trained or _has_trained_weights(_REGISTRY[n]))
+    )
     if DEFAULT_MODEL in names:
         names.remove(DEFAULT_MODEL)
         names.insert(0, DEFAULT_MODEL)
     return names
+
+
+def _has_trained_weights(entry: ModelEntry) -> bool:
+    # Foundation entries hold a backbone checkpoint only: their task heads are untrained.
+    return entry.weights is not None and not entry.foundation and Path(entry.weights).is_file()
 
 
 def _entry(name: str) -> ModelEntry:
