@@ -24,6 +24,7 @@ __all__ = [
     "MARKER_SPACING_UM",
     "MIN_NUCLEUS_UM2",
     "REFERENCE_MPP",
+    "RIM_DEPTH_UM",
     "hover_instances",
     "hover_parameters",
     "instances_to_hv",
@@ -39,6 +40,9 @@ REFERENCE_MPP = 0.25
 #: and 4,000 instances for 3,822 true ones against 19,000 fragments for HoVer-style markers.
 MARKER_SPACING_UM = 2.5
 MIN_NUCLEUS_UM2 = 10.0
+#: "distance" markers: how deep (um of distance) a full HV rim (magnitude 1) cuts into the
+#: distance landscape; 0 ignores the HV maps.
+RIM_DEPTH_UM = 1.0
 
 
 def _odd(x: float) -> int:
@@ -195,10 +199,10 @@ def _distance_watershed(blb: np.ndarray, hv: np.ndarray, *, mpp: float, min_px: 
     if not blb.any():
         return np.zeros(blb.shape, np.uint32)
     dist = ndi.distance_transform_edt(blb)
-    # HV magnitude is ~0 at a nucleus centre and ~1 at its rim: subtracting it (1 um per unit)
+    # HV magnitude is ~0 at a nucleus centre and ~1 at its rim: subtracting it (RIM_DEPTH_UM per unit)
     # deepens the valleys between touching nuclei that the distance alone sees as one blob.
     rim = np.hypot(ndi.gaussian_filter(hv[0], 1.0), ndi.gaussian_filter(hv[1], 1.0))
-    height = ndi.gaussian_filter(dist, sigma=0.5 / mpp) - (1.0 / mpp) * rim * blb
+    height = ndi.gaussian_filter(dist, sigma=0.5 / mpp) - (RIM_DEPTH_UM / mpp) * rim * blb
     components, _ = ndi.label(blb)
     peaks = peak_local_max(
         height,
