@@ -85,44 +85,12 @@ def test_evaluate_cli_scores_predictions_and_baseline(tmp_path, capsys):
         tifffile.imwrite(imgs / f"t{i}.tif", img)
         tifffile.imwrite(labs / f"t{i}.tif", inst.astype(np.uint16))
         tifffile.imwrite(preds / f"t{i}.tif", inst.astype(np.uint32))  # perfect predictions
-    assert (
-        main(
-            [
-                "evaluate",
-                "nuclei",
-                "--images",
-                str(imgs),
-                "--labels",
-                str(labs),
-                "--mpp",
-                "0.5",
-                "--pred",
-                str(preds),
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5"]
+    assert main([*evaluate, "--pred", str(preds)]) == 0
     out = capsys.readouterr().out
     assert "mean  dice 1.0000  aji 1.0000  pq 1.0000" in out
     js = tmp_path / "b.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "nuclei",
-                "--images",
-                str(imgs),
-                "--labels",
-                str(labs),
-                "--mpp",
-                "0.5",
-                "--baseline",
-                "--json",
-                str(js),
-            ]
-        )
-        == 0
-    )
+    assert main([*evaluate, "--baseline", "--json", str(js)]) == 0
     import json
 
     mean = json.loads(js.read_text())["mean"]
