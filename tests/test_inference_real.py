@@ -70,21 +70,16 @@ def test_tiny_model_by_name_and_precisions(slide):
     """``model`` given as a name; bf16 and fp32 give the same tile classes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r32 = analyze_region(
-            slide,
-            Region(0, 0, 128, 128),
-            model="test-tiny",
-            device="cpu",
-            precision="fp32",
-            cache=False,
-        )
-        r16 = analyze_region(
-            slide,
-            Region(0, 0, 128, 128),
-            model="test-tiny",
-            device="cpu",
-            precision="bf16",
-            cache=False,
+        r32, r16 = (
+            analyze_region(
+                slide,
+                Region(0, 0, 128, 128),
+                model="test-tiny",
+                device="cpu",
+                precision=p,
+                cache=False,
+            )
+            for p in ("fp32", "bf16")
         )
     assert r32.provenance.precision == "fp32" and r16.provenance.precision == "bf16"
     assert (r32.tiles.classes == r16.tiles.classes).mean() >= 0.9
