@@ -338,3 +338,18 @@ def test_view_command_opens_the_slide_with_the_dock(make_napari_viewer, cmu_path
     assert viewer.layers[0].scale[-1] == pytest.approx(0.499, abs=1e-3)
     with pytest.raises(ValueError, match="unknown model"):
         open_viewer(cmu_path, model="no-such-model", viewer=make_napari_viewer())
+
+
+def test_untrained_models_are_hidden_but_selectable_by_name_with_a_warning(
+    make_napari_viewer, notes
+):
+    from histolens.models import list_models
+
+    widget = HistoLensWidget(make_napari_viewer())
+    shown = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert shown == list_models(trained=True)
+    widget.select_model("atlas-small")
+    assert widget.model_combo.currentText() == "atlas-small"
+    assert notes["warning"] and "no trained weights" in notes["warning"][-1]
+    with pytest.raises(ValueError, match="unknown model"):
+        widget.select_model("no-such-model")

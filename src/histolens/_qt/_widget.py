@@ -96,6 +96,11 @@ class HistoLensWidget(QWidget):
                 msg = f"unknown model {name!r}; choose one of {list_models()}"
                 raise ValueError(msg)
             self.model_combo.addItem(name)
+            if name not in list_models(trained=True):
+                show_warning(
+                    f"HistoLens: {name!r} has no trained weights here; its nuclei and classes "
+                    "are not meaningful"
+                )
         self.model_combo.setCurrentIndex(self.model_combo.findText(name))
 
     # --- construction ------------------------------------------------------------------
