@@ -322,53 +322,7 @@ def keep_instances(
     nucleus cut by the seam between two tiles is kept by exactly one of them, whole (the halo
     lets the owner see all of it), which is the de-duplication rule.
     """
-    labels = np.asarray(labels)
-    if labels.shape != tile.outer.shape:
-        msg = f"tile labels have shape {labels.shape}, expected the outer box {tile.outer.shape}"
-        raise ValueError(msg)
-    n = int(labels.max()) if labels.size else 0
-    if n == 0:
-        return TileInstances.empty()
-    flat = labels.ravel().astype(np.int64)
-    yy, xx = np.divmod(np.arange(flat.size, dtype=np.int64), labels.shape[1])
-    counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    sy = np.bincount(flat, weights=yy, minlength=n + 1)
-    sx = np.bincount(flat, weights=xx, minlength=n + 1)
-    present = counts > 0
-    present[0] = False
-    ids = np.nonzero(present)[0]
-    cy = sy[ids] / counts[ids] + tile.outer.y0
-    cx = sx[ids] / counts[ids] + tile.outer.x0
-    inner = tile.inner
-    # Centroid pixel-index coordinates; pixel k spans [k - 0.5, k + 0.5).
-    ry, rx = np.floor(cy + 0.5), np.floor(cx + 0.5)
-    own = (ry >= inner.y0) & (ry < inner.y1) & (rx >= inner.x0) & (rx < inner.x1)
-    ids = ids[own]
-    if len(ids) == 0:
-        return TileInstances.empty()
-    remap = np.zeros(n + 1, np.uint32)
-    remap[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
-    local = remap[labels]
-    rows = np.nonzero(local.any(axis=1))[0]
-    cols = np.nonzero(local.any(axis=0))[0]
-    crop = local[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
-    t = (
-        np.zeros(len(ids), np.int32)
-        if types is None
-        else np.asarray(types)[ids - 1].astype(np.int32)
-    )
-    p = (
-        np.ones(len(ids), np.float32)
-        if probs is None
-        else np.asarray(probs)[ids - 1].astype(np.float32)
-    )
-    return TileInstances(
-        labels=crop,
-        origin=(tile.outer.y0 + int(rows[0]), tile.outer.x0 + int(cols[0])),
-        centroids=np.stack([cy[own], cx[own]], axis=1),
-        types=t,
-        probs=p,
-    )
+    return split_instances(labels, Block((tile,), tile.inner, tile.outer), types, probs)[0]
 
 
 def split_instances(
@@ -380,9 +334,9 @@ def split_instances(
     """:func:`keep_instances` for every tile of ``block`` in one pass over the block's labels.
 
     ``labels`` covers ``block.outer`` (global analysis pixels). Each instance goes to the tile
-    whose inner box holds its centroid (the same rule, so the result equals calling
-    :func:`keep_instances` per tile); centroids and bounding boxes are computed once for the
-    block instead of once per tile, which matters when a block holds many small tiles.
+    whose inner box holds its centroid (pixel ``k`` spans ``[k - 0.5, k + 0.5)``); centroids
+    and bounding boxes are computed once for the block instead of once per tile, which matters
+    when a block holds many small tiles.
     Returns one :class:`TileInstances` per ``block.tiles``, in that order.
     """
     labels = np.asarray(labels)

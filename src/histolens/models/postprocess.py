@@ -199,8 +199,8 @@ def _distance_watershed(blb: np.ndarray, hv: np.ndarray, *, mpp: float, min_px: 
     if not blb.any():
         return np.zeros(blb.shape, np.uint32)
     dist = ndi.distance_transform_edt(blb)
-    # HV magnitude is ~0 at a nucleus centre and ~1 at its rim: subtracting it (RIM_DEPTH_UM per unit)
-    # deepens the valleys between touching nuclei that the distance alone sees as one blob.
+    # HV magnitude is ~0 at a nucleus centre and ~1 at its rim: subtracting it (RIM_DEPTH_UM
+    # per unit) deepens the valleys between touching nuclei that the distance alone sees as one.
     rim = np.hypot(ndi.gaussian_filter(hv[0], 1.0), ndi.gaussian_filter(hv[1], 1.0))
     height = ndi.gaussian_filter(dist, sigma=0.5 / mpp) - (RIM_DEPTH_UM / mpp) * rim * blb
     components, _ = ndi.label(blb)

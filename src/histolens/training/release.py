@@ -144,7 +144,7 @@ def _fragment_diagnostic(model: Any, data: Path, report: dict[str, Any], min_px:
     from histolens.models.postprocess import hover_instances
 
     from .datasets import load_monuseg, resample_labels
-    from .evaluate import score_pair
+    from .evaluate import _read_labels, score_pair
 
     rows = []
     for s in load_monuseg(data, mpp=float(model.card.mpp), binary=False):
@@ -158,20 +158,15 @@ def _fragment_diagnostic(model: Any, data: Path, report: dict[str, Any], min_px:
         lab = _absorb_fragments(
             hover_instances(prob, hv, mpp=float(model.card.mpp))[0], prob, min_px
         )
-        true = _read_truth(data, s.name)
+        true = _read_labels(data / "monuseg" / "train" / "labels" / f"{s.name}.png").astype(
+            np.int64
+        )
         full = resample_labels(lab, 1.0, true.shape)
         rows.append({"image": s.name, **score_pair(true, full.astype(np.int64))})
     report["monuseg_val_model_fragments_merged_diagnostic"] = rows
     means = {c: float(np.mean([r[c] for r in rows])) for c in ("dice", "aji", "pq")}
     report["monuseg_val_model_fragments_merged_diagnostic_mean"] = means
     log.info("diagnostic, fragments < %d px merged (not the shipped path): %s", min_px, means)
-
-
-def _read_truth(data: Path, name: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(data / "monuseg" / "train" / "labels" / f"{name}.png") as im:
-        return np.asarray(im).astype(np.int64)
 
 
 def _type_validation(
