@@ -339,3 +339,58 @@ def test_decoder_refine_adds_capacity_and_keeps_output_shapes() -> None:
         out = m.eval()(image, pyramid, context)
         assert out["nuclei_logits"].shape == (2, 1, 64, 64)
         assert out["hv"].shape == (2, 2, 64, 64) and out["type_logits"].shape == (2, 4, 64, 64)
+
+
+def test_weight_options_parse_over_defaults_and_reject_typos():
+    from histolens.training.train import SOURCE_WEIGHTS, parse_weights
+
+    w = parse_weights("monuseg=0.5, consep=0", SOURCE_WEIGHTS, "--source-weights")
+    assert w["monuseg"] == 0.5 and w["consep"] == 0.0 and w["pannuke"] == SOURCE_WEIGHTS["pannuke"]
+    assert parse_weights(None, SOURCE_WEIGHTS, "--source-weights") == SOURCE_WEIGHTS
+    for bad in ("monusge=1", "monuseg", "monuseg=-1", "monuseg=x", "monuseg=nan"):
+        with pytest.raises(ValueError, match="--source-weights"):
+            parse_weights(bad, SOURCE_WEIGHTS, "--source-weights")
+    with pytest.raises(ValueError, match="at least one"):
+        parse_weights(
+            ",".join(f"{k}=0" for k in SOURCE_WEIGHTS), SOURCE_WEIGHTS, "--source-weights"
+        )
+
+
+def test_source_weights_steer_the_draw_and_zero_excludes_a_source():
+    from histolens.training.train import NucleiData, _draw_sample
+
+    a, b = _disks((96, 96), seed=1), _disks((96, 96), seed=2)
+    data = NucleiData(train={"monuseg": [a], "pannuke": [b]})
+    rng = np.random.default_rng(0)
+    draws = [_draw_sample(data, rng, 64, {"monuseg": 0.9, "pannuke": 0.1}) for _ in range(400)]
+    share = sum(d is a for d in draws) / len(draws)
+    assert 0.85 < share < 0.95
+    assert all(
+        _draw_sample(data, rng, 64, {"monuseg": 0.0, "pannuke": 1.0}) is b for _ in range(20)
+    )
+
+
+def test_loss_weights_scale_their_terms_in_the_total():
+    from histolens.training.losses import LossWeights, nuclei_losses
+    from histolens.training.train import batch_tensors
+
+    ex = [make_example(_disks((64, 64), seed=3), np.random.default_rng(3), AugmentConfig(size=64))]
+    b = batch_tensors(ex, (0.5,) * 3, (0.5,) * 3)
+    out = _Tiny.make()(b["x"])
+    args = (out, b["foreground"], b["hv"], b["hv_valid"], b["types"])
+    one = nuclei_losses(*args)
+    two = nuclei_losses(*args, weights=LossWeights(hv_mse=2.0, hv_msge=2.0))
+    extra = float(one["hv_mse"] + one["hv_msge"])
+    assert extra > 0
+    assert float(two["total"]) == pytest.approx(float(one["total"]) + extra, rel=1e-5)
+
+
+def test_release_recipe_names_the_weight_options_of_a_phase():
+    from histolens.training.release import _phase_command
+
+    args = {"minutes": 80, "lr": 3e-4, "seed": 4, "threads": 1, "init_weights": "x"}
+    plain = _phase_command({"args": args, "step": 10, "elapsed_s": 60})
+    assert "--source-weights" not in plain and "--init-weights <previous phase>" in plain
+    args |= {"source_weights": "monuseg=0.5", "loss_weights": "hv_msge=2"}
+    line = _phase_command({"args": args, "step": 10, "elapsed_s": 60})
+    assert "--source-weights monuseg=0.5 --loss-weights hv_msge=2" in line

@@ -284,6 +284,9 @@ def _phase_command(p: dict[str, Any]) -> str:
     init = " --init-weights <previous phase>" if a.get("init_weights") else ""
     if a.get("init_partial"):
         init = " --init-partial <previous phase> (backbone and matching decoder tensors)"
+    for option in ("source_weights", "loss_weights"):
+        if a.get(option):
+            init += f" --{option.replace('_', '-')} {a[option]}"
     return (
         f"histolens train nuclei --minutes {a.get('minutes')} --lr {a.get('lr')} --warmup {a.get('warmup')} "
         f"--batch-size {a.get('batch_size')} --crop {a.get('crop')} --seed {a.get('seed')} "

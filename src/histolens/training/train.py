@@ -21,8 +21,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +138,14 @@ def load_nuclei_data(
     return data
 
 
-def _draw_sample(data: NucleiData, rng: np.random.Generator, min_size: int) -> NucleiSample:
-    names = [k for k in SOURCE_WEIGHTS if data.train.get(k)]
-    w = np.array([SOURCE_WEIGHTS[k] for k in names])
+def _draw_sample(
+    data: NucleiData,
+    rng: np.random.Generator,
+    min_size: int,
+    source_weights: Mapping[str, float] = SOURCE_WEIGHTS,
+) -> NucleiSample:
+    names = [k for k in source_weights if source_weights[k] > 0 and data.train.get(k)]
+    w = np.array([source_weights[k] for k in names])
     source = names[int(rng.choice(len(names), p=w / w.sum()))]
     if source == "consep":
         # 2 x 2 mosaic of patches from ONE source tile: a >= 256 px crop that never mixes tiles.
@@ -155,10 +160,37 @@ def _draw_sample(data: NucleiData, rng: np.random.Generator, min_size: int) -> N
 
 
 def make_batch(
-    data: NucleiData, rng: np.random.Generator, batch_size: int, cfg: AugmentConfig
+    data: NucleiData,
+    rng: np.random.Generator,
+    batch_size: int,
+    cfg: AugmentConfig,
+    source_weights: Mapping[str, float] = SOURCE_WEIGHTS,
 ) -> list[Example]:
-    """``batch_size`` augmented examples drawn across sources by :data:`SOURCE_WEIGHTS`."""
-    return [make_example(_draw_sample(data, rng, cfg.size), rng, cfg) for _ in range(batch_size)]
+    """``batch_size`` augmented examples drawn across sources by ``source_weights``."""
+    return [
+        make_example(_draw_sample(data, rng, cfg.size, source_weights), rng, cfg)
+        for _ in range(batch_size)
+    ]
+
+
+def parse_weights(text: str | None, defaults: Mapping[str, float], what: str) -> dict[str, float]:
+    """``"a=0.5,b=2"`` over ``defaults``: names must be known, values finite and >= 0."""
+    out = dict(defaults)
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        try:
+            v = float(value) if sep else float("nan")
+        except ValueError:
+            v = float("nan")
+        if name not in defaults or not np.isfinite(v) or v < 0:
+            msg = f"bad {what} {item!r}: write NAME=VALUE with NAME one of {', '.join(defaults)} and VALUE >= 0"
+            raise ValueError(msg)
+        out[name] = v
+    if not any(out.values()):
+        msg = f"{what}: at least one weight must be > 0"
+        raise ValueError(msg)
+    return out
 
 
 def _fixed_val_batch(data: NucleiData, cfg: AugmentConfig, seed: int, n: int = 8) -> list[Example]:
@@ -293,7 +325,7 @@ def train_nuclei(
     """
     import torch
 
-    from .losses import nuclei_losses
+    from .losses import LossWeights, nuclei_losses
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -334,6 +366,15 @@ def train_nuclei(
         )
     log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
     cfg = AugmentConfig(size=args.crop)
+    source_weights = parse_weights(
+        getattr(args, "source_weights", None), SOURCE_WEIGHTS, "--source-weights"
+    )
+    loss_weights = LossWeights(
+        **parse_weights(
+            getattr(args, "loss_weights", None), asdict(LossWeights()), "--loss-weights"
+        )
+    )
+    log.info("sources %s; loss weights %s", source_weights, asdict(loss_weights))
     val_examples = _fixed_val_batch(data, cfg, args.seed)
     val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
 
@@ -372,10 +413,13 @@ def train_nuclei(
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])
         torch.manual_seed(args.seed * 1_000_003 + step)
-        b = batch_tensors(make_batch(data, rng, args.batch_size, cfg), card.mean, card.std)
+        batch = make_batch(data, rng, args.batch_size, cfg, source_weights)
+        b = batch_tensors(batch, card.mean, card.std)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             pred = model(b["x"])
-        terms = nuclei_losses(pred, b["foreground"], b["hv"], b["hv_valid"], b["types"])
+        terms = nuclei_losses(
+            pred, b["foreground"], b["hv"], b["hv_valid"], b["types"], weights=loss_weights
+        )
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -491,6 +535,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="stop (and end the cosine) at this step, if before the time budget",
+    )
+    n.add_argument(
+        "--source-weights",
+        default=None,
+        help=f"share of each data source per batch, e.g. monuseg=0.5,consep=0.25 (defaults: {SOURCE_WEIGHTS})",
+    )
+    n.add_argument(
+        "--loss-weights",
+        default=None,
+        help="loss term weights, e.g. hv_mse=2,hv_msge=2 (default: all 1, as HoVer-Net)",
     )
     n.add_argument("--checkpoint-minutes", type=float, default=5.0)
     n.add_argument("--log-every", type=int, default=10)
