@@ -136,6 +136,21 @@ def test_polygon_of_one_pixel_lies_on_that_level0_pixel():
     assert np.isclose(xs.mean(), 214.0, atol=0.5) and np.isclose(ys.mean(), 110.0, atol=0.5)
 
 
+def test_polygons_of_a_slide_sized_label_image_need_no_copy_of_it():
+    import tracemalloc
+
+    lab = np.zeros((8192, 4096), np.uint32)  # 128 MB, four nuclei far apart
+    for i, (y, x) in enumerate([(7000, 100), (5000, 3000), (30, 4000), (30, 20)]):
+        lab[y - 2 : y + 2, x - 2 : x + 2] = i + 1
+    export.labels_to_polygons(lab[:64, :64])  # imports outside the measurement
+    tracemalloc.start()
+    rings = export.labels_to_polygons(lab)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert sorted(rings) == [1, 2, 3, 4]
+    assert peak < lab.nbytes / 8, f"labels_to_polygons peaked at {peak / 1e6:.0f} MB"
+
+
 def test_split_label_becomes_multipolygon_and_sparse_ids_work():
     labels = np.zeros((20, 20), np.uint32)
     labels[2:5, 2:5] = 4_000_000_000

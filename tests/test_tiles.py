@@ -117,6 +117,41 @@ def test_seam_nucleus_is_kept_once_and_whole():
     assert by_type[0][2] == pytest.approx(30) and by_type[1][2] == pytest.approx(34)
 
 
+def test_canonical_renumbers_a_slide_sized_canvas_in_place_without_big_temporaries():
+    """Labels 1..n by centroid (y, x), the same image as a lookup, and no canvas-sized copy."""
+    import tracemalloc
+
+    from histolens.tiles import TileInstances
+
+    h, w = 8192, 4096  # 128 MB of uint32: a small slide's canvas
+    canvas = InstanceCanvas(Region(0, 0, h, w))
+    # Pasted bottom-up, so paste order and canonical (top-down) order differ.
+    spots = [(7000, 100), (5000, 3000), (30, 4000), (30, 20)]
+    for i, (y, x) in enumerate(spots):
+        lab = np.zeros((8, 8), np.uint32)
+        lab[2:6, 2:6] = 1
+        canvas.paste(
+            TileInstances(
+                labels=lab,
+                origin=(y - 4, x - 4),
+                centroids=np.array([[y - 0.5, x - 0.5]]),
+                types=np.array([i]),
+                probs=np.array([0.5]),
+            )
+        )
+    before = canvas.labels[[7000, 5000, 30, 30], [100, 3000, 4000, 20]].tolist()
+    assert before == [1, 2, 3, 4]
+    tracemalloc.start()
+    labels, rows = canvas.canonical()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert labels is canvas.labels
+    assert labels[[30, 30, 5000, 7000], [20, 4000, 3000, 100]].tolist() == [1, 2, 3, 4]
+    assert rows[:, 0].tolist() == [1, 2, 3, 4] and rows[:, 4].tolist() == [3, 2, 1, 0]
+    assert np.bincount(labels[labels > 0]).tolist() == [0, 16, 16, 16, 16]
+    assert peak < labels.nbytes / 2, f"canonical() peaked at {peak / 1e6:.0f} MB"
+
+
 def test_cell_canvas_clips_to_its_box():
     box = cells_covering(Region(10, 10, 100, 70), 32)
     assert box == Region(0, 0, 4, 3)

@@ -64,6 +64,8 @@ _ID_NAMESPACE = uuid.UUID("0b7e8c1e-3f7a-4d0e-9a56-6b1f4a2e9c11")
 #: Vertex coordinates are rounded to 1/100 of a level-0 pixel: far below any display need,
 #: and it keeps whole-slide GeoJSON files a fraction of the size.
 _DECIMALS = 2
+#: Pixels per band when a whole label image is scanned (bounds the temporaries).
+_BAND_PX = 1 << 20
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -212,7 +214,11 @@ def labels_to_polygons(
     out: dict[int, list[np.ndarray]] = {}
     if lab.size == 0 or not lab.any():
         return out
-    present = np.unique(lab)
+    # Unique ids band by band: np.unique on a whole slide's labels would sort a full copy.
+    band = max(1, _BAND_PX // max(1, lab.shape[1]))
+    present = np.unique(
+        np.concatenate([np.unique(lab[y : y + band]) for y in range(0, lab.shape[0], band)])
+    )
     present = present[present != 0]
     # find_objects allocates one slot per value up to the maximum; compact sparse ids first.
     if int(present[-1]) > 4 * len(present) + 1024:

@@ -182,6 +182,8 @@ def _axis_samples(n: int, start: int, step: float) -> np.ndarray:
     return (np.arange(start, start + n, dtype=np.float64) + 0.5) * step - 0.5
 
 
+#: Pixels per band when a whole label canvas is rewritten (bounds the temporaries).
+_BAND_PX = 1 << 20
 #: Attribute a slide backend may set on a lazy level: an array-like (a zarr array) that gives
 #: the same pixels as the level when sliced, without building a dask graph per read.
 DIRECT_READ_ATTR = "_histolens_direct"
@@ -457,20 +459,27 @@ class InstanceCanvas:
         self._next += len(got)
 
     def canonical(self) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and :meth:`table` renumbered 1..n by centroid (y, then x).
+        """Labels and :meth:`table` renumbered 1..n by centroid (y, then x), in place.
 
         Paste order depends on which tiles came from the cache; renumbering by position
-        makes the final result independent of it.
+        makes the final result independent of it. The canvas is renumbered where it lies
+        (a whole slide's canvas is gigabytes: no second copy, no int64 index image) in bands
+        of about 1 M pixels, skipping empty bands; call it once, after the last paste.
         """
         rows = self.table()
         if len(rows) == 0:
-            return self.labels.copy(), rows
+            return self.labels, rows
         order = np.lexsort((rows[:, 2], rows[:, 1]))
         lut = np.zeros(int(rows[:, 0].max()) + 1, np.uint32)
         lut[rows[order, 0].astype(np.int64)] = np.arange(1, len(rows) + 1, dtype=np.uint32)
         out = rows[order].copy()
         out[:, 0] = np.arange(1, len(rows) + 1)
-        return lut[self.labels], out
+        band = max(1, _BAND_PX // max(1, self.labels.shape[1]))
+        for y in range(0, self.labels.shape[0], band):
+            part = self.labels[y : y + band]
+            if part.any():
+                np.take(lut, part, out=part)
+        return self.labels, out
 
     def table(self) -> np.ndarray:
         """``(n, 6)`` float64 rows: label, centroid y, centroid x (global analysis px), pixel
