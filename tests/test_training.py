@@ -264,6 +264,14 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
     assert "resumed from" in log and "at step 12" in log and "done: 14 steps" in log
 
 
+def test_training_refuses_weights_that_exclude_every_source_with_data(tmp_path):
+    from histolens.training.train import train_nuclei
+
+    args = _args(tmp_path, "--max-steps", "1", "--source-weights", "monuseg=0")
+    with pytest.raises(ValueError, match="every source with training data has weight 0"):
+        train_nuclei(args, model=_Tiny.make(), data=_tiny_data())
+
+
 def test_colour_grouping_joins_arbitrary_rotations_within_a_class():
     from skimage.transform import rotate
 

@@ -374,6 +374,9 @@ def train_nuclei(
             getattr(args, "loss_weights", None), asdict(LossWeights()), "--loss-weights"
         )
     )
+    if not any(w > 0 and data.train.get(k) for k, w in source_weights.items()):
+        msg = f"--source-weights {source_weights}: every source with training data has weight 0"
+        raise ValueError(msg)
     log.info("sources %s; loss weights %s", source_weights, asdict(loss_weights))
     val_examples = _fixed_val_batch(data, cfg, args.seed)
     val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
