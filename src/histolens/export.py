@@ -40,6 +40,7 @@ __all__ = [
     "atomic_path",
     "geojson_to_layer_data",
     "labels_feature_collection",
+    "iter_label_polygons",
     "labels_to_polygons",
     "level0_mpp",
     "nuclei_feature_collection",
@@ -195,15 +196,28 @@ def labels_to_polygons(
 ) -> dict[int, list[np.ndarray]]:
     """Outline every non-zero label as closed rings in level-0 pixels ``(x, y)``.
 
+    The dict of :func:`iter_label_polygons` (see there for frames and simplification).
+    """
+    return dict(
+        iter_label_polygons(labels, downsample=downsample, origin=origin, tolerance=tolerance)
+    )
+
+
+def iter_label_polygons(
+    labels: np.ndarray,
+    *,
+    downsample: float = 1.0,
+    origin: Sequence[float] = (0, 0),
+    tolerance: float = 0.5,
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """``(label, rings)`` for every non-zero label, in ascending label order, one at a time.
+
     ``labels`` is an integer ``(h, w)`` array at ``downsample`` level-0 px per pixel, pixel
     (0, 0) starting at level-0 ``origin = (y0, x0)``. Each label maps to one ring per
     connected part (marching squares at the 0.5 iso-line of its mask, holes filled: a
     nucleus is exported as its outline), simplified with Douglas-Peucker at ``tolerance``
     array pixels (0 keeps every vertex). Rings are ``(n, 2)`` float arrays, first == last.
     """
-    from scipy import ndimage
-    from skimage.measure import approximate_polygon, find_contours
-
     lab = np.asarray(labels)
     if lab.ndim != 2:
         msg = f"labels must be a 2-D (h, w) array, got shape {lab.shape}"
@@ -211,9 +225,18 @@ def labels_to_polygons(
     if lab.dtype.kind not in "iu":
         msg = f"labels must be integers (0 = background), got dtype {lab.dtype}"
         raise ValueError(msg)
-    out: dict[int, list[np.ndarray]] = {}
+    # Checked above, outlined lazily below: a bad array fails here, not mid-way through a file.
+    return _outline_labels(lab, downsample, origin, tolerance)
+
+
+def _outline_labels(
+    lab: np.ndarray, downsample: float, origin: Sequence[float], tolerance: float
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
     if lab.size == 0 or not lab.any():
-        return out
+        return
     # Unique ids band by band: np.unique on a whole slide's labels would sort a full copy.
     band = max(1, _BAND_PX // max(1, lab.shape[1]))
     present = np.unique(
@@ -245,8 +268,7 @@ def labels_to_polygons(
                 contour = simple if len(simple) >= 4 else contour
             rings.append(_ring_to_level0(contour, offset, downsample, origin))
         if rings:
-            out[label_id] = rings
-    return out
+            yield label_id, rings
 
 
 def _geometry(rings: list[np.ndarray]) -> dict[str, Any]:
@@ -280,6 +302,7 @@ def labels_feature_collection(
     id_prefix: str = "",
     tolerance: float = 0.5,
     extra: Mapping[str, Any] | None = None,
+    lazy: bool = False,
 ) -> dict[str, Any]:
     """A QuPath GeoJSON FeatureCollection of one polygon feature per non-zero label.
 
@@ -288,9 +311,15 @@ def labels_feature_collection(
     (``class_column``) and the numeric measurements; ``object_type`` is QuPath's
     ``"detection"``, ``"cell"``, ``"annotation"`` or ``"tile"``. ``extra`` becomes the
     collection's ``"histolens"`` member (mpp, slide, model), which QuPath ignores.
+    ``lazy=True`` makes ``"features"`` a one-pass iterator that outlines each label as it is
+    consumed (what :func:`save_geojson` needs for a whole slide: a few KB per nucleus
+    otherwise, gigabytes for millions of nuclei).
     """
-    polygons = labels_to_polygons(labels, downsample=downsample, origin=origin, tolerance=tolerance)
-    rows: dict[int, dict[str, Any]] = {}
+    polygons = iter_label_polygons(
+        labels, downsample=downsample, origin=origin, tolerance=tolerance
+    )
+    columns: dict[str, np.ndarray] = {}
+    row_of: dict[int, int] = {}
     if features is not None and len(features):
         if label_column not in features.columns:
             msg = (
@@ -299,15 +328,21 @@ def labels_feature_collection(
                 "pass label_column= naming the column that holds label values"
             )
             raise ValueError(msg)
-        for rec in features.to_dict("records"):
-            rows[int(rec[label_column])] = rec
+        # Column arrays and a label -> row index, not one dict per row (a slide has millions).
+        columns = {str(c): features[c].to_numpy() for c in features.columns}
+        ids = features[label_column].astype(np.int64).tolist()
+        row_of = dict(zip(ids, range(len(ids)), strict=True))
     colors = dict(class_colors or {})
-    out_features = []
-    for label_id in sorted(polygons):
-        rec = rows.get(label_id, {})
+
+    def record(label_id: int) -> dict[str, Any]:
+        hit = row_of.get(label_id)
+        return {} if hit is None else {c: a[hit] for c, a in columns.items()}
+
+    def feature(label_id: int, rings: list[np.ndarray]) -> dict[str, Any]:
+        rec = record(label_id)
         props: dict[str, Any] = {"objectType": object_type, "isLocked": False}
         name = rec.get(class_column) if class_column else None
-        if name is None or (isinstance(name, float) and math.isnan(name)):
+        if name is None or (isinstance(name, (float, np.floating)) and math.isnan(name)):
             name = default_class
         if name is not None:
             props["classification"] = {
@@ -323,15 +358,18 @@ def labels_feature_collection(
                 measurements[str(key)] = v
         measurements.setdefault(label_column, float(label_id))
         props["measurements"] = measurements
-        out_features.append(
-            {
-                "type": "Feature",
-                "id": str(uuid.uuid5(_ID_NAMESPACE, f"{id_prefix}{object_type}:{label_id}")),
-                "geometry": _geometry(polygons[label_id]),
-                "properties": props,
-            }
-        )
-    collection: dict[str, Any] = {"type": "FeatureCollection", "features": out_features}
+        return {
+            "type": "Feature",
+            "id": str(uuid.uuid5(_ID_NAMESPACE, f"{id_prefix}{object_type}:{label_id}")),
+            "geometry": _geometry(rings),
+            "properties": props,
+        }
+
+    stream = (feature(label_id, rings) for label_id, rings in polygons)
+    collection: dict[str, Any] = {
+        "type": "FeatureCollection",
+        "features": stream if lazy else list(stream),
+    }
     if extra:
         collection["histolens"] = dict(extra)
     return collection
@@ -365,8 +403,13 @@ def _result_extra(result: RegionResult, layer: str) -> dict[str, Any]:
     }
 
 
-def nuclei_feature_collection(result: RegionResult, *, tolerance: float = 0.5) -> dict[str, Any]:
-    """The result's nuclei as QuPath ``"detection"`` polygons, classified and measured."""
+def nuclei_feature_collection(
+    result: RegionResult, *, tolerance: float = 0.5, lazy: bool = False
+) -> dict[str, Any]:
+    """The result's nuclei as QuPath ``"detection"`` polygons, classified and measured.
+
+    ``lazy``: features as a one-pass iterator (see :func:`labels_feature_collection`).
+    """
     nuc = _require(result.nuclei, "nuclei")
     return labels_feature_collection(
         nuc.labels,
@@ -378,6 +421,7 @@ def nuclei_feature_collection(result: RegionResult, *, tolerance: float = 0.5) -
         id_prefix=f"{result.provenance.slide_name}:{result.region.as_tuple()}:",
         tolerance=tolerance,
         extra=_result_extra(result, "nuclei"),
+        lazy=lazy,
     )
 
 
@@ -714,7 +758,8 @@ def write_result(
             timed(
                 "nuclei.geojson",
                 lambda: save_geojson(
-                    out / "nuclei.geojson", nuclei_feature_collection(result, tolerance=tolerance)
+                    out / "nuclei.geojson",
+                    nuclei_feature_collection(result, tolerance=tolerance, lazy=True),
                 ),
             )
         if tiles is not None:
