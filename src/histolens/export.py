@@ -912,9 +912,9 @@ def render_overview_png(
         # Simplify at about one output pixel: finer vertices are invisible at this scale.
         tol = max(0.5, 0.8 / (s * float(nuc.downsample)))
         width = 2 if s >= 0.5 else 1
-        for label_id, rings in labels_to_polygons(
+        for label_id, rings in iter_label_polygons(
             nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=tol
-        ).items():
+        ):
             color = tuple(cmap.get(by_label.get(label_id, ""), [255, 255, 0]))
             for ring in rings:
                 pts = [((x - region.x0) * s, (y - region.y0) * s) for x, y in ring]
