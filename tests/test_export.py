@@ -369,6 +369,26 @@ def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path):
         assert len(a & b) / len(a | b) > 0.9
 
 
+def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypatch):
+    from PIL import Image
+
+    result = make_result()  # nuclei ~10-14 level-0 px across; at max_side 16 about 1 px
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("outlines traced for nuclei smaller than a pixel")
+
+    monkeypatch.setattr(export, "iter_label_polygons", no_tracing)
+    path = export.render_overview_png(None, result, tmp_path / "dots.png", max_side=16)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    s = 16 / 256
+    f = result.nuclei.features
+    for _, row in f.iterrows():
+        y = int((row["centroid_y"] + 0.5 - result.region.y0) * s)
+        x = int((row["centroid_x"] + 0.5 - result.region.x0) * s)
+        want = export.parse_color(NUCLEUS_COLORS[int(row["class_id"])])
+        assert img[y, x].tolist() == list(want), (row["label"], img[y, x], want)
+
+
 def test_overview_png_shows_outlines_tint_and_legend(tmp_path: Path):
     from PIL import Image
 

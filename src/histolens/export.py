@@ -67,6 +67,8 @@ _ID_NAMESPACE = uuid.UUID("0b7e8c1e-3f7a-4d0e-9a56-6b1f4a2e9c11")
 _DECIMALS = 2
 #: Pixels per band when a whole label image is scanned (bounds the temporaries).
 _BAND_PX = 1 << 20
+#: Overview PNGs outline nuclei at least this many output pixels across, and dot smaller ones.
+_MIN_OUTLINE_PX = 3.0
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -854,6 +856,9 @@ def render_overview_png(
 ) -> Path:
     """Draw the analysed region with nuclei outlines (by class), a tile-class tint and a legend.
 
+    Nuclei under 3 output pixels across (a whole slide at overview scale) are drawn as one
+    dot each in their class colour instead of outlines.
+
     The image covers ``result.region`` with its longer side at most ``max_side`` pixels;
     ``slide`` (anything with ``read_region(region, level)`` and ``downsamples``) gives the
     background, or a blank canvas when None. Written atomically as PNG.
@@ -897,11 +902,23 @@ def render_overview_png(
                 )
             )
 
+    nuc = result.nuclei if result.nuclei is not None and result.nuclei.count else None
+    cmap = _class_color_map(nuc.class_names, nuc.class_colors) if nuc is not None else {}
+    dots = nuc is not None and _nucleus_diameter_px(result, s) < _MIN_OUTLINE_PX
+    if dots:
+        # A whole slide at overview scale: nuclei are a pixel or less, outlines would be
+        # invisible (and tracing millions of them takes many minutes). One dot per nucleus.
+        f = nuc.features
+        yy = np.floor((f["centroid_y"].to_numpy() + 0.5 - region.y0) * s).astype(np.int64)
+        xx = np.floor((f["centroid_x"].to_numpy() + 0.5 - region.x0) * s).astype(np.int64)
+        rgb = np.array(
+            [cmap.get(str(n), [255, 255, 0]) for n in f["class_name"].astype(str)], np.float32
+        ).reshape(-1, 3)
+        ok = (yy >= 0) & (yy < out_h) & (xx >= 0) & (xx < out_w)
+        base[yy[ok], xx[ok]] = rgb[ok]
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    if result.nuclei is not None and result.nuclei.count:
-        nuc = result.nuclei
-        cmap = _class_color_map(nuc.class_names, nuc.class_colors)
+    if nuc is not None:
         by_label = dict(
             zip(
                 nuc.features["label"].astype(int),
@@ -912,9 +929,14 @@ def render_overview_png(
         # Simplify at about one output pixel: finer vertices are invisible at this scale.
         tol = max(0.5, 0.8 / (s * float(nuc.downsample)))
         width = 2 if s >= 0.5 else 1
-        for label_id, rings in iter_label_polygons(
-            nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=tol
-        ):
+        outlines = (
+            ()
+            if dots
+            else iter_label_polygons(
+                nuc.labels, downsample=nuc.downsample, origin=nuc.origin, tolerance=tol
+            )
+        )
+        for label_id, rings in outlines:
             color = tuple(cmap.get(by_label.get(label_id, ""), [255, 255, 0]))
             for ring in rings:
                 pts = [((x - region.x0) * s, (y - region.y0) * s) for x, y in ring]
@@ -929,6 +951,16 @@ def render_overview_png(
     with atomic_path(target) as tmp:
         img.save(tmp, format="PNG")
     return target
+
+
+def _nucleus_diameter_px(result: RegionResult, scale: float) -> float:
+    """Median nucleus diameter in output pixels at ``scale`` output px per level-0 px (inf
+    when unknown, so outlines are drawn)."""
+    mpp0 = level0_mpp(result)
+    area = result.nuclei.features["area_um2"].to_numpy(dtype=np.float64)
+    if not mpp0 or not len(area) or not np.isfinite(np.median(area)):
+        return math.inf
+    return 2.0 * math.sqrt(float(np.median(area)) / math.pi) / mpp0 * scale
 
 
 def _draw_legend(img: Any, entries: list[tuple[str, list[int], str]], result: RegionResult) -> None:
