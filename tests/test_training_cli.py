@@ -113,6 +113,62 @@ def test_evaluate_on_a_real_monuseg_tile_baseline(shared_data):
     assert 0.6 < s["dice"] < 0.95 and 0.3 < s["pq"] < 0.8, s
 
 
+def _write_aperio_xml(path, labels: np.ndarray) -> None:
+    """Outlines of ``labels`` in MoNuSeg's Aperio ImageScope XML (pixel-index X, Y)."""
+    from histolens.export import labels_to_polygons
+
+    regions = []
+    for i, rings in labels_to_polygons(labels, tolerance=0).items():
+        ring = max(rings, key=len)  # GeoJSON rings use the pixel-edge frame: centres at +0.5
+        vertices = "".join(f'<Vertex X="{x - 0.5:.2f}" Y="{y - 0.5:.2f}" Z="0"/>' for x, y in ring)
+        regions.append(
+            f'<Region Id="{i}" Type="0"><Attributes/><Vertices>{vertices}</Vertices></Region>'
+        )
+    path.write_text(
+        '<?xml version="1.0"?><Annotations MicronsPerPixel="0.252"><Annotation Id="1"><Regions>'
+        "<RegionAttributeHeaders/>" + "".join(regions) + "</Regions></Annotation></Annotations>"
+    )
+
+
+def test_aperio_xml_outlines_rasterise_back_to_the_real_monuseg_labels(shared_data, tmp_path):
+    """MoNuSeg ships labels as XML outlines: a real tile's labels -> XML -> labels again."""
+    from PIL import Image
+
+    from histolens.training.evaluate import read_aperio_xml
+
+    mon = shared_data / "monuseg" / "train"
+    if not mon.is_dir():
+        pytest.skip(f"{mon} is absent")
+    true = np.asarray(Image.open(mon / "labels" / "TCGA-B0-5710-01Z-00-DX1.png")).astype(np.int64)
+    _write_aperio_xml(tmp_path / "t.xml", true)
+    back = read_aperio_xml(tmp_path / "t.xml", true.shape).astype(np.int64)
+    s = score_pair(true, back)
+    assert s["n_pred"] == s["n_true"] == len(np.unique(true)) - 1
+    assert s["aji"] > 0.97 and s["pq"] > 0.97, s
+
+
+def test_evaluate_reads_xml_labels_and_names_bad_ones(tmp_path, capsys):
+    from histolens.cli import main
+
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir(), labs.mkdir()
+    img, inst = _disk_image(seed=3)
+    tifffile.imwrite(imgs / "t.tif", img)
+    _write_aperio_xml(labs / "t.xml", inst)
+    tifffile.imwrite(tmp_path / "pred.tif", inst.astype(np.uint32))
+    (tmp_path / "pred").mkdir()
+    tifffile.imwrite(tmp_path / "pred" / "t.tif", inst.astype(np.uint32))
+    args = ["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5"]
+    assert main([*args, "--pred", str(tmp_path / "pred")]) == 0
+    assert "mean  dice 1.0000" in capsys.readouterr().out
+    (labs / "t.xml").write_text("<Annotations><Regions>")  # truncated
+    with pytest.raises(ValueError, match=r"t\.xml: not a readable XML file"):
+        main([*args, "--pred", str(tmp_path / "pred")])
+    (labs / "t.xml").write_text("<Annotations/>")
+    with pytest.raises(ValueError, match=r"t\.xml: no Region"):
+        main([*args, "--pred", str(tmp_path / "pred")])
+
+
 def test_train_tiles_writes_a_new_head_that_loads(tmp_path, capsys):
     from PIL import Image
 
@@ -152,3 +208,16 @@ def test_train_tiles_writes_a_new_head_that_loads(tmp_path, capsys):
     assert model.card.weights_sha256 and (tmp_path / "mine.card.json").is_file()
     probs = model.predict_tiles(np.zeros((1, 64, 64, 3), np.uint8), tasks=("tiles",))["tile_probs"]
     assert probs.shape[-1] == 2
+
+
+def test_console_prints_the_error_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "images").mkdir()
+    cmd = [sys.executable, "-m", "histolens.cli", "evaluate", "nuclei", "--mpp", "0.25"]
+    cmd += ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "missing")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "histolens: error: --labels" in run.stderr and "missing is not a folder" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
 
 #: name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -70,5 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
+def console(argv: Sequence[str] | None = None) -> int:
+    """:func:`main` for a terminal: bad input (a missing, unreadable or wrong file, an absurd
+    option) prints its one-line message, which names the file and the fix, instead of a
+    traceback, and exits with 2. ``HISTOLENS_DEBUG=1`` shows the traceback."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("HISTOLENS_DEBUG"):
+            raise
+        print(f"histolens: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -25,11 +25,13 @@ __all__ = [
     "evaluate_images",
     "evaluate_types",
     "find_pairs",
+    "read_aperio_xml",
     "run",
     "score_pair",
 ]
 
-LABEL_SUFFIXES = (".png", ".tif", ".tiff")
+#: Instance label images, or Aperio ImageScope XML outlines (how MoNuSeg ships its labels).
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".xml")
 
 
 def classical_nuclei(
@@ -88,7 +90,9 @@ def find_pairs(images: Path, labels: Path) -> list[tuple[Path, Path]]:
         if not p.is_dir():
             msg = f"{what} {p} is not a folder"
             raise FileNotFoundError(msg)
-    lab = {p.stem: p for p in labels.iterdir() if p.suffix.lower() in LABEL_SUFFIXES}
+    # A label image wins over an XML of the same stem (XML first, then overwritten).
+    found = sorted(labels.iterdir(), key=lambda p: (p.suffix.lower() != ".xml", p.name))
+    lab = {p.stem: p for p in found if p.suffix.lower() in LABEL_SUFFIXES}
     pairs = []
     missing = []
     for p in sorted(images.iterdir()):
@@ -106,7 +110,52 @@ def find_pairs(images: Path, labels: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def _read_labels(path: Path) -> np.ndarray:
+def read_aperio_xml(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """uint32 instances ``shape`` (h, w) from an Aperio ImageScope XML of nucleus outlines.
+
+    Each ``Region``'s ``Vertex`` list (``X``, ``Y`` in pixels of the image, x to the right) is
+    one nucleus, numbered 1..N in file order; a pixel belongs to a polygon when its centre lies
+    inside, and where outlines overlap the earlier nucleus keeps the pixel (as the MoNuSeg
+    organisers' rasteriser does).
+    """
+    import xml.etree.ElementTree as ET
+
+    from skimage.draw import polygon
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        msg = f"{path}: not a readable XML file ({exc}); pass Aperio ImageScope XML (MoNuSeg's Annotations) or a label image"
+        raise ValueError(msg) from exc
+    out = np.zeros(shape, np.uint32)
+    n = 0
+    for region in root.iter("Region"):
+        try:
+            xy = np.array(
+                [(float(v.attrib["X"]), float(v.attrib["Y"])) for v in region.iter("Vertex")]
+            )
+        except (KeyError, ValueError) as exc:
+            msg = f"{path}: Region {region.attrib.get('Id', '?')} has a Vertex without numeric X and Y ({exc})"
+            raise ValueError(msg) from exc
+        if len(xy) < 3:
+            continue
+        rr, cc = polygon(xy[:, 1], xy[:, 0], shape=shape)
+        free = out[rr, cc] == 0
+        n += 1
+        out[rr[free], cc[free]] = n
+    if n == 0:
+        msg = f"{path}: no Region with 3 or more Vertex elements; is it an Aperio ImageScope XML of outlines?"
+        raise ValueError(msg)
+    return out
+
+
+def _read_labels(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """An instance label image, or outlines rasterised to ``shape`` (required for ``.xml``)."""
+    if path.suffix.lower() == ".xml":
+        if shape is None:
+            msg = f"{path}: XML outlines need the image's shape to be rasterised"
+            raise ValueError(msg)
+        return read_aperio_xml(path, shape)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
@@ -128,7 +177,10 @@ def evaluate_images(
 
     rows = []
     for img_path, lab_path in pairs:
-        true = _read_labels(lab_path).astype(np.int64)
+        xml = lab_path.suffix.lower() == ".xml"
+        image = read_rgb(img_path) if predict is not None or xml else None
+        shape = None if image is None else image.shape[:2]
+        true = _read_labels(lab_path, shape).astype(np.int64)
         if pred_dir is not None:
             pred_path = Path(pred_dir) / f"{img_path.stem}.tif"
             if not pred_path.is_file():
@@ -137,7 +189,7 @@ def evaluate_images(
             pred = _read_labels(pred_path)
         else:
             assert predict is not None
-            pred = predict(read_rgb(img_path), img_path.stem)
+            pred = predict(image, img_path.stem)
         rows.append({"image": img_path.stem, **score_pair(true, np.asarray(pred).astype(np.int64))})
     return pd.DataFrame(rows)
 
@@ -186,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         required=True,
-        help="folder of instance labels (<stem>.png/.tif, 0 = background)",
+        help="folder of instance labels (<stem>.png/.tif, 0 = background) or of MoNuSeg's Aperio XML outlines (<stem>.xml)",
     )
     n.add_argument("--mpp", type=float, required=True, help="um/px of the images")
     src = n.add_mutually_exclusive_group()
