@@ -221,3 +221,20 @@ def test_console_prints_the_error_not_a_traceback(tmp_path):
     assert run.returncode == 2
     assert "histolens: error: --labels" in run.stderr and "missing is not a folder" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_evaluate_runs_the_model_with_tta_like_histolens_nuclei(tmp_path, capsys):
+    from histolens.cli import main
+
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir(), labs.mkdir()
+    img, inst = _disk_image(shape=(96, 96), n=4, seed=5)
+    tifffile.imwrite(imgs / "t.tif", img)
+    tifffile.imwrite(labs / "t.tif", inst.astype(np.uint16))
+    args = ["evaluate", "nuclei", "--images", str(imgs), "--labels", str(labs), "--mpp", "0.5"]
+    args += ["--model", "test-tiny", "--threads", "1"]
+    assert main(args) == 0
+    assert "# model test-tiny with TTA on 1 images" in capsys.readouterr().out
+    assert main([*args, "--no-tta"]) == 0
+    out = capsys.readouterr().out
+    assert "# model test-tiny on 1 images" in out and "mean  dice" in out

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import aji, dice, match_instances, panoptic_quality, type_scores
+from .nuclei_cli import TTA_DEFAULT
 
 __all__ = [
     "add_arguments",
@@ -262,6 +263,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", type=Path, default=None, help="also write per-image and mean scores here"
     )
     n.add_argument("--threads", type=int, default=2)
+    n.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=TTA_DEFAULT,
+        help="when running the model: average 8 flips/transposes, as `histolens nuclei` does (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,10 +295,12 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
         model = create_model(args.model, weights=args.weights)
+        tta = bool(getattr(args, "tta", TTA_DEFAULT))
         df = evaluate_images(
-            pairs, lambda img, stem: segment_nuclei(img, mpp=args.mpp, model=model, name=stem)[0]
+            pairs,
+            lambda img, stem: segment_nuclei(img, mpp=args.mpp, model=model, name=stem, tta=tta)[0],
         )
-        what = f"model {model.card.name}"
+        what = f"model {model.card.name}" + (" with TTA" if tta else "")
     print(f"# {what} on {len(df)} images at {args.mpp} um/px")
     print(_summarise(df))
     if args.json:
