@@ -402,3 +402,30 @@ def test_release_recipe_names_the_weight_options_of_a_phase():
     args |= {"source_weights": "monuseg=0.5", "loss_weights": "hv_msge=2"}
     line = _phase_command({"args": args, "step": 10, "elapsed_s": 60})
     assert "--source-weights monuseg=0.5 --loss-weights hv_msge=2" in line
+
+
+def test_training_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """bf16 autocast is emulated (measured 137x slower per convolution) on CPUs without
+    AMX / AVX-512 BF16, so ``--precision auto`` (the default) must fall back to fp32 there."""
+    import histolens.inference as inference
+    from histolens.training.train import training_precision
+
+    assert _args(Path("unused")).precision == "fp32"  # the helper above pins it
+    monkeypatch.setattr(inference, "_cpu_has_bf16", lambda: False)
+    assert training_precision("auto") == "fp32"
+    monkeypatch.setattr(inference, "_cpu_has_bf16", lambda: True)
+    assert training_precision("auto") == "bf16"
+    assert training_precision("fp32") == "fp32" and training_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        training_precision("fp16")
+
+
+def test_training_cli_defaults_to_auto_precision_and_exposes_stain_jitter(tmp_path):
+    from histolens.training.targets import AugmentConfig
+    from histolens.training.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "0.2"])
+    assert args.precision == "auto"
+    assert args.hed_sigma == 0.2 and args.hed_bias == AugmentConfig.hed_bias
