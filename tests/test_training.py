@@ -429,3 +429,33 @@ def test_training_cli_defaults_to_auto_precision_and_exposes_stain_jitter(tmp_pa
     args = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "0.2"])
     assert args.precision == "auto"
     assert args.hed_sigma == 0.2 and args.hed_bias == AugmentConfig.hed_bias
+
+
+def test_release_carries_the_history_of_shipped_weights_a_phase_started_from(tmp_path):
+    """A phase warm-started from a released file adds to that file's recipe, steps and minutes;
+    a file that no longer matches its card's sha256 contributes nothing."""
+    from histolens.models._paths import card_path_for, file_sha256
+    from histolens.training.release import _phase_command, _released_history
+
+    weights = tmp_path / "histolens-default.safetensors"
+    weights.write_bytes(b"weights of the earlier release")
+    card = {
+        "name": "histolens-default",
+        "recipe": "histolens train nuclei --seed 0 (459 steps, 41 min). Phase 1 from random init; AdamW",
+        "metrics": {"train_steps": 459, "train_minutes": 41.0},
+        "weights_sha256": file_sha256(weights),
+    }
+    card_path_for(weights).write_text(json.dumps(card))
+    phase = {
+        "args": {"init_weights": str(weights), "precision": "fp32", "hed_sigma": 0.2},
+        "step": 10,
+        "elapsed_s": 60,
+    }
+    prior = _released_history(phase)
+    assert prior is not None and prior["steps"] == 459 and prior["minutes"] == 41.0
+    assert prior["recipe"] == "histolens train nuclei --seed 0 (459 steps, 41 min)"
+    line = _phase_command(phase)
+    assert "--hed-sigma 0.2" in line and "--precision fp32" in line and "--hed-bias" not in line
+    weights.write_bytes(b"replaced since")
+    assert _released_history(phase) is None
+    assert _released_history({"args": {}, "step": 1, "elapsed_s": 1}) is None

@@ -278,6 +278,40 @@ def _phases(run: Path) -> list[dict[str, Any]]:
     return out[::-1]
 
 
+def _released_history(first_phase: dict[str, Any]) -> dict[str, Any] | None:
+    """What a released weights file that the first phase started from had been through.
+
+    A phase can start from shipped weights (``--init-weights .../histolens-default.safetensors``)
+    rather than from a run folder; its card then holds the earlier phases' recipe, steps and
+    minutes. None when the phase started elsewhere, or when the file no longer matches its
+    card's sha256 (it was replaced since), so the history is never claimed for other weights.
+    """
+    from histolens.models._paths import card_path_for, file_sha256
+
+    a = first_phase.get("args", {})
+    init = a.get("init_weights") or a.get("init_partial")
+    if not init:
+        return None
+    weights, card_file = Path(init), card_path_for(init)
+    if not (weights.is_file() and card_file.is_file()):
+        return None
+    card = json.loads(card_file.read_text())
+    metrics = card.get("metrics") or {}
+    if card.get("weights_sha256") != file_sha256(weights) or "train_steps" not in metrics:
+        log.warning(
+            "%s does not match its card %s: earlier phases left out of the recipe",
+            weights,
+            card_file,
+        )
+        return None
+    return {
+        "recipe": str(card.get("recipe", "")).split(". Phase 1 from random init")[0],
+        "steps": int(metrics["train_steps"]),
+        "minutes": float(metrics.get("train_minutes", 0.0)),
+        "from": card.get("description", card.get("name", str(weights))),
+    }
+
+
 def _phase_command(p: dict[str, Any]) -> str:
     """One training phase as the command that reproduces it, with its steps and minutes."""
     a = p["args"]
@@ -287,6 +321,11 @@ def _phase_command(p: dict[str, Any]) -> str:
     for option in ("source_weights", "loss_weights"):
         if a.get(option):
             init += f" --{option.replace('_', '-')} {a[option]}"
+    for option, default in (("hed_sigma", 0.05), ("hed_bias", 0.02)):
+        if a.get(option) not in (None, default):
+            init += f" --{option.replace('_', '-')} {a[option]}"
+    if a.get("precision") not in (None, "auto", "bf16"):
+        init += f" --precision {a['precision']}"
     return (
         f"histolens train nuclei --minutes {a.get('minutes')} --lr {a.get('lr')} --warmup {a.get('warmup')} "
         f"--batch-size {a.get('batch_size')} --crop {a.get('crop')} --seed {a.get('seed')} "
@@ -315,15 +354,19 @@ def release(args: argparse.Namespace) -> int:
     card = model.card
     install_linear_head(model, probe, card.tissue_classes, card.tissue_colors)
     phases = _phases(args.run)
-    total_steps = sum(p["step"] for p in phases)
-    total_min = sum(p["elapsed_s"] for p in phases) / 60
+    prior = _released_history(phases[0])
+    total_steps = sum(p["step"] for p in phases) + (prior["steps"] if prior else 0)
+    total_min = sum(p["elapsed_s"] for p in phases) / 60 + (prior["minutes"] if prior else 0.0)
     metrics["train_steps"] = total_steps
     metrics["train_minutes"] = round(total_min, 1)
     report["train_phases"] = [{k: p[k] for k in ("step", "elapsed_s", "args")} for p in phases]
-    commands = "; then ".join(_phase_command(p) for p in phases)
+    report["released_history"] = prior
+    commands = "; then ".join(
+        ([prior["recipe"]] if prior else []) + [_phase_command(p) for p in phases]
+    )
     recipe = (
         f"{commands}. Phase 1 from random init; AdamW (wd {phases[0]['args'].get('weight_decay')}), warm-up + "
-        f"cosine, bf16 autocast on CPU, {total_steps} steps / {total_min:.0f} min in all on a shared 2-core CPU; "
+        f"cosine, bf16 autocast on CPU where it runs natively (fp32 where the phase says so), {total_steps} steps / {total_min:.0f} min in all on a shared 2-core CPU; "
         "losses NP BCE+Dice, HV MSE+MSGE (nuclei pixels), NT CE+Dice (known types only); augmentation "
         "flips/rot90, HED stain jitter, brightness/contrast, scale jitter 0.8-1.25 around 0.5 um/px. Tile head: "
         "logistic regression on the tile embeddings of the 100 Kather 2016 tiles (CV figures: grouped 5-fold). "
