@@ -134,20 +134,22 @@ def _absorb_fragments(labels: np.ndarray, prob: np.ndarray, min_px: int) -> np.n
     return watershed(-prob, markers=np.where(keep[labels], labels, 0), mask=labels > 0)
 
 
-def _fragment_diagnostic(model: Any, data: Path, report: dict[str, Any], min_px: int = 20) -> None:
-    """Held-out MoNuSeg scores if sub-5-um^2 fragments were merged into neighbours (diagnostic only).
+def _diagnostics(model: Any, data: Path, report: dict[str, Any], min_px: int = 20) -> None:
+    """Held-out MoNuSeg diagnostics on the model grid (not the shipped path's figures).
 
-    The shipped path (engine + ``hover_instances`` defaults) leaves many 1-8 px fragments when
-    the HV map is weak; ``min_px`` = 20 px at 0.5 um/px (5 um^2) was chosen on two *training*
-    tiles (TCGA-21-5784, TCGA-AR-A1AK), never on these.
+    - where the instance score is lost (:func:`~histolens.training.evaluate.error_decomposition`:
+      the true foreground or the true nucleus centres swapped in for the model's);
+    - the scores if sub-5-um^2 fragments were merged into neighbours: ``min_px`` = 20 px at
+      0.5 um/px was chosen on two *training* tiles (TCGA-21-5784, TCGA-AR-A1AK), never on these.
     """
     from histolens.models.postprocess import hover_instances
 
     from .datasets import load_monuseg, resample_labels
-    from .evaluate import _read_labels, score_pair
+    from .evaluate import _read_labels, error_decomposition, score_pair
 
-    rows = []
-    for s in load_monuseg(data, mpp=float(model.card.mpp), binary=False):
+    mpp = float(model.card.mpp)
+    merged, parts = [], []
+    for s in load_monuseg(data, mpp=mpp, binary=False):
         if s.group not in DEFAULT_VAL_PATIENTS:
             continue
         h, w = s.image.shape[:2]
@@ -155,18 +157,24 @@ def _fragment_diagnostic(model: Any, data: Path, report: dict[str, Any], min_px:
         img = np.pad(s.image, ((0, -h % m), (0, -w % m), (0, 0)), mode="reflect")
         out = model.predict_tiles(img[None], tasks=("nuclei",))
         prob, hv = out["nuclei_prob"][0][:h, :w], out["hv"][0][:, :h, :w]
-        lab = _absorb_fragments(
-            hover_instances(prob, hv, mpp=float(model.card.mpp))[0], prob, min_px
-        )
+        lab = _absorb_fragments(hover_instances(prob, hv, mpp=mpp)[0], prob, min_px)
         true = _read_labels(data / "monuseg" / "train" / "labels" / f"{s.name}.png").astype(
             np.int64
         )
         full = resample_labels(lab, 1.0, true.shape)
-        rows.append({"image": s.name, **score_pair(true, full.astype(np.int64))})
-    report["monuseg_val_model_fragments_merged_diagnostic"] = rows
-    means = {c: float(np.mean([r[c] for r in rows])) for c in ("dice", "aji", "pq")}
+        merged.append({"image": s.name, **score_pair(true, full.astype(np.int64))})
+        parts.append({"image": s.name, **error_decomposition(s.instances, prob, hv, mpp=mpp)})
+    report["monuseg_val_model_fragments_merged_diagnostic"] = merged
+    means = {c: float(np.mean([r[c] for r in merged])) for c in ("dice", "aji", "pq")}
     report["monuseg_val_model_fragments_merged_diagnostic_mean"] = means
     log.info("diagnostic, fragments < %d px merged (not the shipped path): %s", min_px, means)
+    report["monuseg_val_error_decomposition"] = parts
+    summary = {
+        k: {c: round(float(np.mean([r[k][c] for r in parts])), 4) for c in ("dice", "aji", "pq")}
+        for k in ("model", "true_foreground", "true_markers", "true_both")
+    }
+    report["monuseg_val_error_decomposition_mean"] = summary
+    log.info("where held-out AJI is lost (model grid, %.2f um/px): %s", mpp, summary)
 
 
 def _type_validation(
@@ -348,7 +356,7 @@ def release(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"run": str(args.run)}
     metrics: dict[str, float] = {}
     _nuclei_validation(model, args.data, report, metrics)
-    _fragment_diagnostic(model, args.data, report)
+    _diagnostics(model, args.data, report)
     _type_validation(model, args.data, report, metrics)
     probe, kather = _probes(model, args.data, args, report, metrics)
     card = model.card
