@@ -247,7 +247,7 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
     ]
     assert len(losses) == 6 and losses[-1] < losses[0], f"training loss did not decrease: {losses}"
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert meta["step"] == 12 and meta["finished"]
+    assert meta["step"] == 12 and meta["finished"] and meta["precision"] == "fp32"
     fresh = _Tiny.make()
     load_checkpoint(tmp_path / "checkpoint.safetensors", fresh, None)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
@@ -456,6 +456,8 @@ def test_release_carries_the_history_of_shipped_weights_a_phase_started_from(tmp
     assert prior["recipe"] == "histolens train nuclei --seed 0 (459 steps, 41 min)"
     line = _phase_command(phase)
     assert "--hed-sigma 0.2" in line and "--precision fp32" in line and "--hed-bias" not in line
+    auto = {"args": {"precision": "auto"}, "precision": "fp32", "step": 1, "elapsed_s": 1}
+    assert "--precision fp32" in _phase_command(auto)  # what auto became, not "auto"
     weights.write_bytes(b"replaced since")
     assert _released_history(phase) is None
     assert _released_history({"args": {}, "step": 1, "elapsed_s": 1}) is None

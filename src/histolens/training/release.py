@@ -332,8 +332,9 @@ def _phase_command(p: dict[str, Any]) -> str:
     for option, default in (("hed_sigma", 0.05), ("hed_bias", 0.02)):
         if a.get(option) not in (None, default):
             init += f" --{option.replace('_', '-')} {a[option]}"
-    if a.get("precision") not in (None, "auto", "bf16"):
-        init += f" --precision {a['precision']}"
+    precision = p.get("precision") or a.get("precision")
+    if precision not in (None, "bf16"):  # phases before --precision auto trained in bf16
+        init += f" --precision {precision}"
     return (
         f"histolens train nuclei --minutes {a.get('minutes')} --lr {a.get('lr')} --warmup {a.get('warmup')} "
         f"--batch-size {a.get('batch_size')} --crop {a.get('crop')} --seed {a.get('seed')} "

@@ -418,6 +418,7 @@ def train_nuclei(
     budget = args.minutes * 60.0
     precision = training_precision(args.precision)
     use_bf16 = precision == "bf16"
+    state["precision"] = precision  # what "auto" became on this CPU, for the release's recipe
     log.info("precision %s (asked: %s); augmentation %s", precision, args.precision, cfg)
     model.train()
     last_ckpt = time.time()
