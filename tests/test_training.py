@@ -429,6 +429,11 @@ def test_training_cli_defaults_to_auto_precision_and_exposes_stain_jitter(tmp_pa
     args = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "0.2"])
     assert args.precision == "auto"
     assert args.hed_sigma == 0.2 and args.hed_bias == AugmentConfig.hed_bias
+    bad = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "-0.1"])
+    from histolens.training.train import train_nuclei
+
+    with pytest.raises(ValueError, match="--hed-sigma -0.1: stain jitter must be in"):
+        train_nuclei(bad, model=_Tiny.make(), data=_tiny_data())
 
 
 def test_release_carries_the_history_of_shipped_weights_a_phase_started_from(tmp_path):

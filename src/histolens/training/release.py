@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .targets import AugmentConfig
 from .train import DEFAULT_VAL_CONSEP_TILES, DEFAULT_VAL_PATIENTS, default_data_root, setup_logging
 
 __all__ = ["KATHER_EFFECTIVE_MPP", "add_release_arguments", "release"]
@@ -329,8 +330,8 @@ def _phase_command(p: dict[str, Any]) -> str:
     for option in ("source_weights", "loss_weights"):
         if a.get(option):
             init += f" --{option.replace('_', '-')} {a[option]}"
-    for option, default in (("hed_sigma", 0.05), ("hed_bias", 0.02)):
-        if a.get(option) not in (None, default):
+    for option in ("hed_sigma", "hed_bias"):
+        if a.get(option) not in (None, getattr(AugmentConfig, option)):
             init += f" --{option.replace('_', '-')} {a[option]}"
     precision = p.get("precision") or a.get("precision")
     if precision not in (None, "bf16"):  # phases before --precision auto trained in bf16

@@ -380,6 +380,11 @@ def train_nuclei(
             val_consep_tiles=args.val_consep_tiles.split(","),
         )
     log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
+    for option in ("hed_sigma", "hed_bias"):
+        v = getattr(args, option, 0.0)
+        if not 0.0 <= v < 1.0:
+            msg = f"--{option.replace('_', '-')} {v}: stain jitter must be in [0, 1) (default {getattr(AugmentConfig, option)})"
+            raise ValueError(msg)
     cfg = AugmentConfig(
         size=args.crop,
         hed_sigma=getattr(args, "hed_sigma", AugmentConfig.hed_sigma),
