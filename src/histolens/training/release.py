@@ -31,6 +31,9 @@ __all__ = ["KATHER_EFFECTIVE_MPP", "add_release_arguments", "release"]
 
 log = logging.getLogger("histolens.train")
 
+#: Where a card's recipe turns from its phase commands to the shared description (see release()).
+RECIPE_DETAILS = ". Phase 1 from random init"
+
 #: Kather 2016 tiles: 150 px at 0.495 um/px upsampled to 224 px by the source -> 0.3315 um/px.
 KATHER_EFFECTIVE_MPP = 0.495 * 150 / 224
 
@@ -314,10 +317,9 @@ def _released_history(first_phase: dict[str, Any]) -> dict[str, Any] | None:
         )
         return None
     return {
-        "recipe": str(card.get("recipe", "")).split(". Phase 1 from random init")[0],
+        "recipe": str(card.get("recipe", "")).split(RECIPE_DETAILS)[0],
         "steps": int(metrics["train_steps"]),
         "minutes": float(metrics.get("train_minutes", 0.0)),
-        "from": card.get("description", card.get("name", str(weights))),
     }
 
 
@@ -375,7 +377,7 @@ def release(args: argparse.Namespace) -> int:
         ([prior["recipe"]] if prior else []) + [_phase_command(p) for p in phases]
     )
     recipe = (
-        f"{commands}. Phase 1 from random init; AdamW (wd {phases[0]['args'].get('weight_decay')}), warm-up + "
+        f"{commands}{RECIPE_DETAILS}; AdamW (wd {phases[0]['args'].get('weight_decay')}), warm-up + "
         f"cosine, bf16 autocast on CPU where it runs natively (fp32 where the phase says so), {total_steps} steps / {total_min:.0f} min in all on a shared 2-core CPU; "
         "losses NP BCE+Dice, HV MSE+MSGE (nuclei pixels), NT CE+Dice (known types only); augmentation "
         "flips/rot90, HED stain jitter, brightness/contrast, scale jitter 0.8-1.25 around 0.5 um/px. Tile head: "

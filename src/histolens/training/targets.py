@@ -45,6 +45,13 @@ class AugmentConfig:
     contrast: float = 0.15
     pad_value: int = 240
 
+    def __post_init__(self) -> None:
+        for name in ("hed_sigma", "hed_bias"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                msg = f"{name} {v}: stain jitter must be in [0, 1) (default {getattr(AugmentConfig, name)})"
+                raise ValueError(msg)
+
 
 @dataclass
 class Example:

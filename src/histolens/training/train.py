@@ -345,6 +345,12 @@ def train_nuclei(
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / "train.log")
+    # Built first so a bad option fails before minutes of model and data loading.
+    cfg = AugmentConfig(
+        size=args.crop,
+        hed_sigma=getattr(args, "hed_sigma", AugmentConfig.hed_sigma),
+        hed_bias=getattr(args, "hed_bias", AugmentConfig.hed_bias),
+    )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     ckpt_path = out / "checkpoint.safetensors"
@@ -380,16 +386,6 @@ def train_nuclei(
             val_consep_tiles=args.val_consep_tiles.split(","),
         )
     log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
-    for option in ("hed_sigma", "hed_bias"):
-        v = getattr(args, option, 0.0)
-        if not 0.0 <= v < 1.0:
-            msg = f"--{option.replace('_', '-')} {v}: stain jitter must be in [0, 1) (default {getattr(AugmentConfig, option)})"
-            raise ValueError(msg)
-    cfg = AugmentConfig(
-        size=args.crop,
-        hed_sigma=getattr(args, "hed_sigma", AugmentConfig.hed_sigma),
-        hed_bias=getattr(args, "hed_bias", AugmentConfig.hed_bias),
-    )
     source_weights = parse_weights(
         getattr(args, "source_weights", None), SOURCE_WEIGHTS, "--source-weights"
     )
