@@ -166,9 +166,16 @@ class HistoLensModel(nn.Module):
         """Changes whenever a parameter or buffer is replaced or updated in place (an optimiser
         step, ``load_state_dict``, ``.to()``), so a cached inference copy is never stale."""
         return tuple(
-            (t.data_ptr(), t._version, t.dtype, str(t.device))
+            (t.data_ptr(), t._version, str(t.dtype), str(t.device))
             for t in (*self.parameters(), *self.buffers())
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The inference copies are a per-process cache, rebuilt on first use: a pickled model
+        # (e.g. shipped to a dask worker) carries only its own weights.
+        state = super().__getstate__()
+        state.pop("_inference_copies", None)
+        return state
 
     def inference_copy(self, dtype: torch.dtype = torch.float32) -> HistoLensModel | None:
         """A cached eval copy for inference: BatchNorms folded into convolutions, weights in
@@ -182,24 +189,21 @@ class HistoLensModel(nn.Module):
         size = sum(t.numel() * t.element_size() for t in self.parameters())
         if size > FAST_COPY_MAX_BYTES:
             return None
+        # Keyed by the dtype's name: plain data, whatever serialiser meets this dict.
+        key = str(dtype).removeprefix("torch.")
         cache = self.__dict__.setdefault("_inference_copies", {})
         version = self._weights_version()
-        hit = cache.get(dtype)
+        hit = cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
-        cache.pop(dtype, None)
-        # deepcopy must not recurse into the cache of copies
-        saved = self.__dict__.pop("_inference_copies")
-        try:
-            fast = copy.deepcopy(self).eval()
-        finally:
-            self.__dict__["_inference_copies"] = saved
+        cache.pop(key, None)
+        fast = copy.deepcopy(self).eval()  # without the cache of copies (see __getstate__)
         fold_batchnorms(fast)
         fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
         fast.mean, fast.std = self.mean.clone(), self.std.clone()  # normalisation stays fp32
         for p in fast.parameters():
             p.requires_grad_(False)
-        cache[dtype] = (version, fast)
+        cache[key] = (version, fast)
         return fast
 
     def _use_bf16(self, precision: str) -> bool:

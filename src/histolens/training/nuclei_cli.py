@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histolens._args import positive_float, positive_int
+
 __all__ = [
     "NUCLEI_TABLE_COLUMNS",
     "add_arguments",
@@ -162,7 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens nuclei``."""
     parser.add_argument("images", nargs="+", type=Path, help="RGB images (TIFF, PNG, JPEG)")
     parser.add_argument(
-        "--mpp", type=float, required=True, help="um/px of the images (0.25 at 40x, 0.5 at 20x)"
+        "--mpp",
+        type=positive_float,
+        required=True,
+        help="um/px of the images (0.25 at 40x, 0.5 at 20x)",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder for <stem>.tif and <stem>.csv"
@@ -177,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights file for --model (default: its embedded weights)",
     )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
