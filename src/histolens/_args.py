@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["non_negative_int", "positive_float", "positive_int"]
+__all__ = ["MPP_RANGE", "mpp_value", "non_negative_int", "positive_float", "positive_int"]
+
+#: Micrometres per pixel a microscope image can have (a 100x objective ~0.06, a slide
+#: overview ~20): values outside are typos or unit mix-ups (nm, mm), not images.
+MPP_RANGE = (1e-3, 1e3)
 
 
 def positive_float(text: str) -> float:
@@ -16,6 +20,19 @@ def positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         msg = f"must be a positive finite number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def mpp_value(text: str) -> float:
+    """Micrometres per pixel: a finite number within :data:`MPP_RANGE`."""
+    value = positive_float(text)
+    lo, hi = MPP_RANGE
+    if not lo <= value <= hi:
+        msg = (
+            f"{text} um/px is not a microscope pixel size (expected {lo:g} to {hi:g}; "
+            "0.25 at 40x, 0.5 at 20x)"
+        )
         raise argparse.ArgumentTypeError(msg)
     return value
 

@@ -47,6 +47,9 @@ __all__ = [
 #: Side of a work block in analysis pixels (rounded to whole tiles): big enough that a task's
 #: scheduling overhead is small next to its model time, small enough to balance 2+ workers.
 DEFAULT_BLOCK_PX = 1024
+#: Most pixels one slide may have on the model's grid (a 200k x 200k px slide at 0.25 um/px
+#: is 1e10): more means a wrong mpp, and its plan alone would not fit in memory.
+MAX_ANALYSIS_PX = 2**36
 #: Longest side of the low-resolution image the tissue mask is computed on.
 MASK_MAX_SIDE = 2048
 
@@ -268,6 +271,13 @@ def _plan_slide(
         raise ValueError(msg)
     card = model.card
     plan = plan_analysis(reg, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
+    if plan.box.height * plan.box.width > MAX_ANALYSIS_PX:
+        slide.close()
+        msg = (
+            f"{path}: at {slide_mpp:g} um/px the region is {plan.box.height} x {plan.box.width} px "
+            f"on the model's {card.mpp:g} um/px grid, more than {MAX_ANALYSIS_PX:.3g}; check --mpp"
+        )
+        raise ValueError(msg)
     tiles = plan.grid.tiles(plan.box)
     if use_mask:
         mask, scale = tissue_mask(slide)
@@ -628,7 +638,7 @@ def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens analyze``."""
-    from ._args import non_negative_int, positive_float, positive_int
+    from ._args import mpp_value, non_negative_int, positive_int
 
     parser.add_argument(
         "slides", nargs="+", metavar="SLIDE", help="slide files (SVS, NDPI, OME-TIFF, DICOM, ...)"
@@ -648,7 +658,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mpp",
-        type=positive_float,
+        type=mpp_value,
         default=None,
         help="level-0 um/px, for slides that record none",
     )
