@@ -2,45 +2,69 @@
 
 from __future__ import annotations
 
-import socket
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["SCHEDULER_TIMEOUT_S", "connect_scheduler"]
+__all__ = ["SCHEDULER_TIMEOUT_S", "check_scheduler", "connect_scheduler"]
 
 #: Seconds to wait for a scheduler to answer before giving up.
 SCHEDULER_TIMEOUT_S = 5.0
+_HINT = "give the address the scheduler prints, e.g. tcp://10.0.0.5:8786"
 
 
-def connect_scheduler(address: str, *, timeout: float = SCHEDULER_TIMEOUT_S) -> Any:
-    """A ``distributed.Client`` on the scheduler at ``address`` (``tcp://host:port``).
+def check_scheduler(address: str, *, timeout: float = SCHEDULER_TIMEOUT_S) -> None:
+    """Raise ``ValueError`` naming ``address`` and the fix unless a dask scheduler answers there.
 
-    Raises ``ValueError`` naming the address and the fix when the address is malformed or
-    nothing answers within ``timeout`` seconds. The TCP port is tried first with a plain
-    socket, so an unreachable host never leaves a half-built Client behind (whose clean-up
-    would print a traceback when it is collected).
+    The address is parsed, then probed with one ``identity`` request (no Client: a Client that
+    fails half-way retries for a minute and prints a traceback when it is collected).
     """
-    from distributed import Client
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 
-    hint = "give the address the scheduler prints, e.g. tcp://10.0.0.5:8786"
     try:
-        scheme, location = parse_address(address)
-        host, port = parse_host_port(location)
+        parse_host_port(parse_address(address)[1])
     except (ValueError, TypeError) as exc:
-        msg = f"--scheduler {address!r} is not a scheduler address ({exc}); {hint}"
+        msg = f"--scheduler {address!r} is not a scheduler address ({exc}); {_HINT}"
         raise ValueError(msg) from None
-    if scheme in ("tcp", "tls"):
-        try:
-            socket.create_connection((host, int(port)), timeout=timeout).close()
-        except OSError as exc:
-            msg = (
-                f"no dask scheduler answers at {address} within {timeout:g} s ({exc}); start one "
-                f"(`dask scheduler`) or {hint}"
-            )
-            raise ValueError(msg) from None
+    with ThreadPoolExecutor(1) as pool:  # its own event loop, even inside Jupyter's
+        problem = pool.submit(asyncio.run, _probe(address, timeout)).result()
+    if problem:
+        msg = f"no dask scheduler answers at {address} within {timeout:g} s ({problem}); {_HINT}"
+        raise ValueError(msg)
+
+
+def connect_scheduler(address: str, *, timeout: float = SCHEDULER_TIMEOUT_S) -> Any:
+    """A ``distributed.Client`` on the scheduler at ``address`` (``tcp://host:port``), after
+    :func:`check_scheduler`; errors are ``ValueError`` naming the address and the fix."""
+    from distributed import Client
+
+    check_scheduler(address, timeout=timeout)
     try:
         return Client(address, set_as_default=False, timeout=timeout)
-    except Exception as exc:  # a port that answers but is no dask scheduler
-        msg = f"{address} did not answer as a dask scheduler ({type(exc).__name__}: {exc}); {hint}"
+    except Exception as exc:
+        msg = f"cannot join the dask scheduler at {address} ({type(exc).__name__}: {exc}); {_HINT}"
         raise ValueError(msg) from None
+
+
+async def _probe(address: str, timeout: float) -> str:
+    """``""`` when a dask scheduler answers at ``address``, else what went wrong."""
+    from distributed.comm import connect
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        reply = await asyncio.wait_for(identity(), timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        return "timed out"
+    except Exception as exc:  # refused, unreachable, or garbage where a reply should be
+        return f"{type(exc).__name__}: {exc}"
+    if not (isinstance(reply, dict) and reply.get("type") == "Scheduler"):
+        return f"it answered {str(reply)[:80]!r}, not as a dask scheduler"
+    return ""

@@ -479,6 +479,10 @@ def run_batch(
     out_root.mkdir(parents=True, exist_ok=True)
     paths = [os.fspath(p) for p in slides]
     distributed = bool(workers) or scheduler is not None or client is not None
+    if scheduler is not None and client is None:
+        from ._cluster import check_scheduler
+
+        check_scheduler(scheduler)  # before the model loads or any slide opens: fail fast
     model = resolve_model(model, "cpu" if distributed else None)
     card = model.card
     task_t = resolve_tasks(tasks, card)
@@ -490,7 +494,7 @@ def run_batch(
     if scheduler is not None and client is None:
         from ._cluster import connect_scheduler
 
-        client = connect_scheduler(scheduler)  # before any slide is opened: fail fast
+        client = connect_scheduler(scheduler)
     prog = _Progress(0, stream=stream, enabled=progress)
 
     outcomes: dict[str, SlideOutcome] = {}
