@@ -138,3 +138,26 @@ def test_an_unreachable_scheduler_fails_fast_in_one_line(tmp_path: Path):
             run_batch(["x.svs"], tmp_path, model="test-tiny", scheduler=address, progress=False)
         assert time.perf_counter() - t0 < 20  # not the 60 s hang of a Client's retries
         assert "\n" not in str(err.value) and "tcp://" in str(err.value)
+
+
+def test_a_port_that_is_no_scheduler_fails_in_one_line(tmp_path: Path):
+    """Something answers, but with garbage (a web server, a proxy): no Client is built."""
+    import socket
+    import threading
+
+    from histolens._cluster import check_scheduler
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_garbage() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"\xff" * 64 + b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=f"no dask scheduler answers at tcp://127.0.0.1:{port}"):
+        check_scheduler(f"tcp://127.0.0.1:{port}", timeout=3)
+    assert time.perf_counter() - t0 < 15
+    server.close()
