@@ -73,8 +73,13 @@ def _bomb_jpeg(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_nuclei_goes_on_after_bad_images_and_names_them(wsi_dir, tmp_path, capsys):
+def test_nuclei_goes_on_after_bad_images_and_names_them(wsi_dir, tmp_path, capsys, monkeypatch):
     from PIL import Image
+
+    from histolens.training import nuclei_cli
+
+    # TIFFs read lazily, as large ones are: the damaged tile fails inside the engine's read
+    monkeypatch.setattr(nuclei_cli, "EAGER_READ_SAMPLES", 0)
 
     good = tmp_path / "good.png"
     Image.fromarray(_crop(wsi_dir, 200, 240)).save(good)
@@ -119,10 +124,16 @@ def test_nuclei_files_appear_only_when_complete(wsi_dir, tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []  # no 0-byte img.tif, no temporary left
 
 
-def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(wsi_dir, tmp_path):
-    """histolens-default on a real crop larger than one output tile (2 x 2 tiles of 512)."""
+def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
+    wsi_dir, tmp_path, monkeypatch
+):
+    """histolens-default on a real crop larger than one output tile (2 x 2 tiles of 512),
+    read lazily tile by tile as a large TIFF is."""
     from histolens.models import create_model
+    from histolens.training import nuclei_cli
     from histolens.training.nuclei_cli import image_slide, segment_nuclei, write_nuclei
+
+    monkeypatch.setattr(nuclei_cli, "EAGER_READ_SAMPLES", 0)
 
     image = _crop(wsi_dir, 600, 560)
     path = tmp_path / "crop.tif"
@@ -130,6 +141,7 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(wsi_dir, t
     model = create_model(None, device="cpu")
     labels, table = segment_nuclei(image, mpp=0.5, model=model, precision="fp32")
     with image_slide(path, mpp=0.5) as slide:
+        assert slide.levels[0].chunksize[:2] == (256, 256)  # the file's tiles, read lazily
         n = write_nuclei(slide, tmp_path / "out" / "crop", mpp=0.5, model=model, precision="fp32")
     written = tifffile.imread(tmp_path / "out" / "crop.tif")
     np.testing.assert_array_equal(written, labels)

@@ -53,6 +53,10 @@ NUCLEI_TABLE_COLUMNS = ("label", "type", "type_probability", "area_um2", "area_p
 #: Most pixels an image may have on the model's grid (its mpp): the label canvas there is held
 #: in memory, 4 bytes per pixel (1 GiB at this limit; e.g. 32768^2 input px at 0.25 um/px).
 MAX_ANALYSIS_PX = 2**28
+#: TIFFs up to this many samples (pixels x channels: 64 M px of RGB) are read whole; larger
+#: ones lazily, tile by tile, as the engine asks (blocks overlap by their halo, so a tile may
+#: be decoded more than once: slower, but memory stays flat).
+EAGER_READ_SAMPLES = 3 * 2**26
 #: Side of the tiles the label TIFF is written in (input px).
 OUT_TILE = 512
 
@@ -98,6 +102,8 @@ def _tiff_level0(path: Path, stack: contextlib.ExitStack) -> tuple[Any, str]:
 
     tif = stack.enter_context(tifffile.TiffFile(path))
     series = tif.series[0]
+    if math.prod(series.shape) <= EAGER_READ_SAMPLES:  # small: one read, no tile re-decoding
+        return series.asarray(level=0), str(series.axes)
     store = zarr.open_array(series.aszarr(level=0), mode="r")
     return da.from_zarr(store), str(series.axes)
 
