@@ -51,8 +51,9 @@ TTA_DEFAULT = True
 NUCLEI_TABLE_COLUMNS = ("label", "type", "type_probability", "area_um2", "area_px")
 
 #: Most pixels an image may have on the model's grid (its mpp): the label canvas there is held
-#: in memory, 4 bytes per pixel (1 GiB at this limit; e.g. 32768^2 input px at 0.25 um/px).
-MAX_ANALYSIS_PX = 2**28
+#: in memory, 4 bytes per pixel (2 GiB at this limit: 23170^2 input px at 0.5 um/px, twice
+#: that side at 0.25 um/px).
+MAX_ANALYSIS_PX = 2**29
 #: TIFFs up to this many samples (pixels x channels: 64 M px of RGB) are read whole; larger
 #: ones lazily, tile by tile, as the engine asks (blocks overlap by their halo, so a tile may
 #: be decoded more than once: slower, but memory stays flat).
