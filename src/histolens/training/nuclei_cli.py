@@ -157,9 +157,7 @@ def labels_to_input_grid(
     return np.where(vy[:, None] & vx[None, :], out, 0).astype(np.uint32)
 
 
-def _analysis_nuclei(
-    slide: Any, *, mpp: float, model: Any, precision: str, tta: bool, name: str
-) -> Any:
+def _analysis_nuclei(slide: Any, *, mpp: float, model: Any, precision: str, tta: bool) -> Any:
     """The engine's :class:`NucleiResult` for the whole of ``slide`` (level 0 at ``mpp``)."""
     from histolens.inference import analyze_region
     from histolens.region import Region
@@ -181,13 +179,13 @@ def _analysis_nuclei(
     ah, aw = h * scale, w * scale
     if min(ah, aw) < 1:
         msg = (
-            f"{name}: {h} x {w} px at {mpp:g} um/px is {ah:.3g} x {aw:.3g} px at the model's "
+            f"{h} x {w} px at {mpp:g} um/px is {ah:.3g} x {aw:.3g} px at the model's "
             f"{card.mpp:g} um/px, less than one pixel; check --mpp (0.25 at 40x, 0.5 at 20x)"
         )
         raise ValueError(msg)
     if ah * aw > MAX_ANALYSIS_PX:
         msg = (
-            f"{name}: {h} x {w} px at {mpp:g} um/px is {ah:.3g} x {aw:.3g} px at the model's "
+            f"{h} x {w} px at {mpp:g} um/px is {ah:.3g} x {aw:.3g} px at the model's "
             f"{card.mpp:g} um/px, more than histolens nuclei holds ({MAX_ANALYSIS_PX:.3g} px); "
             "check --mpp, or cut the image into parts"
         )
@@ -264,7 +262,7 @@ def segment_nuclei(
 
     h, w = image.shape[:2]
     slide = Slide.from_array(image, mpp=mpp, name=name)
-    nuc = _analysis_nuclei(slide, mpp=mpp, model=model, precision=precision, tta=tta, name=name)
+    nuc = _analysis_nuclei(slide, mpp=mpp, model=model, precision=precision, tta=tta)
     keep = _kept_labels(nuc)
     labels = _input_labels(nuc, keep, (0, 0, h, w))
     area_px = np.bincount(labels.ravel().astype(np.int64), minlength=len(keep))
@@ -291,7 +289,7 @@ def write_nuclei(
     from histolens.export import atomic_path
 
     name = Path(out).name
-    nuc = _analysis_nuclei(slide, mpp=mpp, model=model, precision=precision, tta=tta, name=name)
+    nuc = _analysis_nuclei(slide, mpp=mpp, model=model, precision=precision, tta=tta)
     keep = _kept_labels(nuc)
     h, w = (int(v) for v in slide.shape[:2])
     area_px = np.zeros(len(keep), np.int64)
@@ -346,6 +344,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _failure(path: Path, exc: Exception) -> str:
+    """One line naming the image: our own messages as they are, others with their type."""
+    text = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+    return text if str(path) in text else f"{path}: {text}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Segment every image and write its label TIFF and CSV; a bad image does not stop the rest.
 
@@ -368,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
                     precision=args.precision, tta=args.tta,
                 )  # fmt: skip
         except Exception as exc:  # reported by file; the next image goes on
-            text = str(exc) if str(path) in str(exc) else f"{path}: {type(exc).__name__}: {exc}"
+            text = _failure(path, exc)
             failed.append(text)
             print(f"FAILED {text}", file=sys.stderr, flush=True)
             continue
