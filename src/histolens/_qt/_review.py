@@ -117,6 +117,7 @@ class _ClassList(QWidget):
         while self._grid.count():
             item = self._grid.takeAt(0)
             if item.widget() is not None:
+                item.widget().hide()  # at once: deleteLater leaves it drawn until the next loop
                 item.widget().deleteLater()
         self.rows = []
         header = QLabel(f"<b>{self._title}</b>")
@@ -126,8 +127,10 @@ class _ClassList(QWidget):
             if with_density and row.per_mm2 is not None:
                 text += f"  {row.per_mm2:.0f}/mm²"
             self._grid.addWidget(_swatch(row.color), r, 0)
-            self._grid.addWidget(QLabel(row.name), r, 1)
-            self._grid.addWidget(QLabel(text), r, 2)
+            for c, value in ((1, row.name), (2, text)):
+                label = QLabel(value)
+                label.setWordWrap(True)  # wraps in a narrow dock instead of clipping
+                self._grid.addWidget(label, r, c)
             self.rows.append((row.name, text))
         self.setVisible(bool(rows))
 

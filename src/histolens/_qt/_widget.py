@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 from superqt.utils import qdebounced
 
 from histolens.region import Region
@@ -35,6 +36,7 @@ from histolens.result import RegionResult
 from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
+from ._teach import TeachPanel
 from ._viewport import CameraState, LayerFrame, level0_to_world, view_region
 from ._worker import (
     AnalysisRequest,
@@ -74,6 +76,7 @@ class HistoLensWidget(QWidget):
         self._frame: LayerFrame | None = None  # slide-layer frame of the running request
         self._pending: RegionResult | None = None
         self._slide_cache: dict[int, Any] = {}
+        self.sections: dict[str, Any] = {}  # title -> QCollapsible
         self._build()
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
@@ -129,7 +132,6 @@ class HistoLensWidget(QWidget):
         self.task_boxes: dict[str, QCheckBox] = {}
         tasks_row = QHBoxLayout()
         tasks_row.setSpacing(4)
-        tasks_row.addWidget(QLabel("tasks:"))
         for task, text, _group in TASKS:
             box = QCheckBox(text)
             box.setChecked(True)
@@ -182,26 +184,36 @@ class HistoLensWidget(QWidget):
         self.export_button.clicked.connect(self._on_export_clicked)
 
         form = QFormLayout()
+        # In a narrow dock labels go above their fields instead of pushing them off the right.
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         form.addRow("slide layer", self.layer_combo)
         form.addRow("model", self.model_combo)
         form.addRow("device", self.device_combo)
-        form.addRow(tasks_row)  # spans both columns: three boxes fit the narrow dock
+        form.addRow("tasks", tasks_row)
         form.addRow("mpp override", self.mpp_spin)
         form.addRow("", self.mpp_label)
         self.mpp_label.setWordWrap(True)
         form.addRow("live mode", self.live_box)
 
-        inner = QWidget()
-        col = QVBoxLayout(inner)
+        run = QWidget()
+        col = QVBoxLayout(run)
+        col.setContentsMargins(0, 0, 0, 0)
         col.addLayout(form)
         col.addWidget(self.analyze_button)
         col.addWidget(self.progress)
         col.addWidget(self.status)
-        col.addWidget(QLabel("<b>Overlay opacity</b>"))
-        col.addLayout(opacity_form)
+        overlays = QWidget()
+        overlays.setLayout(opacity_form)
+        review = QWidget()
+        col = QVBoxLayout(review)
+        col.setContentsMargins(0, 0, 0, 0)
         col.addWidget(self.review)
         col.addWidget(self.export_button)
-        col.addStretch(1)
+        self.teach = TeachPanel(self.viewer, self._show_taught)
+
+        inner = QWidget()
+        self._sections = QVBoxLayout(inner)
+        self._sections.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         # The dock is narrow: wrap and shrink rather than scroll sideways.
@@ -210,7 +222,25 @@ class HistoLensWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
+        # One line per section, top to bottom.
+        self.add_section("Analyse", run)
+        self.add_section("Overlay opacity", overlays)
+        self.add_section("Review and export", review)
+        self.add_section("Teach tile classes", self.teach, expanded=False)
         self.setMinimumWidth(300)
+
+    def add_section(self, title: str, content: QWidget, *, expanded: bool = True) -> Any:
+        """Append a collapsible section holding ``content`` to the dock; returns it."""
+        section = QCollapsible(title)
+        section.setContentsMargins(0, 0, 0, 0)
+        section.addWidget(content)
+        if expanded:
+            section.expand(animate=False)
+        else:
+            section.collapse(animate=False)
+        self._sections.insertWidget(self._sections.count() - 1, section)  # above the stretch
+        self.sections[title] = section
+        return section
 
     # --- slide layer ---------------------------------------------------------------------
     def _candidate_layers(self) -> list[Any]:
@@ -433,6 +463,7 @@ class HistoLensWidget(QWidget):
         frame = self._frame
         if frame is None:
             return
+        result = self.teach.apply(result, final=final)
         try:
             update_overlays(
                 self.viewer,
@@ -450,6 +481,22 @@ class HistoLensWidget(QWidget):
             self._apply_outlines()
         self.review.show_result(result, fill_table=final)
         self.export_button.setEnabled(True)
+        if final:
+            self.teach.place_layer()
+
+    def _show_taught(self, result: RegionResult) -> None:
+        """Redraw only what taught tile classes change: the tile layer, legend and exports."""
+        if self._frame is None:
+            return
+        update_overlays(
+            self.viewer,
+            result.to_layer_data(names=["tile classes"]),
+            mpp=overlay_mpp(result),
+            frame=self._frame,
+            opacity=self.opacities(),
+        )
+        self.result = result
+        self.review.show_result(result, fill_table=False)
 
     # --- live mode -------------------------------------------------------------------------
     def _on_view_changed(self, *_: Any) -> None:
