@@ -88,7 +88,7 @@ def teach(dock, app, examples=TEACH) -> dict[str, list[tuple[int, int]]]:
     from histolens.teach import global_cells
 
     panel = dock.teach
-    dock.sections["Teach tile classes"].expand(animate=False)
+    dock.sections["Teach tile classes"].expand()
     painted: dict[str, list[tuple[int, int]]] = {}
     for name, (color, cells) in examples.items():
         k = panel.add_class(name, color)

@@ -97,6 +97,7 @@ class TeachPanel(QWidget):
         self._examples: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         self._synced: np.ndarray | None = None  # teach-layer data the examples reflect
         self._cv_stamp = 0
+        self._last_problem = ""
         self._build()
         self._sync_later = qdebounced(self.sync, timeout=RETRAIN_DEBOUNCE_MS, parent=self)
 
@@ -409,8 +410,11 @@ class TeachPanel(QWidget):
             )
         except ValueError as exc:
             self.status.setText(f"not trained: {exc}")
-            show_warning(f"HistoLens: {exc}; the previous tile classes stay")
+            if str(exc) != self._last_problem:  # once per problem, not once per stroke
+                show_warning(f"HistoLens: {exc}; the previous tile classes stay")
+            self._last_problem = str(exc)
             return None
+        self._last_problem = ""
         self.classifier = clf
         self.repaint()
         self._start_cv()

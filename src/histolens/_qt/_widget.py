@@ -23,11 +23,12 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSlider,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
-from superqt import QCollapsible
 from superqt.utils import qdebounced
 
 from histolens.region import Region
@@ -47,7 +48,7 @@ from ._worker import (
     preload_model_stack,
 )
 
-__all__ = ["HistoLensWidget"]
+__all__ = ["HistoLensWidget", "Section"]
 
 ANALYZE, CANCEL = "Analyze view", "Cancel"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -60,6 +61,44 @@ TASKS = (
 DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.25, "attention": 0.4}
 LIVE_DEBOUNCE_MS = 500
 PARTIAL_REFRESH_MS = 150
+
+
+class Section(QWidget):
+    """A titled, collapsible part of the dock: a header button that shows or hides ``content``.
+
+    Not superqt's QCollapsible: it caps expanded content at its ``sizeHint`` height, which
+    ignores the extra lines word-wrapped labels need in a narrow dock, so their text got cut.
+    """
+
+    def __init__(self, title: str, content: QWidget, *, expanded: bool = True) -> None:
+        super().__init__()
+        self.content = content
+        self.header = QToolButton()
+        self.header.setText(title)
+        self.header.setCheckable(True)
+        self.header.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.header.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.header.setStyleSheet("QToolButton { border: none; font-weight: bold; }")
+        self.header.toggled.connect(self._on_toggled)
+        col = QVBoxLayout(self)
+        col.setContentsMargins(0, 0, 0, 4)
+        col.addWidget(self.header)
+        col.addWidget(content)
+        self.header.setChecked(expanded)
+        self._on_toggled(expanded)
+
+    def _on_toggled(self, on: bool) -> None:
+        self.header.setArrowType(Qt.DownArrow if on else Qt.RightArrow)
+        self.content.setVisible(on)
+
+    def isExpanded(self) -> bool:  # noqa: N802 (Qt naming, as QCollapsible)
+        return self.header.isChecked()
+
+    def expand(self) -> None:
+        self.header.setChecked(True)
+
+    def collapse(self) -> None:
+        self.header.setChecked(False)
 
 
 class HistoLensWidget(QWidget):
@@ -76,7 +115,7 @@ class HistoLensWidget(QWidget):
         self._frame: LayerFrame | None = None  # slide-layer frame of the running request
         self._pending: RegionResult | None = None
         self._slide_cache: dict[int, Any] = {}
-        self.sections: dict[str, Any] = {}  # title -> QCollapsible
+        self.sections: dict[str, Section] = {}
         self._build()
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
@@ -191,7 +230,6 @@ class HistoLensWidget(QWidget):
         form.addRow("device", self.device_combo)
         form.addRow("tasks", tasks_row)
         form.addRow("mpp override", self.mpp_spin)
-        form.addRow("", self.mpp_label)
         self.mpp_label.setWordWrap(True)
         form.addRow("live mode", self.live_box)
 
@@ -199,6 +237,7 @@ class HistoLensWidget(QWidget):
         col = QVBoxLayout(run)
         col.setContentsMargins(0, 0, 0, 0)
         col.addLayout(form)
+        col.addWidget(self.mpp_label)  # full width: wrapped text in a form row gets cut
         col.addWidget(self.analyze_button)
         col.addWidget(self.progress)
         col.addWidget(self.status)
@@ -230,14 +269,8 @@ class HistoLensWidget(QWidget):
         self.setMinimumWidth(300)
 
     def add_section(self, title: str, content: QWidget, *, expanded: bool = True) -> Any:
-        """Append a collapsible section holding ``content`` to the dock; returns it."""
-        section = QCollapsible(title)
-        section.setContentsMargins(0, 0, 0, 0)
-        section.addWidget(content)
-        if expanded:
-            section.expand(animate=False)
-        else:
-            section.collapse(animate=False)
+        """Append a collapsible :class:`Section` holding ``content`` to the dock; returns it."""
+        section = Section(title, content, expanded=expanded)
         self._sections.insertWidget(self._sections.count() - 1, section)  # above the stretch
         self.sections[title] = section
         return section
