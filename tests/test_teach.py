@@ -70,7 +70,7 @@ def taught(per_class: int = 8, **kw):
     result, truth = toy_result(**kw)
     examples, outside = examples_from_marks(result.tiles, marks_from(truth, per_class))
     assert outside == 0
-    return result, truth, train_tile_classifier(examples, NAMES, COLORS, CARD)
+    return result, truth, train_tile_classifier(examples, NAMES, COLORS, CARD, cv=False)
 
 
 def test_examples_live_on_the_global_grid_and_skip_glass():
@@ -144,7 +144,7 @@ def test_save_load_round_trip_gives_the_same_map(tmp_path: Path):
         "embed_dim": 16,
     }
     assert card["examples_per_class"] == {"fat": 8, "muscle": 8, "gland": 8}
-    assert card["created"] and "grouped_cv_accuracy" in card
+    assert card["created"] and "grouped_cv_accuracy" in card and card["min_confidence"] == 0.0
     back = load_tile_classifier(card_path)  # either file's path works
     a = classify_result(result, clf, min_confidence=0.6).tiles
     b = classify_result(result, back, min_confidence=0.6).tiles
@@ -210,3 +210,23 @@ def test_batch_writer_checks_the_model_first_and_classifies_before_writing(tmp_p
         as_batch_writer(path, CARD, ("nuclei",), print)
     with pytest.raises(ValueError, match="'uni'"):
         as_batch_writer(path, {"name": "uni", "weights_sha256": "x"}, ("tiles",), print)
+
+
+def test_analyze_command_refuses_a_bad_classifier_in_one_line(tmp_path: Path, capsys):
+    from histolens.cli import console
+    from histolens.slide import sample_slide_path
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    (tmp_path / "bad.card.json").write_text("{}")
+    out = tmp_path / "out"
+    args = ["analyze", str(sample_slide_path()), "--out", str(out), "--region", "0,0,256,256"]
+    assert console([*args, "--tile-classifier", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.safetensors" in err[0] and "Teach" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+    result, _truth, clf = taught()
+    other = clf.save(tmp_path / "toy")  # taught on another backbone than the default model
+    assert console([*args, "--tile-classifier", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'toy-backbone'" in err[0] and "'histolens-default'" in err[0], err

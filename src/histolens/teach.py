@@ -76,7 +76,8 @@ class TileClassifier:
 
     ``weight`` (C, D) and ``bias`` (C,) are float32; ``backbone`` and ``backbone_sha256``
     name the model card whose embeddings it was fitted on; ``cv_accuracy`` is the grouped
-    cross-validated accuracy (None until every class has :data:`CV_MIN_EXAMPLES` examples).
+    cross-validated accuracy (None until every class has :data:`CV_MIN_EXAMPLES` examples);
+    ``min_confidence`` is the top-class probability below which a cell stays unpainted.
     """
 
     class_names: tuple[str, ...]
@@ -88,6 +89,7 @@ class TileClassifier:
     examples_per_class: tuple[int, ...]
     cv_accuracy: float | None = None
     created: str = ""
+    min_confidence: float = 0.0
 
     @property
     def embed_dim(self) -> int:
@@ -111,13 +113,17 @@ class TileClassifier:
             )
             raise ValueError(msg)
 
-    def classify(self, tiles: TileClassResult, *, min_confidence: float = 0.0) -> TileClassResult:
+    def classify(
+        self, tiles: TileClassResult, *, min_confidence: float | None = None
+    ) -> TileClassResult:
         """``tiles`` re-classified into this classifier's classes (same grid and embeddings).
 
         Cells the analysis left empty (``classes == 0``: glass or not analysed) stay 0; so do
-        cells whose top probability is below ``min_confidence`` ("unsure"), though their
-        probabilities are kept.
+        cells whose top probability is below ``min_confidence`` ("unsure"; default: the
+        classifier's own), though their probabilities are kept.
         """
+        if min_confidence is None:
+            min_confidence = self.min_confidence
         if tiles.embeddings is None:
             msg = "this analysis kept no cell embeddings; re-analyse with the 'tiles' task"
             raise ValueError(msg)
@@ -158,6 +164,7 @@ class TileClassifier:
                 zip(self.class_names, map(int, self.examples_per_class), strict=True)
             ),
             "grouped_cv_accuracy": self.cv_accuracy,
+            "min_confidence": self.min_confidence,
             "created": self.created,
             "weights_sha256": weights_sha256,
         }
@@ -244,6 +251,7 @@ def load_tile_classifier(path: str | os.PathLike[str]) -> TileClassifier:
             examples_per_class=tuple(int(counts.get(n, 0)) for n in names),
             cv_accuracy=card.get("grouped_cv_accuracy"),
             created=str(card.get("created", "")),
+            min_confidence=float(card.get("min_confidence", 0.0)),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         msg = (
@@ -352,7 +360,7 @@ def train_tile_classifier(
 
 
 def classify_result(
-    result: RegionResult, classifier: TileClassifier, *, min_confidence: float = 0.0
+    result: RegionResult, classifier: TileClassifier, *, min_confidence: float | None = None
 ) -> RegionResult:
     """``result`` with its tile classes replaced by ``classifier``'s (backbone checked first)."""
     if result.tiles is None:

@@ -489,7 +489,7 @@ class TeachPanel(QWidget):
         if self.classifier is None:
             show_warning("HistoLens: nothing to save yet; teach at least 2 classes first")
             return None
-        clf = self.classifier
+        clf = replace(self.classifier, min_confidence=self.min_confidence)
         if clf.cv_accuracy is None:
             n = len(clf.class_names)
             clf = replace(clf, cv_accuracy=grouped_cv_accuracy(self.training_set(), n))
@@ -513,6 +513,9 @@ class TeachPanel(QWidget):
             return None
         self.classifier = clf
         self._examples = {}
+        self.confidence.blockSignals(True)
+        self.confidence.setValue(clf.min_confidence)
+        self.confidence.blockSignals(False)
         self.names, self.colors = list(clf.class_names), list(clf.class_colors)
         self.class_list.clear()
         for name, color in zip(self.names, self.colors, strict=True):
