@@ -100,6 +100,8 @@ def teach(dock, app, examples=TEACH) -> dict[str, list[tuple[int, int]]]:
             painted[name].append((r - r0, c - c0))
         pump(app, 0.1)
     pump(app, 1.0)  # debounced retrain and repaint
+    while dock.teach.busy:  # grouped CV in the background
+        pump(app, 0.1)
     return painted
 
 

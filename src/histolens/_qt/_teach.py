@@ -97,6 +97,7 @@ class TeachPanel(QWidget):
         self._examples: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         self._synced: np.ndarray | None = None  # teach-layer data the examples reflect
         self._cv_stamp = 0
+        self._cv_worker: Any = None
         self._last_problem = ""
         self._build()
         self._sync_later = qdebounced(self.sync, timeout=RETRAIN_DEBOUNCE_MS, parent=self)
@@ -440,18 +441,34 @@ class TeachPanel(QWidget):
         self.status.setText("showing the model's classes; paint to teach again")
 
     def _start_cv(self) -> None:
-        """Grouped CV of the current examples in a thread; the label updates when done."""
+        """Grouped CV of the current examples in a thread, one run at a time (the latest
+        examples run next); the label updates when it is done."""
         self._cv_stamp += 1
+        if self._cv_worker is not None:
+            return
         stamp, n = self._cv_stamp, len(self.names)
         worker = create_worker(grouped_cv_accuracy, self.training_set(), n, _ignore_errors=True)
         worker.returned.connect(lambda acc: self._on_cv(stamp, acc))
+        worker.finished.connect(lambda: self._on_cv_finished(stamp))
+        self._cv_worker = worker  # referenced until finished, or Qt may drop its signals
         worker.start()
+
+    @property
+    def busy(self) -> bool:
+        """True while a grouped cross-validation runs in the background."""
+        return self._cv_worker is not None
 
     def _on_cv(self, stamp: int, accuracy: float | None) -> None:
         if stamp != self._cv_stamp or self.classifier is None:
             return
         self.classifier = replace(self.classifier, cv_accuracy=accuracy)
         self.status.setText(self._describe())
+
+    def _on_cv_finished(self, stamp: int) -> None:
+        self._cv_worker = None
+        if stamp != self._cv_stamp:  # examples changed meanwhile
+            self._cv_stamp -= 1
+            self._start_cv()
 
     def _describe(self) -> str:
         clf = self.classifier
