@@ -89,14 +89,16 @@ def teach(dock, app, examples=TEACH) -> dict[str, list[tuple[int, int]]]:
 
     panel = dock.teach
     dock.sections["Teach tile classes"].expand()
+    # all classes first: painting with one class only would (rightly) ask for a second one
+    index = {name: panel.add_class(name, color) for name, (color, _cells) in examples.items()}
+    layer = panel.layer()
+    r0, c0 = global_cells(panel.base.tiles)
     painted: dict[str, list[tuple[int, int]]] = {}
-    for name, (color, cells) in examples.items():
-        k = panel.add_class(name, color)
-        layer = panel.layer()
-        r0, c0 = global_cells(panel.base.tiles)
+    for name, (_color, cells) in examples.items():
+        panel.select_class(index[name])
         painted[name] = []
         for r, c in cells:
-            layer.paint((r - r0, c - c0), k + 1)  # a click with the 1-cell brush
+            layer.paint((r - r0, c - c0), index[name] + 1)  # a click with the 1-cell brush
             painted[name].append((r - r0, c - c0))
         pump(app, 0.1)
     pump(app, 1.0)  # debounced retrain and repaint
@@ -122,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     pump(app)
     viewer.screenshot(str(args.out / "teach_before.png"), canvas_only=False)
     teach(dock, app)
-    pump(app, 1.5)  # grouped CV label
+    for title in ("Overlay opacity", "Review and export"):
+        dock.sections[title].collapse()  # so the Teach section shows beside the map
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    # the "no examples yet" toasts of the first strokes would cover the map in the picture
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    pump(app, 1.0)
     viewer.screenshot(str(args.out / "teach_after.png"), canvas_only=False)
     clf = dock.teach.classifier
     print(f"taught {clf.class_names}, examples {clf.examples_per_class}, CV {clf.cv_accuracy}")
