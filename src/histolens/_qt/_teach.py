@@ -98,6 +98,7 @@ class TeachPanel(QWidget):
         self._synced: np.ndarray | None = None  # teach-layer data the examples reflect
         self._cv_stamp = 0
         self._cv_worker: Any = None
+        self._backbone: tuple[str, str] | None = None  # (name, weights sha256) of the examples
         self._last_problem = ""
         self._build()
         self._sync_later = qdebounced(self.sync, timeout=RETRAIN_DEBOUNCE_MS, parent=self)
@@ -168,6 +169,7 @@ class TeachPanel(QWidget):
         if tiles is None or tiles.embeddings is None:
             return result
         if final:
+            self._forget_other_backbone(result)
             self.base = result
         if self.classifier is None:
             return result
@@ -176,6 +178,19 @@ class TeachPanel(QWidget):
         except ValueError as exc:
             show_warning(f"HistoLens: taught classes not applied: {exc}")
             return result
+
+    def _forget_other_backbone(self, result: RegionResult) -> None:
+        """Examples hold one backbone's embeddings: another model's analysis drops them."""
+        card = result.provenance.model_card
+        backbone = (str(card.get("name", "")), str(card.get("weights_sha256", "")))
+        if self._examples and self._backbone is not None and backbone != self._backbone:
+            show_info(
+                f"HistoLens: the view was analysed with {backbone[0]!r}; the examples taught "
+                f"on {self._backbone[0]!r} embeddings were cleared"
+            )
+            self._examples = {}
+            self._refresh_counts()
+        self._backbone = backbone
 
     @property
     def min_confidence(self) -> float:
