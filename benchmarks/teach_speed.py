@@ -61,7 +61,6 @@ def main() -> int:
     from histolens._qt._viewport import LayerFrame
     from histolens.inference import analyze_region
     from histolens.region import Region
-    from histolens.teach import global_cells
 
     viewer, dock = open_viewer(None, model="histolens-default")
     viewer.window._qt_window.resize(1440, 900)
@@ -85,9 +84,8 @@ def main() -> int:
     scenario.teach(dock, app)
     panel = dock.teach
     layer = panel.layer()
-    r0, c0 = global_cells(panel.base.tiles)
-    # cells to toggle: dermis cells beside the taught ones (added, then erased again)
-    extra = [(r - r0, c - c0 + 1) for r, c in scenario.TEACH["dermis"][1]]
+    # cells to toggle (global grid): dermis cells beside the taught ones, added then erased
+    extra = [(r, c + 1) for r, c in scenario.TEACH["dermis"][1]]
     times = []
     for i in range(args.changes):
         cell = extra[i % len(extra)]

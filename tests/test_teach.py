@@ -14,12 +14,14 @@ from histolens.result import Provenance, RegionResult, TileClassResult
 from histolens.teach import (
     TileClassifier,
     as_batch_writer,
+    cells_region,
     classifier_paths,
     classify_result,
     examples_from_marks,
     global_cells,
     grouped_cv_accuracy,
     load_tile_classifier,
+    lookup_cells,
     spatial_groups,
     train_tile_classifier,
 )
@@ -230,3 +232,13 @@ def test_analyze_command_refuses_a_bad_classifier_in_one_line(tmp_path: Path, ca
     assert console([*args, "--tile-classifier", str(other), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'toy-backbone'" in err[0] and "'histolens-default'" in err[0], err
+
+
+def test_lookup_cells_and_their_region_on_the_global_grid():
+    result, _truth = toy_result()
+    cells = np.array([[41, 72], [41, 87], [10, 10]])  # tissue, glass column, outside
+    inside, tissue, emb = lookup_cells(result.tiles, cells)
+    assert inside.tolist() == [True, True, False] and tissue.tolist() == [True, False, False]
+    np.testing.assert_array_equal(emb[0], result.tiles.embeddings[1, 2])
+    assert not emb[1:].any()
+    assert cells_region(np.array([[10, 10], [11, 12]]), 64.0).as_tuple() == (640, 640, 768, 832)

@@ -83,7 +83,7 @@ def open_and_analyse(model: str = "histolens-default", viewer=None):
 def teach(dock, app, examples=TEACH) -> dict[str, list[tuple[int, int]]]:
     """Add the classes and paint their cells on the teach layer (one click per cell).
 
-    Returns the painted cells per class, in the teach layer's (= tile grid's) pixels.
+    Returns the painted cells per class as pixels of the analysed view's tile grid.
     """
     from histolens.teach import global_cells
 
@@ -98,7 +98,7 @@ def teach(dock, app, examples=TEACH) -> dict[str, list[tuple[int, int]]]:
         panel.select_class(index[name])
         painted[name] = []
         for r, c in cells:
-            layer.paint((r - r0, c - c0), index[name] + 1)  # a click with the 1-cell brush
+            layer.paint((r, c), index[name] + 1)  # a click with the 1-cell brush
             painted[name].append((r - r0, c - c0))
         pump(app, 0.1)
     pump(app, 1.0)  # debounced retrain and repaint

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .region import Region
 from .result import RegionResult, TileClassResult
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "GROUP_CELLS",
     "TileClassifier",
     "TrainingSet",
+    "cells_region",
     "classify_result",
     "as_batch_writer",
     "classifier_paths",
@@ -43,6 +45,7 @@ __all__ = [
     "global_cells",
     "grouped_cv_accuracy",
     "load_tile_classifier",
+    "lookup_cells",
     "spatial_groups",
     "train_tile_classifier",
 ]
@@ -292,6 +295,41 @@ def examples_from_marks(tiles: TileClassResult, marks: np.ndarray) -> tuple[Trai
         embeddings=np.asarray(tiles.embeddings[usable], np.float32),
     )
     return examples, int(np.count_nonzero(marked & ~usable))
+
+
+def lookup_cells(
+    tiles: TileClassResult, cells: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where global ``cells`` (N, 2) ``(row, col)`` fall in ``tiles``.
+
+    Returns ``inside`` (N,) bool (on this grid), ``tissue`` (N,) bool (inside and analysed,
+    ``classes > 0``) and ``embeddings`` (N, D) float32, zero where not ``tissue``.
+    """
+    if tiles.embeddings is None:
+        msg = "this analysis kept no cell embeddings; re-analyse with the 'tiles' task"
+        raise ValueError(msg)
+    cells = np.asarray(cells, np.int64).reshape(-1, 2)
+    r0, c0 = global_cells(tiles)
+    rows, cols = cells[:, 0] - r0, cells[:, 1] - c0
+    gh, gw = tiles.classes.shape
+    inside = (rows >= 0) & (rows < gh) & (cols >= 0) & (cols < gw)
+    tissue = inside.copy()
+    tissue[inside] = np.asarray(tiles.classes)[rows[inside], cols[inside]] > 0
+    emb = np.zeros((len(cells), tiles.embeddings.shape[-1]), np.float32)
+    emb[tissue] = tiles.embeddings[rows[tissue], cols[tissue]]
+    return inside, tissue, emb
+
+
+def cells_region(cells: np.ndarray, cell: float) -> Region:
+    """The level-0 box (half-open, whole pixels) covering global ``cells`` of ``cell`` px."""
+    cells = np.asarray(cells, np.int64).reshape(-1, 2)
+    lo, hi = cells.min(0), cells.max(0) + 1
+    return Region(
+        int(np.floor(lo[0] * cell)),
+        int(np.floor(lo[1] * cell)),
+        int(np.ceil(hi[0] * cell)),
+        int(np.ceil(hi[1] * cell)),
+    )
 
 
 def spatial_groups(cells: np.ndarray, size: int = GROUP_CELLS) -> np.ndarray:

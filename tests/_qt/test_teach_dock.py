@@ -60,13 +60,23 @@ def test_teach_three_classes_undo_save_load_and_batch(make_napari_viewer, qtbot,
 
     # napari's own undo removes the last example; redo brings it back.
     teach_layer = panel.layer()
-    last = painted["keratin"][-1]
+    r, c = scenario.TEACH["keratin"][1][-1]
     teach_layer.undo()
     qtbot.waitUntil(lambda: panel.classifier.examples_per_class == (7, 7, 6), timeout=10_000)
-    assert teach_layer.data[last] == 0
+    assert teach_layer.data[r, c] == 0
     teach_layer.redo()
     qtbot.waitUntil(lambda: panel.classifier.examples_per_class == (7, 7, 7), timeout=10_000)
     np.testing.assert_array_equal(_map(dock), taught_map)
+
+    # A cell marked outside the analysed view: just its tiles are analysed, then it joins.
+    outside = (42, 15)  # dermis below the view
+    r0, c0 = (int(round(v / shown.cell)) for v in shown.origin)
+    assert not (0 <= outside[0] - r0 < shown.classes.shape[0])
+    panel.select_class(0)
+    teach_layer.paint(outside, 1)
+    qtbot.waitUntil(lambda: panel.classifier.examples_per_class == (8, 7, 7), timeout=180_000)
+    assert outside in panel._embeddings and not panel._pending
+    taught_map = _map(dock)
 
     # Save, switch back to the model's classes, load: the same map.
     saved = panel.save_classifier(str(tmp_path / "skin.safetensors"))

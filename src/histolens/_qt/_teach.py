@@ -1,12 +1,12 @@
 """The dock's "Teach" section: the user's own tile classes, taught by painting cells.
 
-A napari Labels layer ``"teach"`` lies on the analysed tile grid (one pixel per tile-class
-cell, the same scale/translate as the ``"tile classes"`` layer); label ``k`` marks a cell as
-class ``k - 1`` of the class list. Painting, erasing and napari's own undo/redo all change
-that layer; a debounced sync turns it into example cells (kept on the slide's global cell
-grid with their embeddings, so they survive a re-analysis), refits the probe
-(:func:`histolens.teach.train_tile_classifier`) and re-classifies the analysed region from
-its cached embeddings; the backbone does not run again.
+A napari Labels layer ``"teach"`` covers the slide's whole grid of tile-class cells (one
+pixel per cell, aligned with the ``"tile classes"`` layer); label ``k`` marks a cell as class
+``k - 1`` of the class list. Painting, erasing and napari's own undo/redo all change that
+layer; a debounced sync turns the marks into examples (their embeddings come from the
+analysed view, or from analysing just the marked cells' tiles when they lie outside it),
+refits the probe (:func:`histolens.teach.train_tile_classifier`) and re-classifies the
+analysed view from its cached embeddings; the backbone does not run again for that.
 """
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
+from histolens.region import Region
 from histolens.result import RegionResult
 from histolens.teach import (
     CV_MIN_EXAMPLES,
     TileClassifier,
     TrainingSet,
+    cells_region,
     classify_result,
-    examples_from_marks,
     global_cells,
     grouped_cv_accuracy,
     load_tile_classifier,
+    lookup_cells,
     train_tile_classifier,
 )
 
@@ -84,21 +86,29 @@ class TeachPanel(QWidget):
         self,
         viewer: Any,
         show_tiles: Callable[[RegionResult], None],
+        *,
+        analyse_cells: Callable[[Region, Callable[[RegionResult | None], None]], Any] | None = None,
+        slide_shape: Callable[[], tuple[int, int] | None] = lambda: None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self.viewer = viewer
         self._show_tiles = show_tiles
+        self._analyse_cells = analyse_cells
+        self._slide_shape = slide_shape
         self.base: RegionResult | None = None  # the analysis as the model classified it
         self.classifier: TileClassifier | None = None  # active taught classifier
         self.names: list[str] = []
         self.colors: list[str] = []
-        # examples on the global cell grid: (row, col) -> (class index, embedding)
-        self._examples: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
-        self._synced: np.ndarray | None = None  # teach-layer data the examples reflect
+        # what is known of marked cells of the global grid, (row, col) -> embedding; glass
+        # cells have none; pending ones are being analysed
+        self._embeddings: dict[tuple[int, int], np.ndarray] = {}
+        self._glass: set[tuple[int, int]] = set()
+        self._pending: set[tuple[int, int]] = set()
+        self._synced: np.ndarray | None = None  # teach-layer data last synced
         self._cv_stamp = 0
         self._cv_worker: Any = None
-        self._backbone: tuple[str, str] | None = None  # (name, weights sha256) of the examples
+        self._backbone: tuple[str, str] | None = None  # (name, weights sha256) of embeddings
         self._last_problem = ""
         self._build()
         self._sync_later = qdebounced(self.sync, timeout=RETRAIN_DEBOUNCE_MS, parent=self)
@@ -180,16 +190,11 @@ class TeachPanel(QWidget):
             return result
 
     def _forget_other_backbone(self, result: RegionResult) -> None:
-        """Examples hold one backbone's embeddings: another model's analysis drops them."""
+        """Embeddings are one backbone's: another model's analysis re-embeds the marked cells."""
         card = result.provenance.model_card
         backbone = (str(card.get("name", "")), str(card.get("weights_sha256", "")))
-        if self._examples and self._backbone is not None and backbone != self._backbone:
-            show_info(
-                f"HistoLens: the view was analysed with {backbone[0]!r}; the examples taught "
-                f"on {self._backbone[0]!r} embeddings were cleared"
-            )
-            self._examples = {}
-            self._refresh_counts()
+        if self._backbone is not None and backbone != self._backbone:
+            self._embeddings, self._glass = {}, set()
         self._backbone = backbone
 
     @property
@@ -203,19 +208,9 @@ class TeachPanel(QWidget):
                 return layer
         return None
 
-    def _marks_for(self, result: RegionResult) -> np.ndarray:
-        """The stored examples inside ``result``'s tile grid, as teach-layer data."""
-        tiles = result.tiles
-        marks = np.zeros(tiles.classes.shape, np.int32)
-        r0, c0 = global_cells(tiles)
-        gh, gw = marks.shape
-        for (r, c), (k, _emb) in self._examples.items():
-            if r0 <= r < r0 + gh and c0 <= c < c0 + gw:
-                marks[r - r0, c - c0] = k + 1
-        return marks
-
     def place_layer(self) -> None:
-        """Put the teach layer on the base result's grid, aligned with "tile classes"."""
+        """Put the teach layer (the slide's whole cell grid) under the "tile classes" layer's
+        cells, and take marked cells that the new analysis covers as examples."""
         if self.base is None or not self.names:
             return
         tiles_layer = next(
@@ -226,26 +221,35 @@ class TeachPanel(QWidget):
             ),
             None,
         )
-        if tiles_layer is None:
+        shape = self._slide_shape()
+        if tiles_layer is None or shape is None:
             return
-        marks = self._marks_for(self.base)
+        tiles = self.base.tiles
+        grid = (int(np.ceil(shape[0] / tiles.cell)), int(np.ceil(shape[1] / tiles.cell)))
         layer = self.layer()
+        if layer is not None and layer.data.shape != grid:  # another slide or cell size
+            self.viewer.layers.remove(layer)
+            self._embeddings, self._glass, layer = {}, set(), None
         if layer is None:
             layer = self.viewer.add_labels(
-                marks,
+                np.zeros(grid, np.int32),
                 name=TEACH_LAYER,
                 opacity=0.8,
                 metadata={"histolens_teach": True},
             )
             layer.events.paint.connect(self._on_layer_edited)
             layer.events.set_data.connect(self._on_layer_edited)
-        elif layer.data.shape != marks.shape or not np.array_equal(layer.data, marks):
-            layer.data = marks
-        layer.scale, layer.translate = tiles_layer.scale, tiles_layer.translate
+        # teach pixel (row, col) is global cell (row, col); tile-layer pixel (0, 0) is (r0, c0)
+        scale = np.asarray(tiles_layer.scale, float)
+        layer.scale = scale
+        layer.translate = (
+            np.asarray(tiles_layer.translate, float) - np.array(global_cells(tiles)) * scale
+        )
         layer.brush_size = 1
-        self._synced = marks.copy()
         self._update_colormap()
         self._on_class_selected(self.class_list.currentRow())
+        self._synced = None  # the new analysis may hold embeddings of marked cells
+        self._sync_later()
 
     def _update_colormap(self) -> None:
         layer = self.layer()
@@ -351,9 +355,6 @@ class TeachPanel(QWidget):
         """Remove class ``row`` and its examples; later classes move up by one."""
         del self.names[row], self.colors[row]
         self.class_list.takeItem(row)
-        self._examples = {
-            cell: (k - (k > row), emb) for cell, (k, emb) in self._examples.items() if k != row
-        }
         layer = self.layer()
         if layer is not None:
             data = np.asarray(layer.data).copy()
@@ -368,8 +369,20 @@ class TeachPanel(QWidget):
     def _on_layer_edited(self, *_: Any) -> None:
         self._sync_later()
 
+    def _marked_cells(self) -> np.ndarray:
+        """Global ``(row, col)`` (N, 2) of cells marked with an existing class."""
+        layer = self.layer()
+        if layer is None:
+            return np.zeros((0, 2), np.int64)
+        marks = np.asarray(layer.data)
+        return np.argwhere((marks > 0) & (marks <= len(self.names)))
+
     def sync(self) -> None:
-        """Take the teach layer's marks as the examples on the base grid; retrain if changed."""
+        """Take the teach layer's marks as examples and retrain if they changed.
+
+        Marked cells in the analysed view take its embeddings; marked cells outside it are
+        analysed (tile task only, just their tiles) and join when that finishes.
+        """
         layer = self.layer()
         if layer is None or self.base is None:
             return
@@ -377,38 +390,67 @@ class TeachPanel(QWidget):
         if self._synced is not None and np.array_equal(marks, self._synced):
             return
         self._synced = marks.copy()
-        tiles = self.base.tiles
-        if marks.shape != tiles.classes.shape:
-            return
-        r0, c0 = global_cells(tiles)
-        gh, gw = marks.shape
-        kept = {
-            cell: v
-            for cell, v in self._examples.items()
-            if not (r0 <= cell[0] < r0 + gh and c0 <= cell[1] < c0 + gw)
-        }
-        examples, outside = examples_from_marks(tiles, np.where(marks <= len(self.names), marks, 0))
-        for (r, c), k, emb in zip(
-            map(tuple, examples.cells), examples.labels, examples.embeddings, strict=True
-        ):
-            kept[(int(r), int(c))] = (int(k), emb)
-        self._examples = kept
-        if outside and not len(examples):
+        cells = [tuple(int(v) for v in c) for c in self._marked_cells()]
+        unknown = [c for c in cells if c not in self._embeddings and c not in self._glass]
+        if unknown:
+            inside, tissue, emb = lookup_cells(self.base.tiles, np.array(unknown))
+            for cell, i, t, e in zip(unknown, inside, tissue, emb, strict=True):
+                if t:
+                    self._embeddings[cell] = e
+                elif i:
+                    self._glass.add(cell)
+            self._analyse([c for c, i in zip(unknown, inside, strict=True) if not i])
+        on_glass = sum(c in self._glass for c in cells)
+        if on_glass and not any(c in self._embeddings for c in cells):
             show_warning(
-                f"HistoLens: the {outside} marked cell(s) lie on glass or outside the analysed "
-                "region and carry no embedding; mark tissue cells inside the analysed view"
+                f"HistoLens: the {on_glass} marked cell(s) lie on glass and carry no tissue "
+                "embedding; mark tissue cells"
             )
+        if not cells:
+            self._refresh_counts()
+            return
         self.retrain()
 
+    def _analyse(self, cells: list[tuple[int, int]]) -> None:
+        """Analyse marked cells outside the view, one small region per 8 x 8-cell block."""
+        todo = [c for c in cells if c not in self._pending]
+        if not todo or self._analyse_cells is None:
+            return
+        self._pending.update(todo)
+        blocks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r, c in todo:
+            blocks.setdefault((r // 8, c // 8), []).append((r, c))
+        for group in blocks.values():
+            region = cells_region(np.array(group), self.base.tiles.cell)
+            self._analyse_cells(region, lambda res, g=group: self._on_cells_analysed(g, res))
+        self.status.setText(f"analysing {len(todo)} marked cell(s) outside the analysed view ...")
+
+    def _on_cells_analysed(self, cells: list[tuple[int, int]], result: RegionResult | None) -> None:
+        self._pending.difference_update(cells)
+        if result is None or result.tiles is None or result.tiles.embeddings is None:
+            return
+        card = result.provenance.model_card
+        if (str(card.get("name", "")), str(card.get("weights_sha256", ""))) != self._backbone:
+            return  # analysed with a model that is no longer the one shown
+        _inside, tissue, emb = lookup_cells(result.tiles, np.array(cells))
+        for cell, t, e in zip(cells, tissue, emb, strict=True):
+            if t:
+                self._embeddings[cell] = e
+            else:
+                self._glass.add(cell)
+        self._synced = None
+        self.sync()
+
     def training_set(self) -> TrainingSet:
-        """All stored examples (inside and outside the current view)."""
-        items = sorted(self._examples.items())
-        if not items:
+        """Every marked cell with an embedding, in and outside the current view."""
+        cells = [(int(r), int(c)) for r, c in self._marked_cells() if (r, c) in self._embeddings]
+        if not cells:
             return TrainingSet(np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros((0, 0)))
+        marks = np.asarray(self.layer().data)
         return TrainingSet(
-            cells=np.array([cell for cell, _ in items], np.int64),
-            labels=np.array([k for _, (k, _e) in items], np.int64),
-            embeddings=np.stack([e for _, (_k, e) in items]).astype(np.float32),
+            cells=np.array(cells, np.int64),
+            labels=np.array([marks[c] - 1 for c in cells], np.int64),
+            embeddings=np.stack([self._embeddings[c] for c in cells]).astype(np.float32),
         )
 
     def retrain(self) -> TileClassifier | None:
@@ -496,10 +538,12 @@ class TeachPanel(QWidget):
         return f"taught: {len(clf.class_names)} classes; {cv}"
 
     def _refresh_counts(self) -> None:
-        labels = [k for k, _e in self._examples.values()]
-        counts = np.bincount(np.asarray(labels, np.int64), minlength=len(self.names))
+        counts = np.bincount(self.training_set().labels, minlength=len(self.names))
         rows = [f"{name}: {int(counts[i])}" for i, name in enumerate(self.names)]
-        self.counts.setText("examples: " + (", ".join(rows) if rows else "none"))
+        text = "examples: " + (", ".join(rows) if rows else "none")
+        if self._pending:
+            text += f" ({len(self._pending)} cell(s) being analysed)"
+        self.counts.setText(text)
 
     # --- files ---------------------------------------------------------------------------
     def _on_save_clicked(self) -> None:
@@ -544,7 +588,6 @@ class TeachPanel(QWidget):
             show_error(f"HistoLens: {exc}; the current tile classes stay")
             return None
         self.classifier = clf
-        self._examples = {}
         self.confidence.blockSignals(True)
         self.confidence.setValue(clf.min_confidence)
         self.confidence.blockSignals(False)

@@ -46,6 +46,7 @@ from ._worker import (
     analysis_job,
     export_job,
     preload_model_stack,
+    tiles_job,
 )
 
 __all__ = ["HistoLensWidget", "Section"]
@@ -116,6 +117,7 @@ class HistoLensWidget(QWidget):
         self._pending: RegionResult | None = None
         self._slide_cache: dict[int, Any] = {}
         self.sections: dict[str, Section] = {}
+        self._side_workers: set[Any] = set()
         self._build()
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
@@ -248,7 +250,12 @@ class HistoLensWidget(QWidget):
         col.setContentsMargins(0, 0, 0, 0)
         col.addWidget(self.review)
         col.addWidget(self.export_button)
-        self.teach = TeachPanel(self.viewer, self._show_taught)
+        self.teach = TeachPanel(
+            self.viewer,
+            self._show_taught,
+            analyse_cells=self._analyse_cells,
+            slide_shape=lambda: None if self._frame is None else self._frame.shape,
+        )
 
         inner = QWidget()
         self._sections = QVBoxLayout(inner)
@@ -516,6 +523,26 @@ class HistoLensWidget(QWidget):
         self.export_button.setEnabled(True)
         if final:
             self.teach.place_layer()
+
+    def _analyse_cells(self, region: Region, on_done: Any) -> Any | None:
+        """Tile task only on ``region`` (cells marked outside the view) with the shown view's
+        slide and model, in a worker; ``on_done(result or None)`` on the main thread."""
+        request = self._request
+        if request is None:
+            on_done(None)
+            return None
+        worker = create_worker(tiles_job, request, region, self._models, _ignore_errors=True)
+        worker.returned.connect(on_done)
+
+        def failed(exc: BaseException) -> None:
+            show_error(f"HistoLens could not analyse the marked cells: {exc}")
+            on_done(None)
+
+        worker.errored.connect(failed)
+        self._side_workers.add(worker)  # referenced until finished, or Qt may drop its signals
+        worker.finished.connect(lambda: self._side_workers.discard(worker))
+        worker.start()
+        return worker
 
     def _show_taught(self, result: RegionResult) -> None:
         """Redraw only what taught tile classes change: the tile layer, legend and exports."""
