@@ -45,6 +45,35 @@ def classifier_file_bytes(dim: int = 384, n_classes: int = 20) -> int:
         return weights.stat().st_size + card.stat().st_size
 
 
+def time_changes(panel, app, toggle, changes: int, *, profile: bool = False) -> list[float]:
+    """Seconds from each edit of the teach layer to the re-painted, drawn tile layer."""
+    layer = panel.layer()
+    # cells to toggle (global grid): dermis cells beside the taught ones, added then erased
+    extra = [(r, c + 1) for r, c in toggle]
+    times = []
+    for i in range(changes):
+        cell = extra[i % len(extra)]
+        value = 0 if layer.data[cell] else 1
+        t0 = time.perf_counter()
+        layer.paint(cell, value)  # 0 erases
+        panel.sync()
+        app.processEvents()  # Qt draws the re-painted layer
+        times.append(time.perf_counter() - t0)
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(4):
+            layer.paint(extra[i % len(extra)], 0 if layer.data[extra[i % len(extra)]] else 1)
+            panel.sync()
+            app.processEvents()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -83,30 +112,9 @@ def main() -> int:
     scenario.pump(app)
     scenario.teach(dock, app)
     panel = dock.teach
-    layer = panel.layer()
-    # cells to toggle (global grid): dermis cells beside the taught ones, added then erased
-    extra = [(r, c + 1) for r, c in scenario.TEACH["dermis"][1]]
-    times = []
-    for i in range(args.changes):
-        cell = extra[i % len(extra)]
-        value = 0 if layer.data[cell] else 1
-        t0 = time.perf_counter()
-        layer.paint(cell, value)  # 0 erases
-        panel.sync()
-        app.processEvents()  # Qt draws the re-painted layer
-        times.append(time.perf_counter() - t0)
-    if args.profile:
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(4):
-            layer.paint(extra[i % len(extra)], 0 if layer.data[extra[i % len(extra)]] else 1)
-            panel.sync()
-            app.processEvents()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    times = time_changes(
+        panel, app, scenario.TEACH["dermis"][1], args.changes, profile=args.profile
+    )
     median, worst = statistics.median(times), max(times)
     size = classifier_file_bytes()
     print(

@@ -234,7 +234,10 @@ class HistoLensWidget(QWidget):
         form.addRow("mpp override", self.mpp_spin)
         self.mpp_label.setWordWrap(True)
         form.addRow("live mode", self.live_box)
+        self._build_sections(form, opacity_form)
 
+    def _build_sections(self, form: QFormLayout, opacity_form: QFormLayout) -> None:
+        """The dock's collapsible sections in a vertical scroll area."""
         run = QWidget()
         col = QVBoxLayout(run)
         col.setContentsMargins(0, 0, 0, 0)
