@@ -242,3 +242,15 @@ def test_lookup_cells_and_their_region_on_the_global_grid():
     np.testing.assert_array_equal(emb[0], result.tiles.embeddings[1, 2])
     assert not emb[1:].any()
     assert cells_region(np.array([[10, 10], [11, 12]]), 64.0).as_tuple() == (640, 640, 768, 832)
+
+
+def test_review_counts_unsure_cells_as_tissue_and_lists_them():
+    from histolens._qt._summary import summarize
+
+    result, _truth, clf = taught()
+    sure = summarize(classify_result(result, clf, min_confidence=0.0))
+    strict = summarize(classify_result(result, clf, min_confidence=0.999))
+    assert strict.tissue_mm2 == pytest.approx(sure.tissue_mm2)
+    assert [r.name for r in sure.tiles_by_class] == list(NAMES)
+    assert [r.name for r in strict.tiles_by_class] == [*NAMES, "unsure"]
+    assert sum(r.count for r in strict.tiles_by_class) == sum(r.count for r in sure.tiles_by_class)

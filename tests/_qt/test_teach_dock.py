@@ -55,7 +55,8 @@ def test_teach_three_classes_undo_save_load_and_batch(make_napari_viewer, qtbot,
     for k, name in enumerate(names):
         for cell in painted[name]:
             assert taught_map[cell] == k + 1, (name, cell, taught_map[cell])
-    assert [row[0] for row in dock.review.tile_legend.rows] == list(names)
+    legend = [row[0] for row in dock.review.tile_legend.rows]
+    assert legend[:3] == list(names) and legend[3:] in ([], ["unsure"])
     assert len(np.unique(taught_map[taught_map > 0])) == 3
 
     # napari's own undo removes the last example; redo brings it back.
