@@ -103,3 +103,14 @@ def test_teach_three_classes_undo_save_load_and_batch(make_napari_viewer, qtbot,
     both = (tiles.classes > 0) & (taught_map > 0)
     assert both.sum() > 0.8 * (taught_map > 0).sum()
     np.testing.assert_array_equal(tiles.classes[both], taught_map[both])
+
+    # Rename and recolour keep the fitted weights and redraw; the model's classes can seed the list.
+    panel.rename_class(0, "collagen")
+    panel.recolour_class(0, "#00ffff")
+    assert dock.result.tiles.class_names[0] == "collagen"
+    assert dock.result.tiles.class_colors[0] == "#00ffff"
+    np.testing.assert_array_equal(_map(dock), taught_map)
+    panel.start_from_model()
+    assert panel.names == ["collagen", "epidermis", "keratin", *model_names]
+    panel.delete_class(3)
+    assert len(panel.names) == 3 + len(model_names) - 1
