@@ -67,7 +67,10 @@ def _reference_query_weights(msa, xs, layouts, row, col):
     coarsest first); coarser tokens are updated first, one token at a time."""
     n, g = len(xs), msa.g
     blocks = [msa.scales[min(s, len(msa.scales) - 1)] for s in range(n)]
-    grids = [A.from_windows(x, 1, lay.h, lay.w, lay.mh, lay.mw)[0] for x, lay in zip(xs, layouts)]
+    grids = [
+        A.from_windows(x, 1, lay.h, lay.w, lay.mh, lay.mw)[0]
+        for x, lay in zip(xs, layouts, strict=True)
+    ]
     for s, lay in enumerate(layouts):
         pos = blocks[s].pos(A.window_coords(lay.mh, lay.mw, grids[s].device).double())
         pos = pos.reshape(lay.mh, lay.mw, -1).permute(2, 0, 1)
