@@ -123,8 +123,9 @@ class PointExplanation:
 
     def to_layer_data(self, head: int | None = None) -> list[tuple]:
         """napari ``(data, meta, layer_type)`` tuples in micrometres, aligned on the slide layer:
-        one heat image per scale (``"same scale"``, ``"looked at (scale k)"``), the window
-        outlines and a marker on the explained token."""
+        one heat image per scale (``"same scale"``, ``"looked at (scale k)"``) and
+        ``"explain windows"``: the explained token's outline (white, first) and the outline of
+        each window it read."""
         return explanation_layers(self, head)
 
 
@@ -390,7 +391,6 @@ def explanation_layers(expl: PointExplanation, head: int | None = None) -> list[
         }
         out.append((heat, meta, "image"))
     out.append(_windows_layer(expl))
-    out.append(_marker_layer(expl))
     return out
 
 
@@ -400,9 +400,12 @@ def _corners(box: Region) -> np.ndarray:
 
 
 def _windows_layer(expl: PointExplanation) -> tuple:
+    """Rectangles: the explained token (white) and the window it read at each scale."""
     fov = expl.field_of_view_um()
-    boxes = [_corners(w.box) for w in expl.scales]
-    colors = [SCALE_COLORS[w.scale % len(SCALE_COLORS)] for w in expl.scales]
+    token_um = max(expl.token_box.shape) * expl.slide_mpp
+    boxes = [_corners(expl.token_box)] + [_corners(w.box) for w in expl.scales]
+    colors = ["#ffffff"] + [SCALE_COLORS[w.scale % len(SCALE_COLORS)] for w in expl.scales]
+    labels = [""] + [f"scale {w.scale}: {fov[w.scale]:.0f} µm" for w in expl.scales]
     scale, translate = layer_transform(expl.slide_mpp, 1.0)
     meta = {
         "name": "explain windows",
@@ -410,30 +413,11 @@ def _windows_layer(expl: PointExplanation) -> tuple:
         "edge_color": colors,
         "face_color": "transparent",
         "edge_width": 3,
-        "features": {"label": [f"scale {w.scale}: {fov[w.scale]:.0f} µm" for w in expl.scales]},
+        "features": {"label": labels},
         "text": {"string": "{label}", "color": "white", "size": 9, "anchor": "upper_left"},
         "scale": scale,
         "translate": translate,
         "units": ("um", "um"),
-        "metadata": {EXPLAIN_TAG: "explain windows"},
+        "metadata": {EXPLAIN_TAG: "explain windows", "token_um": token_um},
     }
     return (boxes, meta, "shapes")
-
-
-def _marker_layer(expl: PointExplanation) -> tuple:
-    b = expl.token_box
-    scale, translate = layer_transform(expl.slide_mpp, 1.0)
-    centre = np.array([[(b.y0 + b.y1) / 2 - 0.5, (b.x0 + b.x1) / 2 - 0.5]])
-    meta = {
-        "name": "explained token",
-        "symbol": "square",
-        "size": max(b.height, b.width),
-        "face_color": "transparent",
-        "border_color": "white",
-        "border_width": 0.15,
-        "scale": scale,
-        "translate": translate,
-        "units": ("um", "um"),
-        "metadata": {EXPLAIN_TAG: "explained token"},
-    }
-    return (centre, meta, "points")

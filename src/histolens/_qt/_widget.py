@@ -7,6 +7,7 @@ Thin by design: it reads controls, captures the camera (:mod:`._viewport`), runs
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from napari.qt.threading import create_worker
@@ -32,6 +33,7 @@ from superqt.utils import qdebounced
 from histolens.region import Region
 from histolens.result import RegionResult
 
+from ._explain import ExplainInputs, ExplainPanel
 from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
@@ -201,6 +203,8 @@ class HistoLensWidget(QWidget):
         col.addLayout(opacity_form)
         col.addWidget(self.review)
         col.addWidget(self.export_button)
+        self.explain = ExplainPanel(self.viewer, self._explain_inputs)
+        col.addWidget(self.explain)
         col.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -241,6 +245,7 @@ class HistoLensWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
         """Closing the dock stops the running analysis and live mode."""
         self.live_box.setChecked(False)
+        self.explain.set_active(False)
         self._stop_worker()
         super().closeEvent(event)
 
@@ -532,6 +537,16 @@ class HistoLensWidget(QWidget):
         worker.finished.connect(lambda: self.export_button.setEnabled(self.result is not None))
         worker.start()
         return worker
+
+    def _explain_inputs(self) -> ExplainInputs | None:
+        """The analysed slide, result, frame and model an Explain click reads (None before)."""
+        request, result, frame = self._request, self.result, self._frame
+        if request is None or result is None or frame is None:
+            return None
+        device = self.device_combo.currentText()
+        name = result.provenance.model_name
+        model = partial(self._models.get, name, None if device == "auto" else device)
+        return ExplainInputs(request.slide, result, frame, model)
 
     def region(self) -> Region | None:
         """The level-0 region of the request shown or running (None before the first)."""
