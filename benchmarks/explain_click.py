@@ -25,14 +25,23 @@ import time
 
 
 def _cpu_name() -> str:
+    """Model name, family and the matrix/bf16 instruction sets the precision choice depends on."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            info = dict(
+                line.split(":", 1)
+                for line in fh.read().split("\n\n")[0].splitlines()
+                if ":" in line
+            )
     except OSError:
-        pass
-    return "unknown CPU"
+        return "unknown CPU"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}), "
+        f"{' '.join(isa) or 'no AVX-512'}{'' if 'amx_bf16' in flags else ', no AMX'}"
+    )
 
 
 def _spin(app, until, timeout_s: float = 600.0) -> float:

@@ -413,8 +413,9 @@ def _windows_layer(expl: PointExplanation) -> tuple:
         "edge_color": colors,
         "face_color": "transparent",
         "edge_width": 3,
+        # no text on the canvas: nested windows share corners, so labels would overlap; the
+        # dock's bars carry the same colours and sizes (and hovering a rectangle shows it)
         "features": {"label": labels},
-        "text": {"string": "{label}", "color": "white", "size": 9, "anchor": "upper_left"},
         "scale": scale,
         "translate": translate,
         "units": ("um", "um"),

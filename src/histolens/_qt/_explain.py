@@ -280,9 +280,11 @@ class ExplainPanel(QWidget):
             what = "same scale" if scale == 0 else f"scale {scale}"
             bar.setFormat(f"{what}, {fov[scale]:.0f} µm: {share:.0%}")
             color = SCALE_COLORS[scale % len(SCALE_COLORS)]
+            # a light groove keeps the black text readable over the filled and empty parts
             bar.setStyleSheet(
                 f"QProgressBar::chunk {{ background-color: {color}; }}"
-                "QProgressBar { color: black; text-align: center; }"
+                "QProgressBar { background-color: #e6e6e6; color: black; border: none;"
+                " text-align: center; }"
             )
             self._bars.addWidget(bar)
 
