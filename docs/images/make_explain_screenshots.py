@@ -4,8 +4,8 @@ Run under a display (``xvfb-run -a .venv/bin/python docs/images/make_explain_scr
 It opens the packaged CMU-1-Small-Region.svs as ``histolens view`` does, analyses a view with
 the default model, hides the analysis overlays, switches Explain mode on, explains one spot
 (what a click there does) and saves the whole window at 1440 x 900 and 1280 x 800
-(``explain_click_1440x900.png``, ``explain_click_1280x800.png``) plus the canvas alone
-(``explain_canvas.png``). It prints the shares per scale and the predictions it showed.
+(``explain_click_1440x900.png``, ``explain_click_1280x800.png``). It prints the shares per
+scale and the predictions it showed.
 """
 
 from __future__ import annotations
@@ -111,11 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         scroll.horizontalScrollBar().setValue(0)
         _settle(app)
         viewer.screenshot(str(args.out / f"explain_click_{w}x{h}.png"), canvas_only=False)
-    window.resize(1440, 900)
-    _settle(app)
-    _frame_box(viewer, frame, expl.scales[-1].box)
-    _settle(app)
-    viewer.screenshot(str(args.out / "explain_canvas.png"), canvas_only=True)
     fov = expl.field_of_view_um()
     shares = ", ".join(f"scale {k} ({fov[k]:.0f} µm) {v:.0%}" for k, v in expl.shares().items())
     print(f"explained {expl.point} in {expl.seconds:.2f} s: {shares}")
