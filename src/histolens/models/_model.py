@@ -237,18 +237,8 @@ class HistoLensModel(nn.Module):
         ``query_keys``, the :class:`~histolens.models.atlas.KeyWindow` s of those keys, in order.
         Only that token's weights are computed explicitly; the rest runs the fused kernel.
         """
-        tasks = tuple(tasks)
-        bad = set(tasks) - set(ALL_TASKS)
-        if bad:
-            msg = f"unknown tasks {sorted(bad)}; choose from {ALL_TASKS}"
-            raise ValueError(msg)
-        tasks = tuple(t for t in tasks if t in self.card.tasks)
-        arr = np.asarray(tiles)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-            msg = f"predict_tiles expects uint8 RGB tiles (B, H, W, 3), got {arr.dtype} {arr.shape}"
-            raise ValueError(msg)
+        tasks, arr = self._checked(tiles, tasks)
         b, h, w, _ = arr.shape
-        self._check_input(h, w)
         probe = None if query is None else self._query_probe(b, h, w, query)
         want_attention = (
             probe is None and "attention" in tasks and hasattr(self.backbone, "attention_maps")
@@ -256,12 +246,10 @@ class HistoLensModel(nn.Module):
         bf16 = self._use_bf16(precision)
         fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
         net = fast if fast is not None else self
+        attention_mode: Any = probe if probe is not None else want_attention
         # Atlas reduces its attention to the per-token context reliance inside the fused kernel.
-        attention_mode: bool | str = want_attention
         if want_attention and getattr(net.backbone, "supports_reliance", False):
             attention_mode = "reliance"
-        if probe is not None:
-            attention_mode = probe
         was_training = self.training
         self.eval()
         try:
@@ -296,6 +284,20 @@ class HistoLensModel(nn.Module):
             out["query_attention"] = _np(torch.stack(per_block))
             out["query_keys"] = probe.keys
         return out
+
+    def _checked(self, tiles: np.ndarray, tasks: Iterable[str]) -> tuple[tuple[str, ...], Any]:
+        """The asked tasks this card offers, and ``tiles`` as checked uint8 (B, H, W, 3)."""
+        tasks = tuple(tasks)
+        bad = set(tasks) - set(ALL_TASKS)
+        if bad:
+            msg = f"unknown tasks {sorted(bad)}; choose from {ALL_TASKS}"
+            raise ValueError(msg)
+        arr = np.asarray(tiles)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            msg = f"predict_tiles expects uint8 RGB tiles (B, H, W, 3), got {arr.dtype} {arr.shape}"
+            raise ValueError(msg)
+        self._check_input(*arr.shape[1:3])
+        return tuple(t for t in tasks if t in self.card.tasks), arr
 
     @property
     def has_cross_scale_attention(self) -> bool:

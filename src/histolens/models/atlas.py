@@ -460,14 +460,10 @@ class MSABlock(nn.Module):
         blocks = [self.scales[min(first_scale + s, last)] for s in range(n)]
         xs = list(xs)
         probe = want_attention if isinstance(want_attention, QueryProbe) else None
-        if probe is not None:
-            want_attention = False  # the probe's weights are computed on the side
+        want_attention = False if probe is not None else want_attention  # probed on the side
         reliance = want_attention == "reliance"
-        attn: dict[str, dict[int, torch.Tensor]] = (
-            {"query": {}}
-            if probe is not None
-            else ({"reliance": {}} if reliance else {"top_down": {}, "bottom_up": {}})
-        )
+        kinds = ("query",) if probe else ("reliance",) if reliance else ("top_down", "bottom_up")
+        attn: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in kinds}
         for s in range(n):
             lay = layouts[s]
             coords = window_coords(lay.mh, lay.mw, xs[s].device).to(blocks[s].pos[0].weight.dtype)
