@@ -11,8 +11,8 @@ the same run:
   thread);
 - the engine alone (``PointExplanation.seconds``: read the block, re-run the model on it).
 
-The first click also builds the model's fp32 inference copy (the analysis ran in bf16 where
-the CPU is faster at it); it is reported apart from the others. Run under a display:
+Explain runs in the analysis's precision (bf16 where the CPU is faster at it); the first click
+(first query run: kernel selection, allocations) is reported apart from the others. Run under a display:
 ``xvfb-run -a python benchmarks/explain_click.py [--threads 1] [--view-px 760] [--clicks 6]``.
 """
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     first, rest = totals[0], totals[1:]
     median = statistics.median(rest) if rest else first
     print(
-        f"\nclick -> layers: first {first:.3f} s (builds the fp32 inference copy), then median "
+        f"\nclick -> layers: first {first:.3f} s, then median "
         f"{median:.3f} s (min {min(rest or [first]):.3f}, max {max(rest or [first]):.3f}) over "
         f"{len(rest)} clicks; engine median {statistics.median(engine[1:] or engine):.3f} s"
     )

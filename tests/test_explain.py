@@ -41,7 +41,7 @@ def sample():
 
 @pytest.fixture(scope="module")
 def explained(sample, default_model):
-    return histolens.explain_point(sample, SAMPLE_POINT, model=default_model)
+    return histolens.explain_point(sample, SAMPLE_POINT, model=default_model, precision="fp32")
 
 
 # -- a float64 per-token reference of the probed MSA blocks ------------------------------------

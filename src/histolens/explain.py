@@ -185,7 +185,7 @@ def explain_point(
     result: RegionResult | None = None,
     mpp: float | None = None,
     device: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
 ) -> PointExplanation:
     """Where the backbone looked, at each scale, for the token holding level-0 ``point``.
 
@@ -207,7 +207,9 @@ def explain_point(
         the same input, and the nucleus is the pixel's most likely type when its foreground
         probability is at least 0.5.
     precision
-        ``"fp32"`` (default: weights as exact as the model allows) or ``"bf16"``/``"auto"``.
+        ``"auto"``, ``"bf16"`` or ``"fp32"``; None: the precision ``result`` was computed in
+        (the same arithmetic as the analysis shown), else ``"auto"``. The shown weights are
+        always computed in float32 from the block's queries and keys.
     """
     t0 = time.perf_counter()
     y, x = _check_point(slide, point)
@@ -215,6 +217,7 @@ def explain_point(
         region = region if region is not None else result.region
         mpp = mpp if mpp is not None else result.provenance.slide_mpp
         model = model if model is not None else result.provenance.model_name
+        precision = precision if precision is not None else result.provenance.precision
     slide_mpp = mpp if mpp is not None else getattr(slide, "mpp", None)
     if slide_mpp is None:
         msg = (
@@ -242,6 +245,7 @@ def explain_point(
     rgb = read_analysis_box(slide.levels[plan.level.level], block.outer, plan.step)
     qy, qx = ay - block.outer.y0, ax - block.outer.x0
     tasks = () if result is not None else ("nuclei", "tiles")
+    precision = precision if precision is not None else "auto"
     out = model.predict_tiles(rgb[None], tasks=tasks, precision=precision, query=(qy, qx))
     if result is not None:
         preds = _predictions_from_result(result, y, x)
