@@ -180,6 +180,18 @@ def test_predictions_come_from_the_result_when_given(sample, default_model):
     assert e.tissue_class is not None
 
 
+def test_other_atlas_models_explain_too(sample):
+    """test-tiny: another Atlas layout (a 256 px tile alone, 2 scales, 2 heads, 1 block)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained weights: the layout is what is checked
+        tiny = create_model("test-tiny", device="cpu")
+    e = histolens.explain_point(sample, SAMPLE_POINT, model=tiny)
+    assert [w.weights.shape for w in e.scales] == [(1, 2, 16, 16), (1, 2, 8, 8)]
+    total = sum(w.weights.astype(np.float64).sum(axis=(-2, -1)) for w in e.scales)
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    assert all(w.box.contains(e.token_box) for w in e.scales)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -379,8 +379,9 @@ class ScaleBlock(nn.Module):
         dtype = torch.promote_types(q.dtype, torch.float32)
         qh = self._split(q[window : window + 1, token : token + 1].to(dtype))  # (1, h, 1, d)
         kh = self._split(k[window : window + 1].to(dtype))  # (1, h, m, d)
-        scores = (qh * qh.shape[-1] ** -0.5) @ kh.transpose(-2, -1)
-        return torch.softmax(scores, dim=-1)[0, :, 0]
+        with torch.autocast(q.device.type, enabled=False):  # bf16 autocast would round them
+            scores = (qh * qh.shape[-1] ** -0.5) @ kh.transpose(-2, -1)
+            return torch.softmax(scores, dim=-1)[0, :, 0]
 
     def attend(
         self,
