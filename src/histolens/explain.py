@@ -198,9 +198,10 @@ def explain_point(
         An Atlas-based model (name or object); None for the default, or ``result``'s model.
         A backbone without cross-scale attention (a plain ViT) raises ValueError.
     region
-        The analysed region (level-0 px) the point lies in: the block re-run is the one
-        ``analyze(slide, region)`` runs for the point (uncached). None: ``result.region``,
-        or without a result the 3 x 3 tiles centred on the point.
+        The analysed region (level-0 px, a Region or ``(y0, x0, y1, x1)``) the point lies in:
+        the block re-run is the one ``analyze(slide, region)`` runs for the point (uncached;
+        also where the analysis skipped glass). None: ``result.region``, or without a result
+        the 3 x 3 tiles centred on the point.
     result
         The analysis of that region: predictions at the point are read from it (what the
         view shows; nothing extra is computed). Without it the nuclei and tile heads run on
@@ -218,6 +219,8 @@ def explain_point(
         mpp = mpp if mpp is not None else result.provenance.slide_mpp
         model = model if model is not None else result.provenance.model_name
         precision = precision if precision is not None else result.provenance.precision
+    if region is not None and not isinstance(region, Region):
+        region = Region(*region)
     slide_mpp = mpp if mpp is not None else getattr(slide, "mpp", None)
     if slide_mpp is None:
         msg = (

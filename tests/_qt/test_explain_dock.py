@@ -169,6 +169,21 @@ def test_bad_clicks_only_notify(analysed, qtbot, notes, monkeypatch):
     shown = [(lyr.name, id(lyr)) for lyr in viewer.layers]
     before = panel.explanation
 
+    # A drag pans: the press-move-release reaches the handler but explains nothing.
+    class _Drag:
+        button, modifiers, type = 1, (), "mouse_press"
+        position = level0_to_world(CENTRE, frame)
+
+    drag = _Drag()
+    steps = panel._on_mouse(viewer, drag)
+    next(steps)
+    drag.type, drag.position = "mouse_move", level0_to_world((CENTRE[0] + 80, CENTRE[1]), frame)
+    next(steps)
+    drag.type = "mouse_release"
+    with pytest.raises(StopIteration):
+        next(steps)
+    assert not panel.pending and panel.explanation is before
+
     assert panel.explain_at(level0_to_world((-50, 100), frame)) is None
     assert "outside the slide" in notes["warning"][-1]
     assert panel.explain_at(level0_to_world((100, 100), frame)) is None  # slide, not analysed
