@@ -543,6 +543,8 @@ class HistoLensWidget(QWidget):
         request, result, frame = self._request, self.result, self._frame
         if request is None or result is None or frame is None:
             return None
+        if str(getattr(request.slide, "name", "")) != result.provenance.slide_name:
+            return None  # a new slide is being analysed; its result is not shown yet
         device = self.device_combo.currentText()
         name = result.provenance.model_name
         model = partial(self._models.get, name, None if device == "auto" else device)
