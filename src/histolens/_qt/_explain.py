@@ -74,10 +74,18 @@ def explain_job(inputs: ExplainInputs, point: tuple[int, int]) -> PointExplanati
 
 
 class ExplainPanel(QWidget):
-    """Explain-mode controls and read-out; ``inputs()`` gives the dock's analysed state."""
+    """Explain-mode controls and read-out; ``inputs()`` gives the dock's analysed state.
+
+    One self-contained widget: the dock only inserts it (``title=None`` inside a titled group).
+    """
 
     def __init__(
-        self, viewer: Any, inputs: Callable[[], ExplainInputs | None], parent: QWidget | None = None
+        self,
+        viewer: Any,
+        inputs: Callable[[], ExplainInputs | None],
+        parent: QWidget | None = None,
+        *,
+        title: str | None = "Explain",
     ) -> None:
         super().__init__(parent)
         self.viewer = viewer
@@ -111,7 +119,8 @@ class ExplainPanel(QWidget):
         head_row.addWidget(self.head_spin, 1)
         col = QVBoxLayout(self)
         col.setContentsMargins(0, 0, 0, 0)
-        col.addWidget(QLabel("<b>Explain</b>"))
+        if title:  # None when a titled group (e.g. a collapsible section) holds the panel
+            col.addWidget(QLabel(f"<b>{title}</b>"))
         col.addWidget(self.toggle)
         col.addLayout(head_row)
         col.addWidget(self.status)
