@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio to the first analysis of that view: {median / analysis_s:.3f} "
         f"({median:.3f} s / {analysis_s:.2f} s)"
     )
+    n_layers = len(panel.explain_layers())
+    t0 = time.perf_counter()
+    panel.toggle.setChecked(False)  # leaving Explain mode removes the layers
+    _spin(app, lambda: True)
+    print(f"leaving Explain mode, {n_layers} layers removed: {time.perf_counter() - t0:.2f} s")
     print(
         f"CPU: {_cpu_name()}, torch threads {args.threads}, torch {torch.__version__} "
         "(shared, loaded machine: figures vary)"
