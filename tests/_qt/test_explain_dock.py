@@ -159,6 +159,17 @@ def test_explain_click_shows_aligned_layers_and_replaces_them(analysed, qtbot, n
     assert panel._on_mouse not in viewer.mouse_drag_callbacks
     assert panel.predictions.text() == ""
 
+    # A new analysis of the view prunes the explanation (it may no longer match); the panel
+    # then waits for the next click.
+    panel.toggle.setChecked(True)
+    panel.explain_at(level0_to_world(CENTRE, frame))
+    _wait_explained(qtbot, panel)
+    assert len(panel.explain_layers()) == 4
+    dock.analyze_view()  # same view: every tile comes from the cache
+    qtbot.waitUntil(lambda: not dock.running, timeout=TIMEOUT_MS)
+    assert panel.explain_layers() == [] and panel.explanation is None
+    assert panel.status.text() == "click an analysed spot on the slide" and panel._bars.count() == 0
+
 
 def test_bad_clicks_only_notify(analysed, qtbot, notes, monkeypatch):
     viewer, dock, frame = analysed

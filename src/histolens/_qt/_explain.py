@@ -269,6 +269,7 @@ class ExplainPanel(QWidget):
 
     def _clear(self) -> None:
         self.explanation = None
+        self.status.setText("click an analysed spot on the slide" if self.active else "")
         self.predictions.setText("")
         self._clear_bars()
 
