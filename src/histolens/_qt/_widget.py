@@ -7,6 +7,7 @@ Thin by design: it reads controls, captures the camera (:mod:`._viewport`), runs
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from napari.qt.threading import create_worker
@@ -34,6 +35,7 @@ from superqt.utils import qdebounced
 from histolens.region import Region
 from histolens.result import RegionResult
 
+from ._explain import ExplainInputs, ExplainPanel
 from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
@@ -259,6 +261,7 @@ class HistoLensWidget(QWidget):
             analyse_cells=self._analyse_cells,
             slide_shape=lambda: None if self._frame is None else self._frame.shape,
         )
+        self.explain = ExplainPanel(self.viewer, self._explain_inputs, title=None)
 
         inner = QWidget()
         self._sections = QVBoxLayout(inner)
@@ -276,6 +279,7 @@ class HistoLensWidget(QWidget):
         self.add_section("Overlay opacity", overlays)
         self.add_section("Review and export", review)
         self.add_section("Teach tile classes", self.teach, expanded=False)
+        self.add_section("Explain a spot", self.explain, expanded=False)
         self.setMinimumWidth(300)
 
     def add_section(self, title: str, content: QWidget, *, expanded: bool = True) -> Any:
@@ -314,6 +318,7 @@ class HistoLensWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
         """Closing the dock stops the running analysis and live mode."""
         self.live_box.setChecked(False)
+        self.explain.set_active(False)
         self._stop_worker()
         super().closeEvent(event)
 
@@ -642,6 +647,18 @@ class HistoLensWidget(QWidget):
         worker.finished.connect(lambda: self.export_button.setEnabled(self.result is not None))
         worker.start()
         return worker
+
+    def _explain_inputs(self) -> ExplainInputs | None:
+        """The analysed slide, result, frame and model an Explain click reads (None before)."""
+        request, result, frame = self._request, self.result, self._frame
+        if request is None or result is None or frame is None:
+            return None
+        if str(getattr(request.slide, "name", "")) != result.provenance.slide_name:
+            return None  # a new slide is being analysed; its result is not shown yet
+        device = self.device_combo.currentText()
+        name = result.provenance.model_name
+        model = partial(self._models.get, name, None if device == "auto" else device)
+        return ExplainInputs(request.slide, result, frame, model)
 
     def region(self) -> Region | None:
         """The level-0 region of the request shown or running (None before the first)."""
