@@ -72,6 +72,7 @@ __all__ = [
     "resolve_model",
     "resolve_precision",
     "resolve_tasks",
+    "nuclei_box",
     "run_blocks",
 ]
 
@@ -79,6 +80,12 @@ ALL_TASKS: tuple[str, ...] = ("nuclei", "tiles", "attention")
 
 #: Fraction of a tile's owned pixels that must look like tissue for the model to run on it.
 MIN_TISSUE_FRACTION = 0.02
+
+#: Context (um) kept around a block's owned area when its nuclei are decoded and
+#: post-processed: a nucleus whose centroid the block owns lies inside it (nuclei are
+#: under ~15 um across), with room for the watershed's distance map. The rest of the halo
+#: serves only the backbone's context, so the full-resolution decoder skips it.
+NUCLEI_MARGIN_UM = 16.0
 
 
 @runtime_checkable
@@ -390,15 +397,23 @@ def _read_blocks(
 
 
 def _predict_with_backoff(
-    model: Any, batch: np.ndarray, tasks: tuple[str, ...], precision: str, state: dict
+    model: Any,
+    batch: np.ndarray,
+    tasks: tuple[str, ...],
+    precision: str,
+    state: dict,
+    nuclei_box: tuple[int, int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-tile outputs of ``model.predict_tiles``; an out-of-memory error halves the batch."""
     results: list[dict[str, Any]] = []
+    extra = {} if nuclei_box is None else {"nuclei_box": nuclei_box}
     i = 0
     while i < len(batch):
         size = max(1, min(state["batch"], len(batch) - i))
         try:
-            out = model.predict_tiles(batch[i : i + size], tasks=tasks, precision=precision)
+            out = model.predict_tiles(
+                batch[i : i + size], tasks=tasks, precision=precision, **extra
+            )
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -428,18 +443,81 @@ def _slice_output(out: dict[str, Any], k: int) -> dict[str, Any]:
     return res
 
 
+def nuclei_box(block: Block, margin: int) -> Region:
+    """Where a block's nuclei are decoded and post-processed (global analysis px): its owned
+    area grown by ``margin`` px, inside the model input (``block.outer``)."""
+    i, o = block.inner, block.outer
+    return Region(
+        max(o.y0, i.y0 - margin),
+        max(o.x0, i.x0 - margin),
+        min(o.y1, i.y1 + margin),
+        min(o.x1, i.x1 + margin),
+    )
+
+
+def _run_model(
+    model: Any,
+    run: Sequence[_Read],
+    tasks: tuple[str, ...],
+    precision: str,
+    state: dict,
+    margin: int | None,
+) -> tuple[list[dict[str, Any]], list[Region]]:
+    """Model outputs for the reads in ``run`` (one stacked call, OOM back-off) and, per read,
+    the box (global analysis px) its nuclei maps cover.
+
+    With ``margin`` and a model that takes ``nuclei_box``, the maps cover only
+    :func:`nuclei_box`; otherwise the whole input. Reads of one batch share an input shape
+    and so the same box relative to their input.
+    """
+    boxes = [r.block.outer for r in run]
+    rel = None
+    if margin is not None and "nuclei" in tasks and getattr(model, "supports_nuclei_box", False):
+        boxes = [nuclei_box(r.block, margin) for r in run]
+        rels = {
+            (
+                b.y0 - r.block.outer.y0,
+                b.x0 - r.block.outer.x0,
+                b.y1 - r.block.outer.y0,
+                b.x1 - r.block.outer.x0,
+            )
+            for b, r in zip(boxes, run, strict=True)
+        }
+        if len(rels) == 1:
+            rel = rels.pop()
+        else:
+            boxes = [r.block.outer for r in run]
+    outs = _predict_with_backoff(
+        model, np.stack([r.rgb for r in run]), tasks, precision, state, rel
+    )
+    return outs, boxes
+
+
 def _postprocess(
-    block: Block, tissue: Sequence[bool], out: dict[str, Any], card: Any, tasks, mpp: float
+    block: Block,
+    tissue: Sequence[bool],
+    out: dict[str, Any],
+    card: Any,
+    tasks,
+    mpp: float,
+    nuclei_outer: Region | None = None,
 ) -> list[TileOutput]:
-    """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order)."""
+    """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order).
+
+    ``nuclei_outer`` is the box (global analysis px) the nuclei maps cover, by default the
+    model input ``block.outer``.
+    """
     labels = types = probs = None
     if "nuclei" in tasks:
-        # Post-process the whole block once: its halo covers every tile's seam nuclei.
+        # Post-process the whole block once: its margin covers every tile's seam nuclei.
         labels, types, probs = _hover_instances(
             out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp
         )
         labels = np.asarray(labels)
-    owned = split_instances(labels, block, types, probs) if labels is not None else None
+    owned = None
+    if labels is not None:
+        where = Block(block.tiles, block.inner, nuclei_outer or block.outer)
+        owned = split_instances(labels, where, types, probs)
     results = []
     for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue, strict=True)):
         if not is_tissue:
@@ -661,6 +739,7 @@ def analyze(
     tile_size: int | None = None,
     cache: TileCache | bool | None = None,
     skip_background: bool = True,
+    crop_decoder: bool = True,
 ) -> Generator[RegionResult, None, RegionResult]:
     """Analyse ``region`` (level-0 px) of ``slide``; yield partial results, return the full one.
 
@@ -687,6 +766,11 @@ def analyze(
         A :class:`TileCache`, None for the process-wide one, False for none.
     skip_background
         Skip tiles whose owned area is mostly glass (counted in ``tiles_skipped``).
+    crop_decoder
+        Decode and post-process nuclei only over each model input's owned area plus
+        :data:`NUCLEI_MARGIN_UM` (models with ``supports_nuclei_box``); the halo beyond it
+        feeds only the backbone. False decodes the whole input (the engine before issue 15,
+        kept for benchmarks).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
@@ -757,6 +841,7 @@ def analyze(
         "postprocess": 0.0,
         "stitch": 0.0,
         "model_input_px": 0.0,
+        "decoded_px": 0.0,
     }
     prov.timings = timings
     asm = ResultAssembly(plan, card, tasks)
@@ -793,6 +878,9 @@ def analyze(
     level_array = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
     batches = _batch_blocks(order_blocks(todo, plan), batch_size)
+    margin = _nuclei_margin(plan) if crop_decoder else None
+    # Work planned, for the time-left estimate (progress.seconds_left).
+    timings["planned_input_px"] = float(sum(b.outer.area for batch in batches for b in batch))
 
     def compute() -> Generator[list[tuple[Tile, TileOutput]], None, None]:
         """Outputs of the uncached tiles, one list per batch of blocks."""
@@ -814,24 +902,24 @@ def analyze(
                     timings["read"] += r.read_s
                     timings["preprocess"] += r.prep_s
                 run = [r for r in reads if r.rgb is not None]
-                outs: dict[int, dict[str, Any]] = {}
+                outs: dict[int, tuple[dict[str, Any], Region]] = {}
                 if run:
                     t0 = time.perf_counter()
-                    per_input = _predict_with_backoff(
-                        model, np.stack([r.rgb for r in run]), tasks, prec, state
-                    )
+                    per_input, boxes = _run_model(model, run, tasks, prec, state, margin)
                     timings["model"] += time.perf_counter() - t0
                     # Pixels the model saw (halo included): the compute actually spent.
                     timings["model_input_px"] += float(sum(r.block.outer.area for r in run))
-                    outs = {id(r): o for r, o in zip(run, per_input, strict=True)}
+                    timings["decoded_px"] += float(sum(b.area for b in boxes))
+                    outs = {id(r): (o, b) for r, o, b in zip(run, per_input, boxes, strict=True)}
                 done: list[tuple[Tile, TileOutput]] = []
                 for r in reads:
                     if r.rgb is None:
                         results = [TileOutput(skipped=True) for _ in r.block.tiles]
                     else:
                         t0 = time.perf_counter()
+                        out, box = outs[id(r)]
                         results = _postprocess(
-                            r.block, r.tissue, outs[id(r)], card, tasks, plan.analysis_mpp
+                            r.block, r.tissue, out, card, tasks, plan.analysis_mpp, box
                         )
                         timings["postprocess"] += time.perf_counter() - t0
                     for tile, res in zip(r.block.tiles, results, strict=True):
@@ -878,6 +966,10 @@ def analyze(
     result = snapshot(complete=not prov.cancelled)
     yield result
     return result
+
+
+def _nuclei_margin(plan: AnalysisPlan) -> int:
+    return int(math.ceil(NUCLEI_MARGIN_UM / plan.analysis_mpp))
 
 
 def order_blocks(todo: Sequence[Tile], plan: AnalysisPlan) -> list[Block]:
@@ -927,6 +1019,7 @@ def run_blocks(
     precision: str,
     batch_size: int,
     skip_background: bool,
+    crop_decoder: bool = True,
 ) -> tuple[list[list[TileOutput]], dict[str, float]]:
     """Run model ``blocks`` of ``plan`` without cache or assembly: what a batch worker does.
 
@@ -934,7 +1027,9 @@ def run_blocks(
     back-off, post-processing and instance ownership), so a work unit's outputs equal
     ``analyze``'s. Returns, per block, its tiles' :class:`TileOutput` in tile order, and the
     seconds spent per stage (``read``, ``preprocess``, ``model``, ``postprocess``).
+    ``crop_decoder`` as in :func:`analyze`.
     """
+    margin = _nuclei_margin(plan) if crop_decoder else None
 
     level = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
@@ -948,20 +1043,20 @@ def run_blocks(
             timings["preprocess"] += r.prep_s
         run_reads = [r for r in reads if r.rgb is not None]
         per_input: list[dict[str, Any]] = []
+        boxes: list[Region] = []
         if run_reads:
             t0 = time.perf_counter()
-            per_input = _predict_with_backoff(
-                model, np.stack([r.rgb for r in run_reads]), tasks, precision, state
-            )
+            per_input, boxes = _run_model(model, run_reads, tasks, precision, state, margin)
             timings["model"] += time.perf_counter() - t0
-        it = iter(per_input)
+        it = iter(zip(per_input, boxes, strict=True))
         for r in reads:
             if r.rgb is None:
                 outputs[index[id(r.block)]] = [TileOutput(skipped=True) for _ in r.block.tiles]
                 continue
             t0 = time.perf_counter()
+            out, box = next(it)
             outputs[index[id(r.block)]] = _postprocess(
-                r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp
+                r.block, r.tissue, out, model.card, tasks, plan.analysis_mpp, box
             )
             timings["postprocess"] += time.perf_counter() - t0
     timings["oom_retries"] = float(state["oom_retries"])

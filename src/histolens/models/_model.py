@@ -148,11 +148,18 @@ class HistoLensModel(nn.Module):
     def _features(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
         return self.backbone(x, want_attention=want_attention)
 
-    def _heads(self, x: torch.Tensor, feats: dict, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+    def _heads(
+        self,
+        x: torch.Tensor,
+        feats: dict,
+        tasks: Iterable[str],
+        crop: tuple[int, int, int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         scales = feats["scales"]
         if "nuclei" in tasks and self.nuclei_head is not None:
-            out.update(self.nuclei_head(x, feats["pyramid"], scales[min(1, len(scales) - 1)]))
+            context = scales[min(1, len(scales) - 1)]
+            out.update(self.nuclei_head(x, feats["pyramid"], context, crop))
         if "tiles" in tasks and self.tile_head is not None:
             out.update(self.tile_head(scales[:2], x.shape[-2:]))
         return out
@@ -215,14 +222,45 @@ class HistoLensModel(nn.Module):
             return cpu_bf16_is_faster()
         return False
 
+    #: ``predict_tiles`` takes ``nuclei_box`` (the engine decodes nuclei only where it keeps them)
+    supports_nuclei_box = True
+
+    def _decoder_crop(
+        self, box: tuple[int, int, int, int], h: int, w: int
+    ) -> tuple[int, int, int, int] | None:
+        """The decoder crop (input px) whose outputs inside ``box`` equal a full decode: the box
+        grown by the decoder's reach, aligned to its coarsest stride, clipped to the input."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            msg = (
+                f"nuclei_box {box} (y0, x0, y1, x1) must be a non-empty box inside the {h}x{w} tile"
+            )
+            raise ValueError(msg)
+        head = self.nuclei_head
+        a, reach = head.top, head.receptive_px
+        if h % a or w % a:
+            return None
+        return (
+            max(0, (y0 - reach) // a * a),
+            max(0, (x0 - reach) // a * a),
+            min(h, -(-(y1 + reach) // a) * a),
+            min(w, -(-(x1 + reach) // a) * a),
+        )
+
     def predict_tiles(
         self,
         tiles: np.ndarray,
         *,
         tasks: Iterable[str] = ALL_TASKS,
         precision: str = "auto",
+        nuclei_box: tuple[int, int, int, int] | None = None,
     ) -> dict[str, Any]:
         """Run the model on uint8 RGB tiles (B, H, W, 3) at ``card.mpp``; numpy float32 out.
+
+        ``nuclei_box`` ``(y0, x0, y1, x1)`` (input px, the same for every tile): the nuclei
+        maps are decoded only over that box plus the decoder's reach and returned for the box
+        (shape ``(B, y1 - y0, x1 - x0)``); equal to the full maps cropped, up to float rounding.
+        The backbone still sees the whole tile (its context).
 
         Returns (only for the requested tasks the card supports): ``nuclei_prob`` (B,H,W) in
         [0,1]; ``hv`` (B,2,H,W) in [-1,1], channel 0 = x, 1 = y; ``type_prob`` (B,T,H,W);
@@ -243,6 +281,9 @@ class HistoLensModel(nn.Module):
         b, h, w, _ = arr.shape
         self._check_input(h, w)
         want_attention = "attention" in tasks and hasattr(self.backbone, "attention_maps")
+        crop = None
+        if nuclei_box is not None and "nuclei" in tasks and self.nuclei_head is not None:
+            crop = self._decoder_crop(nuclei_box, h, w)
         bf16 = self._use_bf16(precision)
         fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
         net = fast if fast is not None else self
@@ -263,11 +304,16 @@ class HistoLensModel(nn.Module):
                 if fast is not None:
                     x = x.to(next(fast.parameters()).dtype)
                 feats = net._features(x, attention_mode)
-                raw = net._heads(x, feats, tasks)
+                raw = net._heads(x, feats, tasks, crop)
                 maps = net.backbone.attention_maps(feats, b) if want_attention else {}
         finally:
             self.train(was_training)
         out: dict[str, Any] = {}
+        if "nuclei_logits" in raw and nuclei_box is not None:
+            y0, x0, y1, x1 = (int(v) for v in nuclei_box)
+            cy, cx = (crop[0], crop[1]) if crop is not None else (0, 0)
+            for key in ("nuclei_logits", "hv", "type_logits"):
+                raw[key] = raw[key][..., y0 - cy : y1 - cy, x0 - cx : x1 - cx]
         if "nuclei_logits" in raw:
             out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
             out["hv"] = _np(raw["hv"].float().clamp(-1, 1))
