@@ -111,6 +111,13 @@ class TileOutput:
     tile_probs: np.ndarray | None = None  # (n, n, C) cells of class_cell_px
     embeddings: np.ndarray | None = None  # (n, n, D)
     attention: dict[int, np.ndarray] = field(default_factory=dict)  # scale -> (n, n)
+    #: Where ``instances`` are complete (global analysis px): None for the whole tile, else
+    #: the part inside the view it was computed for (its nuclei were decoded there only).
+    nuclei_area: Region | None = None
+
+    def has_nuclei_for(self, need: Region) -> bool:
+        """True when the instances cover ``need`` (a part of the tile, analysis px)."""
+        return self.nuclei_area is None or self.nuclei_area.contains(need)
 
     @property
     def nbytes(self) -> int:
@@ -443,10 +450,13 @@ def _slice_output(out: dict[str, Any], k: int) -> dict[str, Any]:
     return res
 
 
-def nuclei_box(block: Block, margin: int) -> Region:
+def nuclei_box(block: Block, margin: int, view: Region | None = None) -> Region:
     """Where a block's nuclei are decoded and post-processed (global analysis px): its owned
-    area grown by ``margin`` px, inside the model input (``block.outer``)."""
+    area (the part inside ``view``, if given) grown by ``margin`` px, inside the model input
+    (``block.outer``)."""
     i, o = block.inner, block.outer
+    if view is not None and not view.intersection(i).is_empty:
+        i = view.intersection(i)
     return Region(
         max(o.y0, i.y0 - margin),
         max(o.x0, i.x0 - margin),
@@ -462,34 +472,31 @@ def _run_model(
     precision: str,
     state: dict,
     margin: int | None,
+    view: Region | None = None,
 ) -> tuple[list[dict[str, Any]], list[Region]]:
-    """Model outputs for the reads in ``run`` (one stacked call, OOM back-off) and, per read,
+    """Model outputs for the reads in ``run`` (stacked calls, OOM back-off) and, per read,
     the box (global analysis px) its nuclei maps cover.
 
     With ``margin`` and a model that takes ``nuclei_box``, the maps cover only
-    :func:`nuclei_box`; otherwise the whole input. Reads of one batch share an input shape
-    and so the same box relative to their input.
+    :func:`nuclei_box` (of the part inside ``view``, if given); otherwise the whole input.
+    Reads whose boxes sit alike in their inputs share one model call.
     """
-    boxes = [r.block.outer for r in run]
-    rel = None
-    if margin is not None and "nuclei" in tasks and getattr(model, "supports_nuclei_box", False):
-        boxes = [nuclei_box(r.block, margin) for r in run]
-        rels = {
-            (
-                b.y0 - r.block.outer.y0,
-                b.x0 - r.block.outer.x0,
-                b.y1 - r.block.outer.y0,
-                b.x1 - r.block.outer.x0,
-            )
-            for b, r in zip(boxes, run, strict=True)
-        }
-        if len(rels) == 1:
-            rel = rels.pop()
-        else:
-            boxes = [r.block.outer for r in run]
-    outs = _predict_with_backoff(
-        model, np.stack([r.rgb for r in run]), tasks, precision, state, rel
-    )
+    crop = margin is not None and "nuclei" in tasks
+    if not (crop and getattr(model, "supports_nuclei_box", False)):
+        stacked = np.stack([r.rgb for r in run])
+        outs = _predict_with_backoff(model, stacked, tasks, precision, state)
+        return outs, [r.block.outer for r in run]
+    boxes = [nuclei_box(r.block, margin, view) for r in run]
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for k, (b, r) in enumerate(zip(boxes, run, strict=True)):
+        o = r.block.outer
+        groups.setdefault((b.y0 - o.y0, b.x0 - o.x0, b.y1 - o.y0, b.x1 - o.x0), []).append(k)
+    outs: list[dict[str, Any]] = [{} for _ in run]
+    for rel, idx in groups.items():
+        stacked = np.stack([run[k].rgb for k in idx])
+        got = _predict_with_backoff(model, stacked, tasks, precision, state, rel)
+        for k, o in zip(idx, got, strict=True):
+            outs[k] = o
     return outs, boxes
 
 
@@ -501,11 +508,14 @@ def _postprocess(
     tasks,
     mpp: float,
     nuclei_outer: Region | None = None,
+    view: Region | None = None,
 ) -> list[TileOutput]:
     """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order).
 
     ``nuclei_outer`` is the box (global analysis px) the nuclei maps cover, by default the
-    model input ``block.outer``.
+    model input ``block.outer``. With ``view``, a tile keeps only the nuclei whose centroid
+    lies in its part inside ``view`` (the maps were decoded for that part only) and says so
+    in ``TileOutput.nuclei_area``.
     """
     labels = types = probs = None
     if "nuclei" in tasks:
@@ -515,15 +525,20 @@ def _postprocess(
         )
         labels = np.asarray(labels)
     owned = None
+    areas = [_nuclei_area(t, view) for t in block.tiles]
     if labels is not None:
-        where = Block(block.tiles, block.inner, nuclei_outer or block.outer)
+        tiles = tuple(
+            t if a is None else Tile(t.row, t.col, a, t.outer)
+            for t, a in zip(block.tiles, areas, strict=True)
+        )
+        where = Block(tiles, block.inner, nuclei_outer or block.outer)
         owned = split_instances(labels, where, types, probs)
     results = []
     for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue, strict=True)):
         if not is_tissue:
             results.append(TileOutput(skipped=True))
             continue
-        res = TileOutput(skipped=False)
+        res = TileOutput(skipped=False, nuclei_area=areas[k] if owned is not None else None)
         oy, ox = tile.inner.y0 - block.outer.y0, tile.inner.x0 - block.outer.x0
         n = tile.inner.height
         if owned is not None:
@@ -541,6 +556,14 @@ def _postprocess(
                 res.attention[int(scale)] = np.ascontiguousarray(heat[sy, sx], dtype=np.float32)
         results.append(res)
     return results
+
+
+def _nuclei_area(tile: Tile, view: Region | None) -> Region | None:
+    """The part of ``tile`` inside ``view`` when that is not the whole tile, else None."""
+    if view is None or view.contains(tile.inner):
+        return None
+    part = view.intersection(tile.inner)
+    return None if part.is_empty else part
 
 
 # -- result assembly -------------------------------------------------------------------------
@@ -767,10 +790,12 @@ def analyze(
     skip_background
         Skip tiles whose owned area is mostly glass (counted in ``tiles_skipped``).
     crop_decoder
-        Decode and post-process nuclei only over each model input's owned area plus
-        :data:`NUCLEI_MARGIN_UM` (models with ``supports_nuclei_box``); the halo beyond it
-        feeds only the backbone. False decodes the whole input (the engine before issue 15,
-        kept for benchmarks).
+        Decode and post-process nuclei only over the part of each model input's owned area
+        inside the region, plus :data:`NUCLEI_MARGIN_UM` (models with
+        ``supports_nuclei_box``); the halo beyond it feeds only the backbone. A tile at the
+        region's edge is then cached with its nuclei for that part only
+        (``TileOutput.nuclei_area``) and recomputed when a later region needs more of it.
+        False decodes every whole input (the engine before issue 15, kept for benchmarks).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
@@ -871,6 +896,8 @@ def analyze(
     todo: list[Tile] = []
     for t in tiles:
         hit = tile_cache.get((*base_key, t.row, t.col)) if tile_cache is not None else None
+        if hit is not None and not hit.has_nuclei_for(t.inner.intersection(plan.box)):
+            hit = None  # computed for another view, its nuclei stop short of this one
         if hit is None:
             todo.append(t)
         else:
@@ -879,6 +906,8 @@ def analyze(
     state = {"batch": int(batch_size), "oom_retries": 0}
     batches = _batch_blocks(order_blocks(todo, plan), batch_size)
     margin = _nuclei_margin(plan) if crop_decoder else None
+    # Nuclei are decoded only where this view needs them (tiles at its edge partly).
+    view = plan.box if crop_decoder else None
     # Work planned, for the time-left estimate (progress.seconds_left).
     timings["planned_input_px"] = float(sum(b.outer.area for batch in batches for b in batch))
 
@@ -905,7 +934,7 @@ def analyze(
                 outs: dict[int, tuple[dict[str, Any], Region]] = {}
                 if run:
                     t0 = time.perf_counter()
-                    per_input, boxes = _run_model(model, run, tasks, prec, state, margin)
+                    per_input, boxes = _run_model(model, run, tasks, prec, state, margin, view)
                     timings["model"] += time.perf_counter() - t0
                     # Pixels the model saw (halo included): the compute actually spent.
                     timings["model_input_px"] += float(sum(r.block.outer.area for r in run))
@@ -919,7 +948,7 @@ def analyze(
                         t0 = time.perf_counter()
                         out, box = outs[id(r)]
                         results = _postprocess(
-                            r.block, r.tissue, out, card, tasks, plan.analysis_mpp, box
+                            r.block, r.tissue, out, card, tasks, plan.analysis_mpp, box, view
                         )
                         timings["postprocess"] += time.perf_counter() - t0
                     for tile, res in zip(r.block.tiles, results, strict=True):

@@ -29,6 +29,7 @@ __all__ = [
     "default_device",
     "fold_batchnorms",
     "file_sha256",
+    "relu_in_place",
     "load_model_weights",
     "save_model_weights",
 ]
@@ -81,6 +82,28 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
             setattr(module, bn_name, nn.Identity())
+    return module
+
+
+def relu_in_place(module: nn.Module) -> nn.Module:
+    """Make every ``nn.ReLU`` that follows a convolution (or its folded batch norm) in an
+    ``nn.Sequential`` work in place; returns ``module``.
+
+    Its input is then the convolution's fresh output, used by nothing else, so the result
+    is the same while a full-resolution activation is neither allocated nor written twice
+    (on CPU the out-of-place ReLUs of the decoder cost about as much as its convolutions).
+    """
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        mods = list(seq)
+        for prev, cur in itertools.pairwise(mods):
+            if isinstance(cur, nn.ReLU) and isinstance(prev, nn.Conv2d | nn.BatchNorm2d):
+                cur.inplace = True
+            elif isinstance(cur, nn.ReLU) and isinstance(prev, nn.Identity):
+                i = mods.index(prev)
+                if i > 0 and isinstance(mods[i - 1], nn.Conv2d):
+                    cur.inplace = True
     return module
 
 
@@ -202,6 +225,7 @@ class HistoLensModel(nn.Module):
         finally:
             self.__dict__["_inference_copies"] = saved
         fold_batchnorms(fast)
+        relu_in_place(fast)
         fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
         fast.mean, fast.std = self.mean.clone(), self.std.clone()  # normalisation stays fp32
         for p in fast.parameters():

@@ -95,6 +95,7 @@ def segment_nuclei(
     name: str = "image",
     precision: str = "auto",
     tta: bool = False,
+    crop_decoder: bool = True,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Nuclei of an RGB image at ``mpp`` um/px: (uint32 labels (H, W), per-nucleus table).
 
@@ -102,6 +103,8 @@ def segment_nuclei(
     surviving the mapping back to the input grid (sub-pixel nuclei) are dropped from the table.
     ``tta`` averages the nuclei maps over the 8 flips/transposes of each model input
     (:class:`histolens.models.tta.TestTimeAugmented`): about 8x the model time.
+    ``crop_decoder`` as in :func:`histolens.inference.analyze` (False: the engine before
+    issue 15, for speed comparisons; the labels are the same).
     """
     from histolens.inference import analyze_region
     from histolens.region import Region
@@ -134,6 +137,7 @@ def segment_nuclei(
         skip_background=False,
         precision=precision,
         tile_size=max(1, tile_size),
+        crop_decoder=crop_decoder,
     )
     nuc = result.nuclei
     if nuc is None:
@@ -177,7 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights file for --model (default: its embedded weights)",
     )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: $HISTOLENS_THREADS or the physical cores)",
+    )
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -189,11 +198,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Segment every image and write its label TIFF and CSV."""
     import tifffile
-    import torch
 
+    from histolens.cpu import configure_cpu
     from histolens.models import create_model
 
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
     model = create_model(args.model, weights=args.weights)
     args.out.mkdir(parents=True, exist_ok=True)
     for path in args.images:
