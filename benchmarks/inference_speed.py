@@ -173,6 +173,31 @@ def child(config: dict) -> dict:
     }
 
 
+def print_summary(runs: list[dict]) -> None:
+    """Medians over repeats per (view, precision, threads): old, new and old/new."""
+    keys = sorted({(r["region_px"], r["precision"], r["threads"]) for r in runs})
+    print(
+        "\nmedians: view, precision, threads | first paint old -> new | full old -> new (ratio) | CPU s old -> new (ratio)"
+    )
+    for key in keys:
+        med = {}
+        for old in (True, False):
+            sel = [
+                r
+                for r in runs
+                if (r["region_px"], r["precision"], r["threads"]) == key and r["old"] == old
+            ]
+            med[old] = {
+                k: float(np.median([r[k] for r in sel])) for k in ("first_s", "full_s", "cpu_s")
+            }
+        o, n = med[True], med[False]
+        print(
+            f"{key[0]}^2 {key[1]} {key[2]} thr | {o['first_s']:.2f} -> {n['first_s']:.2f} s | "
+            f"{o['full_s']:.2f} -> {n['full_s']:.2f} s ({o['full_s'] / n['full_s']:.2f}x) | "
+            f"{o['cpu_s']:.2f} -> {n['cpu_s']:.2f} s ({o['cpu_s'] / n['cpu_s']:.2f}x)"
+        )
+
+
 def run_child(config: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path])}
     out = subprocess.run(
@@ -257,7 +282,8 @@ def main(argv=None) -> int:
                         pair["old" if old else "new"] = r
                         print(
                             f"{r['region_px']}^2 {prec} {threads} thr {'old' if old else 'new'}: "
-                            f"first paint {r['first_s']:.2f} s, full {r['full_s']:.2f} s; "
+                            f"first paint {r['first_s']:.2f} s, full {r['full_s']:.2f} s "
+                            f"(CPU {r['cpu_s']:.2f} s); "
                             f"{gflop:.0f} GFLOP, model {r['gflops_model']:.0f} GFLOP/s "
                             f"({100 * r['model_vs_peak']:.0f} % of {threads} x matmul peak); "
                             f"read {t['read']:.2f}, model {t['model']:.2f}, post {t['postprocess']:.2f} s; "
@@ -266,10 +292,12 @@ def main(argv=None) -> int:
                         )
                     o, n = pair["old"], pair["new"]
                     print(
-                        f"   ratio old/new: full {o['full_s'] / n['full_s']:.2f}x, first paint "
+                        f"   ratio old/new: full {o['full_s'] / n['full_s']:.2f}x "
+                        f"(CPU {o['cpu_s'] / n['cpu_s']:.2f}x), first paint "
                         f"{o['first_s'] / n['first_s']:.2f}x, GFLOP {o['gflop'] / n['gflop']:.2f}x",
                         flush=True,
                     )
+    print_summary(report["runs"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
