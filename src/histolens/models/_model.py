@@ -29,6 +29,7 @@ __all__ = [
     "default_device",
     "fold_batchnorms",
     "file_sha256",
+    "relu_in_place",
     "load_model_weights",
     "save_model_weights",
 ]
@@ -81,6 +82,28 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
             setattr(module, bn_name, nn.Identity())
+    return module
+
+
+def relu_in_place(module: nn.Module) -> nn.Module:
+    """Make every ``nn.ReLU`` that follows a convolution (or its folded batch norm) in an
+    ``nn.Sequential`` work in place; returns ``module``.
+
+    Its input is then the convolution's fresh output, used by nothing else, so the result
+    is the same while a full-resolution activation is neither allocated nor written twice
+    (on CPU the out-of-place ReLUs of the decoder cost about as much as its convolutions).
+    """
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        mods = list(seq)
+        for prev, cur in itertools.pairwise(mods):
+            if isinstance(cur, nn.ReLU) and isinstance(prev, nn.Conv2d | nn.BatchNorm2d):
+                cur.inplace = True
+            elif isinstance(cur, nn.ReLU) and isinstance(prev, nn.Identity):
+                i = mods.index(prev)
+                if i > 0 and isinstance(mods[i - 1], nn.Conv2d):
+                    cur.inplace = True
     return module
 
 
@@ -148,11 +171,18 @@ class HistoLensModel(nn.Module):
     def _features(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
         return self.backbone(x, want_attention=want_attention)
 
-    def _heads(self, x: torch.Tensor, feats: dict, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+    def _heads(
+        self,
+        x: torch.Tensor,
+        feats: dict,
+        tasks: Iterable[str],
+        crop: tuple[int, int, int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         scales = feats["scales"]
         if "nuclei" in tasks and self.nuclei_head is not None:
-            out.update(self.nuclei_head(x, feats["pyramid"], scales[min(1, len(scales) - 1)]))
+            context = scales[min(1, len(scales) - 1)]
+            out.update(self.nuclei_head(x, feats["pyramid"], context, crop))
         if "tiles" in tasks and self.tile_head is not None:
             out.update(self.tile_head(scales[:2], x.shape[-2:]))
         return out
@@ -199,6 +229,7 @@ class HistoLensModel(nn.Module):
         cache.pop(key, None)
         fast = copy.deepcopy(self).eval()  # without the cache of copies (see __getstate__)
         fold_batchnorms(fast)
+        relu_in_place(fast)
         fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
         fast.mean, fast.std = self.mean.clone(), self.std.clone()  # normalisation stays fp32
         for p in fast.parameters():
@@ -219,6 +250,31 @@ class HistoLensModel(nn.Module):
             return cpu_bf16_is_faster()
         return False
 
+    #: ``predict_tiles`` takes ``nuclei_box`` (the engine decodes nuclei only where it keeps them)
+    supports_nuclei_box = True
+
+    def _decoder_crop(
+        self, box: tuple[int, int, int, int], h: int, w: int
+    ) -> tuple[int, int, int, int] | None:
+        """The decoder crop (input px) whose outputs inside ``box`` equal a full decode: the box
+        grown by the decoder's reach, aligned to its coarsest stride, clipped to the input."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            msg = (
+                f"nuclei_box {box} (y0, x0, y1, x1) must be a non-empty box inside the {h}x{w} tile"
+            )
+            raise ValueError(msg)
+        head = self.nuclei_head
+        a, reach = head.top, head.receptive_px
+        if h % a or w % a:
+            return None
+        return (
+            max(0, (y0 - reach) // a * a),
+            max(0, (x0 - reach) // a * a),
+            min(h, -(-(y1 + reach) // a) * a),
+            min(w, -(-(x1 + reach) // a) * a),
+        )
+
     def predict_tiles(
         self,
         tiles: np.ndarray,
@@ -226,8 +282,14 @@ class HistoLensModel(nn.Module):
         tasks: Iterable[str] = ALL_TASKS,
         precision: str = "auto",
         query: tuple[int, int] | None = None,
+        nuclei_box: tuple[int, int, int, int] | None = None,
     ) -> dict[str, Any]:
         """Run the model on uint8 RGB tiles (B, H, W, 3) at ``card.mpp``; numpy float32 out.
+
+        ``nuclei_box`` ``(y0, x0, y1, x1)`` (input px, the same for every tile): the nuclei
+        maps are decoded only over that box plus the decoder's reach and returned for the box
+        (shape ``(B, y1 - y0, x1 - x0)``); equal to the full maps cropped, up to float rounding.
+        The backbone still sees the whole tile (its context).
 
         Returns (only for the requested tasks the card supports): ``nuclei_prob`` (B,H,W) in
         [0,1]; ``hv`` (B,2,H,W) in [-1,1], channel 0 = x, 1 = y; ``type_prob`` (B,T,H,W);
@@ -247,6 +309,9 @@ class HistoLensModel(nn.Module):
         want_attention = (
             probe is None and "attention" in tasks and hasattr(self.backbone, "attention_maps")
         )
+        crop = None
+        if nuclei_box is not None and "nuclei" in tasks and self.nuclei_head is not None:
+            crop = self._decoder_crop(nuclei_box, h, w)
         bf16 = self._use_bf16(precision)
         fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
         net = fast if fast is not None else self
@@ -267,11 +332,16 @@ class HistoLensModel(nn.Module):
                 if fast is not None:
                     x = x.to(next(fast.parameters()).dtype)
                 feats = net._features(x, attention_mode)
-                raw = net._heads(x, feats, tasks)
+                raw = net._heads(x, feats, tasks, crop)
                 maps = net.backbone.attention_maps(feats, b) if want_attention else {}
         finally:
             self.train(was_training)
         out: dict[str, Any] = {}
+        if "nuclei_logits" in raw and nuclei_box is not None:
+            y0, x0, y1, x1 = (int(v) for v in nuclei_box)
+            cy, cx = (crop[0], crop[1]) if crop is not None else (0, 0)
+            for key in ("nuclei_logits", "hv", "type_logits"):
+                raw[key] = raw[key][..., y0 - cy : y1 - cy, x0 - cx : x1 - cx]
         if "nuclei_logits" in raw:
             out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
             out["hv"] = _np(raw["hv"].float().clamp(-1, 1))

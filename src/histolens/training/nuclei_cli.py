@@ -157,7 +157,9 @@ def labels_to_input_grid(
     return np.where(vy[:, None] & vx[None, :], out, 0).astype(np.uint32)
 
 
-def _analysis_nuclei(slide: Any, *, mpp: float, model: Any, precision: str, tta: bool) -> Any:
+def _analysis_nuclei(
+    slide: Any, *, mpp: float, model: Any, precision: str, tta: bool, crop_decoder: bool = True
+) -> Any:
     """The engine's :class:`NucleiResult` for the whole of ``slide`` (level 0 at ``mpp``)."""
     from histolens.inference import analyze_region
     from histolens.region import Region
@@ -197,6 +199,7 @@ def _analysis_nuclei(slide: Any, *, mpp: float, model: Any, precision: str, tta:
     result = analyze_region(
         slide, Region(0, 0, h, w), model=model, tasks=("nuclei",), cache=False,
         skip_background=False, precision=precision, tile_size=max(1, tile_size),
+        crop_decoder=crop_decoder,
     )  # fmt: skip
     if result.nuclei is None:
         msg = "the model produced no nuclei result; use a model whose card lists the 'nuclei' task"
@@ -250,6 +253,7 @@ def segment_nuclei(
     name: str = "image",
     precision: str = "auto",
     tta: bool = False,
+    crop_decoder: bool = True,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Nuclei of an RGB image at ``mpp`` um/px: (uint32 labels (H, W), per-nucleus table).
 
@@ -257,12 +261,16 @@ def segment_nuclei(
     surviving the mapping back to the input grid (sub-pixel nuclei) are dropped from the table.
     ``tta`` averages the nuclei maps over the 8 flips/transposes of each model input
     (:class:`histolens.models.tta.TestTimeAugmented`): about 8x the model time.
+    ``crop_decoder`` as in :func:`histolens.inference.analyze` (False: the engine before
+    issue 15, for speed comparisons; the labels are the same).
     """
     from histolens.slide import Slide
 
     h, w = image.shape[:2]
     slide = Slide.from_array(image, mpp=mpp, name=name)
-    nuc = _analysis_nuclei(slide, mpp=mpp, model=model, precision=precision, tta=tta)
+    nuc = _analysis_nuclei(
+        slide, mpp=mpp, model=model, precision=precision, tta=tta, crop_decoder=crop_decoder
+    )
     keep = _kept_labels(nuc)
     labels = _input_labels(nuc, keep, (0, 0, h, w))
     area_px = np.bincount(labels.ravel().astype(np.int64), minlength=len(keep))
@@ -335,7 +343,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights file for --model (default: its embedded weights)",
     )
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: $HISTOLENS_THREADS or the physical cores)",
+    )
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -355,11 +368,11 @@ def run(args: argparse.Namespace) -> int:
 
     Exit code 0 when every image was written, 1 when any failed (they are listed at the end).
     """
-    import torch
 
+    from histolens.cpu import configure_cpu
     from histolens.models import create_model
 
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
     model = create_model(args.model, weights=args.weights)
     args.out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
