@@ -270,8 +270,8 @@ def test_write_result_writes_every_file(tmp_path: Path):
     )  # 0.25 um/px * 2; 2000 px * 0.25
 
     group = zarr.open_group(str(files["tile_classes.ome.zarr"]), mode="r")
-    np.testing.assert_array_equal(group["0"][...], result.tiles.classes)
     ms = group.attrs["ome"]["multiscales"][0]
+    np.testing.assert_array_equal(group[ms["datasets"][0]["path"]][...], result.tiles.classes)
     scale, translation = ms["datasets"][0]["coordinateTransformations"]
     # NGFF places pixel centres: the same numbers as the napari layer of the same array
     expected = layer_transform(0.25, result.tiles.cell, result.tiles.origin)
@@ -300,7 +300,8 @@ def test_attention_maps_are_written_as_float_images(tmp_path: Path):
         np.testing.assert_array_equal(tif.asarray(), heat)
         assert 'PhysicalSizeX="8.0"' in tif.ome_metadata  # 0.25 um/px * 32
     group = zarr.open_group(str(files["attention_s1.ome.zarr"]), mode="r")
-    assert group["0"].dtype == np.float32 and "image-label" not in group.attrs["ome"]
+    level0 = group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+    assert level0.dtype == np.float32 and "image-label" not in group.attrs["ome"]
 
 
 def test_write_result_rejects_unknown_format(tmp_path: Path):
@@ -377,7 +378,7 @@ def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypat
     def no_tracing(*args, **kwargs):
         raise AssertionError("outlines traced for nuclei smaller than a pixel")
 
-    monkeypatch.setattr(export, "iter_label_polygons", no_tracing)
+    monkeypatch.setattr(export._overview, "iter_label_polygons", no_tracing)
     path = export.render_overview_png(None, result, tmp_path / "dots.png", max_side=16)
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     s = 16 / 256

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from histolens import export
-from histolens._geojson import GeoJSONError, fill_polygon
+from histolens.export._geojson_read import GeoJSONError, fill_polygon
 from histolens._reader import read_slides
 
 

@@ -1,0 +1,43 @@
+"""Results as files: QuPath GeoJSON, CSV tables, OME-TIFF / OME-Zarr masks, summary.json, a PNG
+overview, and GeoJSON back into napari layers.
+
+Everything written is in **level-0 pixels** of the slide, the frame QuPath uses for GeoJSON:
+``x`` to the right, ``y`` down, pixel ``(0, 0)`` covering ``[0, 1) x [0, 1)`` (pixel edges).
+Every file is written atomically (:func:`atomic_path`). One module per format, behind the
+format -> writer table of :func:`write_result`:
+
+- ``_atomic``: atomic writes and JSON encoding;
+- ``_polygons``: label images -> polygon rings; ``_colors``: class colours;
+- ``_geojson_write`` / ``_geojson_read``: QuPath GeoJSON out, and back in (validated);
+- ``_masks``: OME-TIFF and OME-Zarr (multiscale) masks; ``_tables``: CSV;
+- ``_summary``: summary.json; ``_overview``: overview.png; ``_write``: :func:`write_result`.
+
+No napari import: :func:`geojson_to_layer_data` returns plain LayerDataTuples.
+"""
+
+from ._atomic import atomic_path
+from ._colors import parse_color
+from ._geojson_read import geojson_to_layer_data
+from ._geojson_write import (
+    labels_feature_collection,
+    nuclei_feature_collection,
+    save_geojson,
+    tiles_feature_collection,
+)
+from ._overview import render_overview_png
+from ._polygons import labels_to_polygons
+from ._write import DEFAULT_FORMATS, write_result
+
+__all__ = [
+    "DEFAULT_FORMATS",
+    "atomic_path",
+    "geojson_to_layer_data",
+    "labels_feature_collection",
+    "labels_to_polygons",
+    "nuclei_feature_collection",
+    "parse_color",
+    "render_overview_png",
+    "save_geojson",
+    "tiles_feature_collection",
+    "write_result",
+]
