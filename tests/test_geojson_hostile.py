@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from histolens import export
-from histolens.export._geojson_read import GeoJSONError, fill_polygon
 from histolens._reader import read_slides
+from histolens.export._geojson_read import GeoJSONError, fill_polygon
 
 
 def _square(x: float, y: float, s: float = 10.0) -> list[list[float]]:
