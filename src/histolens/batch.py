@@ -296,7 +296,7 @@ def _plan_slide(
         region=reg,
         level=plan.level.level,
         level_downsample=plan.level.downsample,
-        slide_mpp=slide.mpp,
+        slide_mpp=float(slide_mpp),  # the level-0 mpp actually used (slide's or user's)
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
         analysis_mpp=plan.analysis_mpp,
         model_name=str(card.name),
@@ -712,6 +712,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-classifier", type=Path, default=None, metavar="FILE",
         help="tile classes taught in the dock (NAME.safetensors + NAME.card.json)",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads of a local run (default: $HISTOLENS_THREADS or the physical "
+        "cores); each dask worker uses one",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -725,6 +732,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"histolens analyze: {exc}", file=sys.stderr)
         return 2
+    if not (args.workers or args.scheduler):
+        from .cpu import configure_cpu
+
+        configure_cpu(args.threads)
     outcomes = run_batch(
         args.slides, args.out, model=args.model, tasks=args.tasks, region=region, mpp=args.mpp,
         workers=args.workers, scheduler=args.scheduler, tissue=not args.no_tissue_mask,
