@@ -112,7 +112,8 @@ def _halve(array: np.ndarray) -> np.ndarray:
     one, i.e. nearest), so no label is invented by averaging; images take the block mean.
     """
     h, w = array.shape
-    padded = np.pad(array, ((0, h % 2), (0, w % 2)), mode="edge")
+    # Only an odd side is padded: np.pad copies, and a whole slide's labels are gigabytes.
+    padded = np.pad(array, ((0, h % 2), (0, w % 2)), mode="edge") if h % 2 or w % 2 else array
     tl, tr = padded[0::2, 0::2], padded[0::2, 1::2]
     bl, br = padded[1::2, 0::2], padded[1::2, 1::2]
     if not np.issubdtype(array.dtype, np.integer):
