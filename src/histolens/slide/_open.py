@@ -8,7 +8,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ._slide import Slide, SlideError, _check_mpp, derive_levels
+from ._derive import derive_levels
+from ._slide import Slide, SlideError, _check_mpp
 
 __all__ = ["SLIDE_SUFFIXES", "open_slide", "slide_name"]
 
