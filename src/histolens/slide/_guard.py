@@ -54,8 +54,8 @@ def check_level_size(
     if not (1 <= th and 1 <= tw and th * tw * 4 <= MAX_CHUNK_BYTES):
         raise SlideError(
             path,
-            f"{what} declares {tw} x {th} pixel tiles; tiles must be at least 1 pixel and at "
-            f"most {MAX_CHUNK_BYTES >> 20} MB decoded",
+            f"{what} declares tiles (or strips) of {tw} x {th} pixels; they must be at least "
+            f"1 pixel and at most {MAX_CHUNK_BYTES >> 20} MB decoded",
             f"the file is damaged; {_REFETCH}, or convert it to a tiled TIFF with 256-1024 px "
             "tiles",
         )

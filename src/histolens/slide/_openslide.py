@@ -59,7 +59,11 @@ def open_openslide(path: Path) -> dict[str, Any]:
                 img = osr.read_region(location, _i, (x1 - x0, y1 - y0))
             return _rgba_to_rgb(np.asarray(img))
 
-        levels.append(tiled_dask_array(read, int(height), int(width), (th, tw), name="openslide"))
+        levels.append(
+            tiled_dask_array(
+                read, int(height), int(width), (th, tw), name="openslide", path=path, level=i
+            )
+        )
     mpp = None
     try:
         mpp = float(props[openslide.PROPERTY_NAME_MPP_X])
@@ -77,6 +81,6 @@ def open_openslide(path: Path) -> dict[str, Any]:
         "mpp_source": "openslide" if mpp and mpp > 0 else "none",
         "vendor": f"openslide:{vendor}",
         "metadata": {"format": vendor, **{k: v for k, v in props.items() if len(v) < 4096}},
-        "associated": LazyImages(assoc),
+        "associated": LazyImages(assoc, path),
         "closers": (osr.close,),
     }
