@@ -718,6 +718,7 @@ def run_fuzz(
                 index = res["index"]
                 if index is None:  # the worker died before its first case
                     res["index"] = index = pending[0]
+                res.setdefault("cls", CLASSES[index % len(CLASSES)])
                 results[index] = res
                 pending = [i for i in pending if i != index]
                 if res["outcome"].startswith(("bad:hang", "bad:crash")):
@@ -731,9 +732,7 @@ def run_fuzz(
 def summarize(results: list[dict]) -> str:
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in results:
-        cls = r.get("cls") or CLASSES[r["index"] % len(CLASSES)]
-        outcome = r["outcome"] if r["outcome"].startswith("bad") else r["outcome"]
-        table[cls][outcome] += 1
+        table[r["cls"]][r["outcome"]] += 1
     kinds = ["ok", "slide_error", "slide_error_net"]
     bad = sorted({o for c in table.values() for o in c if o.startswith("bad")})
     head = f"{'class':<16} {'cases':>6} " + " ".join(f"{k:>15}" for k in kinds + bad)
@@ -789,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad[:40]:
         print(f"  case {r['index']} {r.get('cls')} {r.get('source')}: {r['outcome']} "
               f"{r.get('message', '')[:200]!r}\n    {r.get('where', '')[-300:]!r}")  # fmt: skip
+    net = [r for r in results if r["outcome"] == "slide_error_net"]
+    for r in net[:10]:  # allowed, but each is a check a backend could make itself
+        print(f"  net: case {r['index']} {r['cls']} {r.get('source')}: {r['message'][:240]!r}")
     if args.keep and bad:
         args.keep.mkdir(parents=True, exist_ok=True)
         sources = load_sources(cache)
