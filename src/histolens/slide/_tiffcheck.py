@@ -87,7 +87,7 @@ def _check_offsets(
     for table in (offsets, counts):
         if table.dtype.kind not in "ui" or (table.dtype.kind == "i" and (table < 0).any()):
             raise SlideError(
-                path, f"{what}: its tile offset tables are not unsigned integers", _FIX
+                path, f"{what}: its tile offset tables hold negative or >= 2**63 values", _FIX
             )
     offsets, counts = offsets.astype(np.uint64), counts.astype(np.uint64)
     size = np.uint64(file_size)
