@@ -1,8 +1,9 @@
 """tifffile backend: SVS, NDPI, OME-TIFF, Leica SCN, Ventana BIF, Philips and generic tiled TIFF.
 
-Each pyramid level is ``tifffile`` series level -> ``aszarr`` store -> zarr array ->
-``dask.array.from_zarr``, so dask chunks are the file's tiles and a region read decodes only
-the tiles under it (JPEG / JPEG 2000 / LZW ... through imagecodecs).
+Each pyramid level is ``tifffile`` series level -> ``aszarr`` store -> zarr array -> a
+:class:`GuardedArray` (read failures become SlideError) -> dask array, so dask chunks are the
+file's tiles and a region read decodes only the tiles under it (JPEG / JPEG 2000 / LZW ...
+through imagecodecs). The declared structure is checked first (``_tiffcheck``).
 """
 
 from __future__ import annotations
