@@ -131,3 +131,21 @@ def test_huge_single_level_tiff_opens_lazily(fuzz: ModuleType, tmp_path: Path) -
         # Absent tiles read as tifffile's fill value 0, at every level and through dask.
         assert not slide.read_region(box, level=k).any()
     assert not np.asarray(slide.levels[3][100:300, 200:400]).any()
+
+
+def test_default_model_on_a_damaged_real_slide(fuzz: ModuleType, tmp_path: Path) -> None:
+    """The real default model: a region away from the bad tile is analysed; a region over it
+    fails with the SlideError naming the file and tile, not an error deep in inference."""
+    torch = pytest.importorskip("torch")
+    from histolens.inference import analyze_region
+    from histolens.models import create_model
+
+    torch.set_num_threads(1)
+    path = _handmade_file(fuzz, "svs-tileoffset-65-is-1", tmp_path)  # tile row 6, column 5
+    slide = open_slide(path)
+    model = create_model(None, device="cpu")
+    result = analyze_region(slide, Region(0, 0, 384, 384), model=model, cache=False)
+    assert result.nuclei.labels.max() > 0  # tissue with nuclei in the undamaged corner
+    with pytest.raises(SlideError, match="tile row 6, column 5") as info:
+        analyze_region(slide, Region(1500, 1250, 1628, 1378), model=model, cache=False)
+    assert str(path) in str(info.value)
