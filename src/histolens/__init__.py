@@ -15,6 +15,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "PointExplanation",
     "Region",
     "RegionResult",
     "Slide",
@@ -22,6 +23,7 @@ __all__ = [
     "analyze",
     "analyze_region",
     "create_model",
+    "explain_point",
     "list_models",
     "open_slide",
 ]
@@ -35,6 +37,8 @@ _LAZY = {
     "analyze": ("histolens.inference", "analyze"),
     "analyze_region": ("histolens.inference", "analyze_region"),
     "RegionResult": ("histolens.result", "RegionResult"),
+    "explain_point": ("histolens.explain", "explain_point"),
+    "PointExplanation": ("histolens.explain", "PointExplanation"),
 }
 
 

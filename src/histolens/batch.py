@@ -449,6 +449,7 @@ def run_batch(
     progress: bool = True,
     stream: Any = None,
     on_result: Callable[[str, Any], None] | None = None,
+    tile_classifier: Any = None,
 ) -> list[SlideOutcome]:
     """Analyse every slide (whole, or ``region`` in level-0 px) and write ``out/<name>/`` files.
 
@@ -457,6 +458,8 @@ def run_batch(
     dask ``client``. A slide that fails (unreadable file, missing mpp, a worker error) is
     reported in its :class:`SlideOutcome` and skipped; the others finish.
     ``on_result(path, RegionResult)`` is called for each finished slide (tests, notebooks).
+    ``tile_classifier`` (a :class:`histolens.teach.TileClassifier` or its file) replaces the
+    model's tile classes by a taught classifier's (checked against the model before any work).
     """
     from .export import DEFAULT_FORMATS, write_result
     from .inference import resolve_model, resolve_precision, resolve_tasks
@@ -470,6 +473,10 @@ def run_batch(
     task_t = resolve_tasks(tasks, card)
     device = str(getattr(model, "device", "cpu"))
     prec = resolve_precision(device, precision)
+    if tile_classifier is not None:
+        from .teach import as_batch_writer
+
+        write_result = as_batch_writer(tile_classifier, card, task_t, write_result)
     fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
     if png and "png" not in fmts:
         fmts = (*fmts, "png")
@@ -663,6 +670,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to write (default: geojson csv ome-tiff summary)",
     )
     parser.add_argument("--png", action="store_true", help="also render overview.png per slide")
+    parser.add_argument(
+        "--tile-classifier", type=Path, default=None, metavar="FILE",
+        help="tile classes taught in the dock (NAME.safetensors + NAME.card.json)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -680,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
         args.slides, args.out, model=args.model, tasks=args.tasks, region=region, mpp=args.mpp,
         workers=args.workers, scheduler=args.scheduler, tissue=not args.no_tissue_mask,
         block_px=args.block_px, batch_size=args.batch_size, formats=args.formats, png=args.png,
-        progress=not args.quiet,
+        progress=not args.quiet, tile_classifier=args.tile_classifier,
     )  # fmt: skip
     failed = [o for o in outcomes if not o.ok]
     for o in outcomes:

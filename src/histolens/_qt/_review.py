@@ -117,17 +117,22 @@ class _ClassList(QWidget):
         while self._grid.count():
             item = self._grid.takeAt(0)
             if item.widget() is not None:
+                item.widget().hide()  # at once: deleteLater leaves it drawn until the next loop
                 item.widget().deleteLater()
         self.rows = []
         header = QLabel(f"<b>{self._title}</b>")
-        self._grid.addWidget(header, 0, 0, 1, 3)
+        self._grid.addWidget(header, 0, 0, 1, 4)
         for r, row in enumerate(rows, start=1):
-            text = f"{row.count}  ({100 * row.fraction:.0f} %)"
+            text = f"{row.count} ({100 * row.fraction:.0f}\u00a0%)"
+            density = ""
             if with_density and row.per_mm2 is not None:
-                text += f"  {row.per_mm2:.0f}/mm²"
+                density = f"{row.per_mm2:.0f}/mm²"
             self._grid.addWidget(_swatch(row.color), r, 0)
-            self._grid.addWidget(QLabel(row.name), r, 1)
-            self._grid.addWidget(QLabel(text), r, 2)
+            for c, value in ((1, row.name), (2, text), (3, density)):
+                label = QLabel(value)
+                label.setWordWrap(c < 3)  # in a narrow dock names and shares wrap, densities not
+                self._grid.addWidget(label, r, c)
+            text = f"{text}  {density}" if density else text
             self.rows.append((row.name, text))
         self.setVisible(bool(rows))
 

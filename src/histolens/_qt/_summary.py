@@ -64,12 +64,20 @@ def _hex(color: object) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
+def _analysed_cells(tiles) -> np.ndarray:
+    """Cells holding analysed tissue: painted, or left unpainted as "unsure" (below a taught
+    classifier's confidence threshold) while their probabilities are kept."""
+    probs = np.asarray(tiles.probabilities)
+    painted = np.asarray(tiles.classes) > 0
+    return painted | probs.any(-1) if probs.ndim == 3 else painted
+
+
 def _tissue_mm2(result: RegionResult) -> tuple[float, str]:
     mpp = float(result.mpp)
     tiles = result.tiles
     if tiles is not None and tiles.classes.size:
         cell_um = float(tiles.cell) * mpp
-        cells = int(np.count_nonzero(tiles.classes))
+        cells = int(np.count_nonzero(_analysed_cells(tiles)))
         return cells * cell_um * cell_um / _UM2_PER_MM2, "tissue cells of the tile map"
     share = 1.0
     if result.tiles_total > 0 and not result.complete:
@@ -104,7 +112,8 @@ def summarize(result: RegionResult) -> ReviewSummary:
     tile_rows: list[ClassCount] = []
     if result.tiles is not None:
         classes = result.tiles.classes
-        total = int(np.count_nonzero(classes))
+        analysed = _analysed_cells(result.tiles)
+        total = int(np.count_nonzero(analysed))
         for i, name in enumerate(result.tiles.class_names):
             count = int(np.count_nonzero(classes == i + 1))  # 0 = no tissue / not analysed
             colors = result.tiles.class_colors
@@ -116,6 +125,9 @@ def summarize(result: RegionResult) -> ReviewSummary:
                     fraction=count / total if total else 0.0,
                 )
             )
+        unsure = int(np.count_nonzero(analysed & (classes == 0)))
+        if unsure:
+            tile_rows.append(ClassCount("unsure", "#808080", unsure, unsure / total))
     return ReviewSummary(
         n_nuclei=n,
         nuclei_by_class=tuple(nuclei_rows),

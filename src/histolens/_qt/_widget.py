@@ -7,6 +7,7 @@ Thin by design: it reads controls, captures the camera (:mod:`._viewport`), runs
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from napari.qt.threading import create_worker
@@ -23,7 +24,9 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSlider,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -32,9 +35,11 @@ from superqt.utils import qdebounced
 from histolens.region import Region
 from histolens.result import RegionResult
 
+from ._explain import ExplainInputs, ExplainPanel
 from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
 from ._review import ReviewPanel
 from ._slides import slide_for_layer
+from ._teach import TeachPanel
 from ._viewport import CameraState, LayerFrame, level0_to_world, view_region
 from ._worker import (
     AnalysisRequest,
@@ -43,9 +48,10 @@ from ._worker import (
     analysis_job,
     export_job,
     preload_model_stack,
+    tiles_job,
 )
 
-__all__ = ["HistoLensWidget"]
+__all__ = ["HistoLensWidget", "Section"]
 
 ANALYZE, CANCEL = "Analyze view", "Cancel"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -58,6 +64,44 @@ TASKS = (
 DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.25, "attention": 0.4}
 LIVE_DEBOUNCE_MS = 500
 PARTIAL_REFRESH_MS = 150
+
+
+class Section(QWidget):
+    """A titled, collapsible part of the dock: a header button that shows or hides ``content``.
+
+    Not superqt's QCollapsible: it caps expanded content at its ``sizeHint`` height, which
+    ignores the extra lines word-wrapped labels need in a narrow dock, so their text got cut.
+    """
+
+    def __init__(self, title: str, content: QWidget, *, expanded: bool = True) -> None:
+        super().__init__()
+        self.content = content
+        self.header = QToolButton()
+        self.header.setText(title)
+        self.header.setCheckable(True)
+        self.header.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.header.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.header.setStyleSheet("QToolButton { border: none; font-weight: bold; }")
+        self.header.toggled.connect(self._on_toggled)
+        col = QVBoxLayout(self)
+        col.setContentsMargins(0, 0, 0, 4)
+        col.addWidget(self.header)
+        col.addWidget(content)
+        self.header.setChecked(expanded)
+        self._on_toggled(expanded)
+
+    def _on_toggled(self, on: bool) -> None:
+        self.header.setArrowType(Qt.DownArrow if on else Qt.RightArrow)
+        self.content.setVisible(on)
+
+    def isExpanded(self) -> bool:  # noqa: N802 (Qt naming, as QCollapsible)
+        return self.header.isChecked()
+
+    def expand(self) -> None:
+        self.header.setChecked(True)
+
+    def collapse(self) -> None:
+        self.header.setChecked(False)
 
 
 class HistoLensWidget(QWidget):
@@ -74,6 +118,8 @@ class HistoLensWidget(QWidget):
         self._frame: LayerFrame | None = None  # slide-layer frame of the running request
         self._pending: RegionResult | None = None
         self._slide_cache: dict[int, Any] = {}
+        self.sections: dict[str, Section] = {}
+        self._side_workers: set[Any] = set()
         self._build()
         self._refresh_layer_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
@@ -129,7 +175,6 @@ class HistoLensWidget(QWidget):
         self.task_boxes: dict[str, QCheckBox] = {}
         tasks_row = QHBoxLayout()
         tasks_row.setSpacing(4)
-        tasks_row.addWidget(QLabel("tasks:"))
         for task, text, _group in TASKS:
             box = QCheckBox(text)
             box.setChecked(True)
@@ -182,26 +227,45 @@ class HistoLensWidget(QWidget):
         self.export_button.clicked.connect(self._on_export_clicked)
 
         form = QFormLayout()
+        # In a narrow dock labels go above their fields instead of pushing them off the right.
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         form.addRow("slide layer", self.layer_combo)
         form.addRow("model", self.model_combo)
         form.addRow("device", self.device_combo)
-        form.addRow(tasks_row)  # spans both columns: three boxes fit the narrow dock
+        form.addRow("tasks", tasks_row)
         form.addRow("mpp override", self.mpp_spin)
-        form.addRow("", self.mpp_label)
         self.mpp_label.setWordWrap(True)
         form.addRow("live mode", self.live_box)
+        self._build_sections(form, opacity_form)
 
-        inner = QWidget()
-        col = QVBoxLayout(inner)
+    def _build_sections(self, form: QFormLayout, opacity_form: QFormLayout) -> None:
+        """The dock's collapsible sections in a vertical scroll area."""
+        run = QWidget()
+        col = QVBoxLayout(run)
+        col.setContentsMargins(0, 0, 0, 0)
         col.addLayout(form)
+        col.addWidget(self.mpp_label)  # full width: wrapped text in a form row gets cut
         col.addWidget(self.analyze_button)
         col.addWidget(self.progress)
         col.addWidget(self.status)
-        col.addWidget(QLabel("<b>Overlay opacity</b>"))
-        col.addLayout(opacity_form)
+        overlays = QWidget()
+        overlays.setLayout(opacity_form)
+        review = QWidget()
+        col = QVBoxLayout(review)
+        col.setContentsMargins(0, 0, 0, 0)
         col.addWidget(self.review)
         col.addWidget(self.export_button)
-        col.addStretch(1)
+        self.teach = TeachPanel(
+            self.viewer,
+            self._show_taught,
+            analyse_cells=self._analyse_cells,
+            slide_shape=lambda: None if self._frame is None else self._frame.shape,
+        )
+        self.explain = ExplainPanel(self.viewer, self._explain_inputs, title=None)
+
+        inner = QWidget()
+        self._sections = QVBoxLayout(inner)
+        self._sections.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         # The dock is narrow: wrap and shrink rather than scroll sideways.
@@ -210,7 +274,20 @@ class HistoLensWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
+        # One line per section, top to bottom.
+        self.add_section("Analyse", run)
+        self.add_section("Overlay opacity", overlays)
+        self.add_section("Review and export", review)
+        self.add_section("Teach tile classes", self.teach, expanded=False)
+        self.add_section("Explain a spot", self.explain, expanded=False)
         self.setMinimumWidth(300)
+
+    def add_section(self, title: str, content: QWidget, *, expanded: bool = True) -> Any:
+        """Append a collapsible :class:`Section` holding ``content`` to the dock; returns it."""
+        section = Section(title, content, expanded=expanded)
+        self._sections.insertWidget(self._sections.count() - 1, section)  # above the stretch
+        self.sections[title] = section
+        return section
 
     # --- slide layer ---------------------------------------------------------------------
     def _candidate_layers(self) -> list[Any]:
@@ -241,6 +318,7 @@ class HistoLensWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt override)
         """Closing the dock stops the running analysis and live mode."""
         self.live_box.setChecked(False)
+        self.explain.set_active(False)
         self._stop_worker()
         super().closeEvent(event)
 
@@ -433,6 +511,7 @@ class HistoLensWidget(QWidget):
         frame = self._frame
         if frame is None:
             return
+        result = self.teach.apply(result, final=final)
         try:
             update_overlays(
                 self.viewer,
@@ -450,6 +529,42 @@ class HistoLensWidget(QWidget):
             self._apply_outlines()
         self.review.show_result(result, fill_table=final)
         self.export_button.setEnabled(True)
+        if final:
+            self.teach.place_layer()
+
+    def _analyse_cells(self, region: Region, on_done: Any) -> Any | None:
+        """Tile task only on ``region`` (cells marked outside the view) with the shown view's
+        slide and model, in a worker; ``on_done(result or None)`` on the main thread."""
+        request = self._request
+        if request is None:
+            on_done(None)
+            return None
+        worker = create_worker(tiles_job, request, region, self._models, _ignore_errors=True)
+        worker.returned.connect(on_done)
+
+        def failed(exc: BaseException) -> None:
+            show_error(f"HistoLens could not analyse the marked cells: {exc}")
+            on_done(None)
+
+        worker.errored.connect(failed)
+        self._side_workers.add(worker)  # referenced until finished, or Qt may drop its signals
+        worker.finished.connect(lambda: self._side_workers.discard(worker))
+        worker.start()
+        return worker
+
+    def _show_taught(self, result: RegionResult) -> None:
+        """Redraw only what taught tile classes change: the tile layer, legend and exports."""
+        if self._frame is None:
+            return
+        update_overlays(
+            self.viewer,
+            result.to_layer_data(names=["tile classes"]),
+            mpp=overlay_mpp(result),
+            frame=self._frame,
+            opacity=self.opacities(),
+        )
+        self.result = result
+        self.review.show_result(result, fill_table=False)
 
     # --- live mode -------------------------------------------------------------------------
     def _on_view_changed(self, *_: Any) -> None:
@@ -532,6 +647,18 @@ class HistoLensWidget(QWidget):
         worker.finished.connect(lambda: self.export_button.setEnabled(self.result is not None))
         worker.start()
         return worker
+
+    def _explain_inputs(self) -> ExplainInputs | None:
+        """The analysed slide, result, frame and model an Explain click reads (None before)."""
+        request, result, frame = self._request, self.result, self._frame
+        if request is None or result is None or frame is None:
+            return None
+        if str(getattr(request.slide, "name", "")) != result.provenance.slide_name:
+            return None  # a new slide is being analysed; its result is not shown yet
+        device = self.device_combo.currentText()
+        name = result.provenance.model_name
+        model = partial(self._models.get, name, None if device == "auto" else device)
+        return ExplainInputs(request.slide, result, frame, model)
 
     def region(self) -> Region | None:
         """The level-0 region of the request shown or running (None before the first)."""

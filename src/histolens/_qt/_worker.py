@@ -28,6 +28,7 @@ __all__ = [
     "analysis_job",
     "export_job",
     "preload_model_stack",
+    "tiles_job",
 ]
 
 #: Largest view analysed interactively, in pixels at the model's mpp (about 6300 x 6300).
@@ -146,6 +147,17 @@ def analysis_job(
             raise AnalysisError(f"{type(exc).__name__}: {exc}") from exc
     texts = tuple(dict.fromkeys(str(w.message) for w in caught))  # unique, in order
     return JobOutcome(stamp=request.stamp, result=last, warnings=texts)
+
+
+def tiles_job(request: AnalysisRequest, region: Region, models: ModelCache) -> RegionResult:
+    """Tile classes and embeddings of ``region`` (level-0 px) with ``request``'s slide and model."""
+    from histolens.inference import analyze_region
+
+    try:
+        model = models.get(request.model_name, request.device)
+        return analyze_region(request.slide, region, model=model, tasks=("tiles",))
+    except RuntimeError as exc:
+        raise AnalysisError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def export_job(result: RegionResult, folder: str, slide: Any = None) -> dict[str, Any]:

@@ -221,6 +221,7 @@ class HistoLensModel(nn.Module):
         *,
         tasks: Iterable[str] = ALL_TASKS,
         precision: str = "auto",
+        query: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Run the model on uint8 RGB tiles (B, H, W, 3) at ``card.mpp``; numpy float32 out.
 
@@ -229,25 +230,24 @@ class HistoLensModel(nn.Module):
         ``tile_probs`` (B,H/c,W/c,C); ``embeddings`` (B,H/c,W/c,D); ``attention`` {scale:
         (B,H/s,W/s)} in [0,1] with ``s = card.attention_strides[scale]`` (scales that exist at
         this tile size; a coarse scale needs a large enough tile).
+
+        ``query`` = pixel ``(y, x)`` of a single tile (B = 1) asks instead of ``attention`` for
+        ``query_attention`` (L, heads, keys): the top-down attention weights of the finest
+        backbone token holding that pixel in each of the L MSA blocks where it exists, and
+        ``query_keys``, the :class:`~histolens.models.atlas.KeyWindow` s of those keys, in order.
+        Only that token's weights are computed explicitly; the rest runs the fused kernel.
         """
-        tasks = tuple(tasks)
-        bad = set(tasks) - set(ALL_TASKS)
-        if bad:
-            msg = f"unknown tasks {sorted(bad)}; choose from {ALL_TASKS}"
-            raise ValueError(msg)
-        tasks = tuple(t for t in tasks if t in self.card.tasks)
-        arr = np.asarray(tiles)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-            msg = f"predict_tiles expects uint8 RGB tiles (B, H, W, 3), got {arr.dtype} {arr.shape}"
-            raise ValueError(msg)
+        tasks, arr = self._checked(tiles, tasks)
         b, h, w, _ = arr.shape
-        self._check_input(h, w)
-        want_attention = "attention" in tasks and hasattr(self.backbone, "attention_maps")
+        probe = None if query is None else self._query_probe(b, h, w, query)
+        want_attention = (
+            probe is None and "attention" in tasks and hasattr(self.backbone, "attention_maps")
+        )
         bf16 = self._use_bf16(precision)
         fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
         net = fast if fast is not None else self
+        attention_mode: Any = probe if probe is not None else want_attention
         # Atlas reduces its attention to the per-token context reliance inside the fused kernel.
-        attention_mode: bool | str = want_attention
         if want_attention and getattr(net.backbone, "supports_reliance", False):
             attention_mode = "reliance"
         was_training = self.training
@@ -278,22 +278,62 @@ class HistoLensModel(nn.Module):
             )
             out["embeddings"] = _np(raw["embeddings"].float().permute(0, 2, 3, 1))
         if want_attention:
-            strides = self.card.attention_strides
-            att = {}
-            for s, m in maps.items():
-                if s >= len(strides):
-                    continue  # a scale the card does not export
-                stride = strides[s]
-                if -(-h // m.shape[-2]) != stride:
-                    msg = (
-                        f"model card {self.card.name!r} says attention scale {s} has stride "
-                        f"{stride} px, but the backbone made a {m.shape[-2]}-row map for {h} px; "
-                        "fix card.attention_strides"
-                    )
-                    raise ValueError(msg)
-                att[s] = _np(m.float()[:, : h // stride, : w // stride])
-            out["attention"] = att
+            out["attention"] = self._attention_out(maps, h, w)
+        if probe is not None:
+            per_block = [a["query"][0] for a in feats["attention"] if 0 in a.get("query", {})]
+            out["query_attention"] = _np(torch.stack(per_block))
+            out["query_keys"] = probe.keys
         return out
+
+    def _checked(self, tiles: np.ndarray, tasks: Iterable[str]) -> tuple[tuple[str, ...], Any]:
+        """The asked tasks this card offers, and ``tiles`` as checked uint8 (B, H, W, 3)."""
+        tasks = tuple(tasks)
+        bad = set(tasks) - set(ALL_TASKS)
+        if bad:
+            msg = f"unknown tasks {sorted(bad)}; choose from {ALL_TASKS}"
+            raise ValueError(msg)
+        arr = np.asarray(tiles)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            msg = f"predict_tiles expects uint8 RGB tiles (B, H, W, 3), got {arr.dtype} {arr.shape}"
+            raise ValueError(msg)
+        self._check_input(*arr.shape[1:3])
+        return tuple(t for t in tasks if t in self.card.tasks), arr
+
+    @property
+    def has_cross_scale_attention(self) -> bool:
+        """True when the backbone attends across scales and can report one token's weights
+        (Atlas); a plain ViT cannot."""
+        return hasattr(self.backbone, "probe_at")
+
+    def _query_probe(self, b: int, h: int, w: int, query: tuple[int, int]) -> Any:
+        if not self.has_cross_scale_attention:
+            msg = (
+                f"model {self.card.name!r} (backbone {self.card.backbone!r}) has no cross-scale "
+                "attention to explain; use an Atlas-based model such as 'histolens-default'"
+            )
+            raise ValueError(msg)
+        if b != 1:
+            msg = f"a query needs exactly one tile, got a batch of {b}"
+            raise ValueError(msg)
+        return self.backbone.probe_at(h, w, int(query[0]), int(query[1]))
+
+    def _attention_out(self, maps: dict[int, torch.Tensor], h: int, w: int) -> dict:
+        """Heatmaps {scale: (B, h/s, w/s)} for the scales the card exports, checked against it."""
+        strides = self.card.attention_strides
+        att = {}
+        for s, m in maps.items():
+            if s >= len(strides):
+                continue  # a scale the card does not export
+            stride = strides[s]
+            if -(-h // m.shape[-2]) != stride:
+                msg = (
+                    f"model card {self.card.name!r} says attention scale {s} has stride "
+                    f"{stride} px, but the backbone made a {m.shape[-2]}-row map for {h} px; "
+                    "fix card.attention_strides"
+                )
+                raise ValueError(msg)
+            att[s] = _np(m.float()[:, : h // stride, : w // stride])
+        return att
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -24,11 +24,14 @@ __all__ = [
     "ATLAS_CONFIGS",
     "Atlas",
     "AtlasConfig",
+    "KeyWindow",
     "MSABlock",
+    "QueryProbe",
     "context_reliance",
     "ScaleLayout",
     "num_scales",
     "parent_window_index",
+    "query_probe",
     "scale_layouts",
 ]
 
@@ -182,6 +185,60 @@ def parent_window_index(fine: ScaleLayout, coarse: ScaleLayout, batch: int = 1) 
     return (offsets + per_image[None, :]).flatten()
 
 
+@dataclass(frozen=True)
+class KeyWindow:
+    """A window one probed query reads: tokens ``[row0, row0 + mh) x [col0, col0 + mw)`` of
+    scale ``scale``'s padded grid, each ``stride`` input px square (so it covers input pixels
+    ``[row0 * stride, (row0 + mh) * stride)`` x ``[col0 * stride, (col0 + mw) * stride)``)."""
+
+    scale: int
+    stride: int
+    row0: int
+    col0: int
+    mh: int
+    mw: int
+
+    @property
+    def tokens(self) -> int:
+        return self.mh * self.mw
+
+
+@dataclass(frozen=True)
+class QueryProbe:
+    """Ask ``Atlas.forward(x, want_attention=probe)`` for the top-down attention of one
+    finest-scale token of image 0, per head, in every MSA block where scale 0 is present.
+
+    ``window`` indexes the token's scale-0 window, ``token`` the token inside it (raster
+    order); ``keys`` are the windows it reads, in key order: its own window first, then the
+    parent window of every coarser scale, coarsest first (:class:`MSABlock`'s layout).
+    Everything else runs on the fused kernel.
+    """
+
+    window: int
+    token: int
+    keys: tuple[KeyWindow, ...]
+
+
+def query_probe(layouts: list[ScaleLayout], row: int, col: int) -> QueryProbe:
+    """The probe for scale-0 token ``(row, col)`` of image 0 on the padded grid of ``layouts``."""
+    fine = layouts[0]
+    if not (0 <= row < fine.h and 0 <= col < fine.w):
+        msg = f"token ({row}, {col}) is outside the {fine.h}x{fine.w} scale-0 token grid"
+        raise ValueError(msg)
+    window = (row // fine.mh) * fine.gw + col // fine.mw
+    token = (row % fine.mh) * fine.mw + col % fine.mw
+
+    def key(s: int, w: int) -> KeyWindow:
+        lay = layouts[s]
+        r, c = divmod(w, lay.gw)
+        return KeyWindow(s, lay.stride, r * lay.mh, c * lay.mw, lay.mh, lay.mw)
+
+    keys = [key(0, window)]
+    for t in range(len(layouts) - 1, 0, -1):  # coarsest first, as MSABlock concatenates them
+        keys.append(key(t, int(parent_window_index(fine, layouts[t])[window])))
+    return QueryProbe(window, token, tuple(keys))
+
+
 def to_windows(x: torch.Tensor, mh: int, mw: int) -> torch.Tensor:
     """(B, C, h, w) grid -> (B * nW, mh * mw, C) windows, raster order."""
     b, c, h, w = x.shape
@@ -314,6 +371,18 @@ class ScaleBlock(nn.Module):
         q, k, v = F.linear(xhat, w.to(xhat.dtype), b.to(xhat.dtype)).split(c, dim=-1)
         return q, k, v
 
+    def query_weights(
+        self, q: torch.Tensor, k: torch.Tensor, window: int, token: int
+    ) -> torch.Tensor:
+        """Softmax weights (heads, m) of query ``token`` of window ``window`` over its keys;
+        q (B, n, C), k (B, m, C). Computed in float32 at least (the weights are shown)."""
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        qh = self._split(q[window : window + 1, token : token + 1].to(dtype))  # (1, h, 1, d)
+        kh = self._split(k[window : window + 1].to(dtype))  # (1, h, m, d)
+        with torch.autocast(q.device.type, enabled=False):  # bf16 autocast would round them
+            scores = (qh * qh.shape[-1] ** -0.5) @ kh.transpose(-2, -1)
+            return torch.softmax(scores, dim=-1)[0, :, 0]
+
     def attend(
         self,
         x: torch.Tensor,
@@ -373,7 +442,7 @@ class MSABlock(nn.Module):
         xs: list[torch.Tensor],
         layouts: list[ScaleLayout],
         batch: int,
-        want_attention: bool | str = False,
+        want_attention: bool | str | QueryProbe = False,
         first_scale: int = 0,
     ) -> tuple[list[torch.Tensor], dict[str, dict[int, torch.Tensor]]]:
         """``xs[s]``: (B * nW_s, K_s, C) windows of scale ``first_scale + s`` (finest first).
@@ -383,16 +452,19 @@ class MSABlock(nn.Module):
         "bottom_up": {s: (B*nW_{s-1}, K_s', K_{s-1})}}``
         keyed by the local scale index ``s``; when it is ``"reliance"``, only
         ``{"reliance": {s: (B*nW_s, K_s, 1)}}``, the top-down attention mass each token puts on
-        coarser scales (what :func:`context_reliance` needs, from the fused kernel).
+        coarser scales (what :func:`context_reliance` needs, from the fused kernel); when it is
+        a :class:`QueryProbe`, only ``{"query": {0: (heads, K_0 + sum K_t)}}`` for that one
+        token (empty when scale 0 is not present), everything else on the fused kernel.
         """
         n = len(xs)
         last = len(self.scales) - 1
         blocks = [self.scales[min(first_scale + s, last)] for s in range(n)]
         xs = list(xs)
+        probe = want_attention if isinstance(want_attention, QueryProbe) else None
+        want_attention = False if probe is not None else want_attention  # probed on the side
         reliance = want_attention == "reliance"
-        attn: dict[str, dict[int, torch.Tensor]] = (
-            {"reliance": {}} if reliance else {"top_down": {}, "bottom_up": {}}
-        )
+        kinds = ("query",) if probe else ("reliance",) if reliance else ("top_down", "bottom_up")
+        attn: dict[str, dict[int, torch.Tensor]] = {kind: {} for kind in kinds}
         for s in range(n):
             lay = layouts[s]
             coords = window_coords(lay.mh, lay.mw, xs[s].device).to(blocks[s].pos[0].weight.dtype)
@@ -421,6 +493,8 @@ class MSABlock(nn.Module):
             k_all = torch.cat(ks, 1) if len(ks) > 1 else k
             v_all = torch.cat(vs, 1) if len(vs) > 1 else v
             n_own = k.shape[1] if len(ks) > 1 else None
+            if probe is not None and first_scale + s == 0:
+                attn["query"][0] = blocks[s].query_weights(q, k_all, probe.window, probe.token)
             xs[s], a = blocks[s].attend(xs[s], q, k_all, v_all, want_attention, n_own)
             # Finer scales (and, for the finest, the first bottom-up step) read the updated tokens.
             if n > 1:
@@ -484,7 +558,16 @@ class Atlas(nn.Module):
         ph, pw = padded_grid(h, w, cfg.window, cfg.g, n)
         return scale_layouts(ph, pw, cfg.window, cfg.g, n, self.stride), (ph, pw)
 
-    def forward(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
+    def probe_at(self, height: int, width: int, y: int, x: int) -> QueryProbe:
+        """The :class:`QueryProbe` of the finest token holding pixel ``(y, x)`` of a
+        ``height x width`` px input (both multiples of the stride)."""
+        if not (0 <= y < height and 0 <= x < width):
+            msg = f"pixel ({y}, {x}) is outside the {height}x{width} px model input"
+            raise ValueError(msg)
+        layouts, _ = self.layouts_for(height // self.stride, width // self.stride)
+        return query_probe(layouts, y // self.stride, x // self.stride)
+
+    def forward(self, x: torch.Tensor, want_attention: bool | str | QueryProbe = False) -> dict:
         b, _, hh, ww = x.shape
         if hh % self.stride or ww % self.stride:
             msg = f"Atlas input {hh}x{ww} px must be a multiple of {self.stride} px; pad the tile"
@@ -494,9 +577,12 @@ class Atlas(nn.Module):
         out["pyramid"] = {2: pyr[2], 4: pyr[4], 8: pyr[8], 16: out["scales"][0]}
         return out
 
-    def forward_tokens(self, tokens: torch.Tensor, want_attention: bool | str = False) -> dict:
+    def forward_tokens(
+        self, tokens: torch.Tensor, want_attention: bool | str | QueryProbe = False
+    ) -> dict:
         """MSA stages on stride-16 tokens (B, dim, h, w): ``scales``, ``strides`` (+ attention;
-        ``want_attention="reliance"`` keeps only what :func:`context_reliance` needs)."""
+        ``want_attention="reliance"`` keeps only what :func:`context_reliance` needs, a
+        :class:`QueryProbe` only that token's weights)."""
         b = tokens.shape[0]
         h, w = tokens.shape[-2:]
         layouts, (ph, pw) = self.layouts_for(h, w)
