@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._guard import check_level_size
 from ._slide import FILL_VALUE, LazyImages
 from ._tilesource import tiled_dask_array
 
@@ -51,6 +52,7 @@ def open_openslide(path: Path) -> dict[str, Any]:
         f = float(osr.level_downsamples[i])
         tw = int(props.get(f"openslide.level[{i}].tile-width", 0)) or 512
         th = int(props.get(f"openslide.level[{i}].tile-height", 0)) or 512
+        check_level_size(path, f"its level {i}", int(height), int(width), (th, tw))
 
         def read(y0: int, x0: int, y1: int, x1: int, _i: int = i, _f: float = f) -> np.ndarray:
             # read_region takes the top-left corner in level-0 pixels.
