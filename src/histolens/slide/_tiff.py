@@ -240,7 +240,16 @@ def open_tiff(path: Path) -> dict[str, Any]:
                 "truncated)",
             ) from None
         try:
-            parts = _open_tiff(tif, path)
+            try:
+                parts = _open_tiff(tif, path)
+            except (SlideError, ImportError):
+                raise
+            except Exception as exc:  # tifffile parses IFDs lazily and raises many types
+                raise SlideError(
+                    path,
+                    f"its TIFF structure is damaged ({type(exc).__name__}: {exc})",
+                    "copy or download the slide again and compare it with the original",
+                ) from exc
             broken = [m for m in log.messages if "offset" in m.lower()]
             if broken:
                 raise SlideError(

@@ -58,7 +58,10 @@ def _check_chunks(path: Path, what: str, page: Any, file_size: int) -> None:
     strip = chunks[-3] if len(chunks) >= 3 else chunks[0]
     tile = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (strip, width)
     check_level_size(path, what, height, width, tile)
-    itemsize = max(1, -(-int(page.bitspersample) // 8))
+    bits = page.bitspersample
+    if not isinstance(bits, int):  # tifffile gives a tuple when samples differ
+        raise SlideError(path, f"{what}: its samples have different bit depths {bits}", _FIX)
+    itemsize = max(1, -(-bits // 8))
     chunk_bytes = math.prod(chunks) * itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:
         raise SlideError(
