@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -46,6 +47,9 @@ __all__ = [
 #: Side of a work block in analysis pixels (rounded to whole tiles): big enough that a task's
 #: scheduling overhead is small next to its model time, small enough to balance 2+ workers.
 DEFAULT_BLOCK_PX = 1024
+#: Most pixels one slide may have on the model's grid (a 200k x 200k px slide at 0.25 um/px
+#: is 1e10): more means a wrong mpp, and its plan alone would not fit in memory.
+MAX_ANALYSIS_PX = 2**36
 #: Longest side of the low-resolution image the tissue mask is computed on.
 MASK_MAX_SIDE = 2048
 
@@ -161,6 +165,7 @@ def _run_block(
     """
     import dask
 
+    from ._parcel import unpack_model
     from .inference import run_blocks
 
     if threads:
@@ -174,7 +179,7 @@ def _run_block(
             _open_slide_ref(slide_ref),
             plan,
             blocks,
-            model,
+            unpack_model(model),
             tasks,
             precision=precision,
             batch_size=batch_size,
@@ -249,14 +254,16 @@ def _plan_slide(
     slide = open_slide(path, mpp=mpp)
     slide_mpp = mpp if mpp is not None else slide.mpp
     if slide_mpp is None:
-        msg = (
-            f"{path}: the slide records no pixel size (mpp); rerun with --mpp <um per level-0 px>, "
-            "e.g. --mpp 0.25 for 40x or 0.5 for 20x"
+        slide.close()
+        raise SlideError(
+            path,
+            "the slide records no pixel size (mpp)",
+            "rerun with --mpp <um per level-0 px>, e.g. --mpp 0.25 for 40x or 0.5 for 20x",
         )
-        raise SlideError(msg)
     shape = tuple(int(v) for v in slide.shape[:2])
     reg = Region.full(shape) if region is None else region.clip(shape)
     if reg.is_empty:
+        slide.close()
         msg = (
             f"{path}: region {region.as_tuple() if region else None} is outside the slide "
             f"{shape} (level-0 px); give y0,x0,y1,x1 inside (0, 0, {shape[0]}, {shape[1]})"
@@ -264,6 +271,13 @@ def _plan_slide(
         raise ValueError(msg)
     card = model.card
     plan = plan_analysis(reg, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
+    if plan.box.height * plan.box.width > MAX_ANALYSIS_PX:
+        slide.close()
+        msg = (
+            f"{path}: at {slide_mpp:g} um/px the region is {plan.box.height} x {plan.box.width} px "
+            f"on the model's {card.mpp:g} um/px grid, more than {MAX_ANALYSIS_PX:.3g}; check --mpp"
+        )
+        raise ValueError(msg)
     tiles = plan.grid.tiles(plan.box)
     if use_mask:
         mask, scale = tissue_mask(slide)
@@ -282,7 +296,7 @@ def _plan_slide(
         region=reg,
         level=plan.level.level,
         level_downsample=plan.level.downsample,
-        slide_mpp=slide.mpp,
+        slide_mpp=float(slide_mpp),  # the level-0 mpp actually used (slide's or user's)
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
         analysis_mpp=plan.analysis_mpp,
         model_name=str(card.name),
@@ -468,6 +482,10 @@ def run_batch(
     out_root.mkdir(parents=True, exist_ok=True)
     paths = [os.fspath(p) for p in slides]
     distributed = bool(workers) or scheduler is not None or client is not None
+    if scheduler is not None and client is None:
+        from ._cluster import check_scheduler
+
+        check_scheduler(scheduler)  # before the model loads or any slide opens: fail fast
     model = resolve_model(model, "cpu" if distributed else None)
     card = model.card
     task_t = resolve_tasks(tasks, card)
@@ -480,6 +498,10 @@ def run_batch(
     fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
     if png and "png" not in fmts:
         fmts = (*fmts, "png")
+    if scheduler is not None and client is None:
+        from ._cluster import connect_scheduler
+
+        client = connect_scheduler(scheduler)
     prog = _Progress(0, stream=stream, enabled=progress)
 
     outcomes: dict[str, SlideOutcome] = {}
@@ -515,22 +537,21 @@ def run_batch(
     if distributed and client is None:
         from distributed import Client, LocalCluster
 
-        if scheduler is not None:
-            client = Client(scheduler, set_as_default=False)
-        else:
-            # Loopback only, one thread per process: torch and the GIL make threads useless
-            # for this work, and no port is opened beyond this machine.
-            own_cluster = LocalCluster(
-                n_workers=int(workers), threads_per_worker=1, processes=True,
-                host="127.0.0.1", dashboard_address=None,
-            )  # fmt: skip
-            client = Client(own_cluster, set_as_default=False)
+        # Loopback only, one thread per process: torch and the GIL make threads useless
+        # for this work, and no port is opened beyond this machine.
+        own_cluster = LocalCluster(
+            n_workers=int(workers), threads_per_worker=1, processes=True,
+            host="127.0.0.1", dashboard_address=None,
+        )  # fmt: skip
+        client = Client(own_cluster, set_as_default=False)
     try:
         if distributed:
             executor: Any = _Distributed(client)
-            # One copy of the weights per worker, shipped once: every block sees the very
-            # same model, and workers never reload or re-initialise it.
-            model_ref = client.scatter(model, broadcast=True)
+            from ._parcel import pack_model
+
+            # One copy of the weights per worker, shipped once as plain bytes (never as a
+            # torch object, see _parcel): every block sees the very same model.
+            model_ref = client.scatter(pack_model(model), broadcast=True)
             threads = 1
         else:
             executor, model_ref, threads = _InProcess(), model, None
@@ -591,12 +612,15 @@ def run_batch(
 def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_result) -> None:
     import dask
 
+    existed = job.out_dir.exists()
     try:
         # Reads for the overview PNG stay in this process, whatever client is the default.
         with dask.config.set(scheduler="threads"):
             result = _assemble(job, card, tasks)
             files = write_result(result, job.out_dir, slide=job.slide, formats=fmts)
     except Exception as exc:
+        if not existed:  # a failed slide leaves no folder behind (each file is atomic anyway)
+            shutil.rmtree(job.out_dir, ignore_errors=True)
         job.error = f"{type(exc).__name__}: {exc}"
         outcomes[job.path] = SlideOutcome(
             job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
@@ -625,6 +649,8 @@ def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_
 # --------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``histolens analyze``."""
+    from ._args import mpp_value, non_negative_int, positive_int
+
     parser.add_argument(
         "slides", nargs="+", metavar="SLIDE", help="slide files (SVS, NDPI, OME-TIFF, DICOM, ...)"
     )
@@ -642,11 +668,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="registered model name (default: the embedded model)"
     )
     parser.add_argument(
-        "--mpp", type=float, default=None, help="level-0 um/px, for slides that record none"
+        "--mpp",
+        type=mpp_value,
+        default=None,
+        help="level-0 um/px, for slides that record none",
     )
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument(
-        "--workers", type=int, default=0, help="start a loopback dask LocalCluster of N processes"
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="start a loopback dask LocalCluster of N processes",
     )
     scale.add_argument(
         "--scheduler",
@@ -657,10 +689,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-tissue-mask", action="store_true", help="analyse glass too (no Otsu tissue mask)"
     )
     parser.add_argument(
-        "--block-px", type=int, default=DEFAULT_BLOCK_PX, help="work block side in analysis px"
+        "--block-px",
+        type=positive_int,
+        default=DEFAULT_BLOCK_PX,
+        help="work block side in analysis px",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=4, help="model inputs (blocks of tiles) per model call"
+        "--batch-size",
+        type=positive_int,
+        default=4,
+        help="model inputs (blocks of tiles) per model call",
     )
     parser.add_argument(
         "--formats",
@@ -674,6 +712,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-classifier", type=Path, default=None, metavar="FILE",
         help="tile classes taught in the dock (NAME.safetensors + NAME.card.json)",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads of a local run (default: $HISTOLENS_THREADS or the physical "
+        "cores); each dask worker uses one",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -687,6 +732,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"histolens analyze: {exc}", file=sys.stderr)
         return 2
+    if not (args.workers or args.scheduler):
+        from .cpu import configure_cpu
+
+        configure_cpu(args.threads)
     outcomes = run_batch(
         args.slides, args.out, model=args.model, tasks=args.tasks, region=region, mpp=args.mpp,
         workers=args.workers, scheduler=args.scheduler, tissue=not args.no_tissue_mask,

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["console", "main"]
 
@@ -42,8 +43,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (no usage block), pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="histolens", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="histolens", description=__doc__.splitlines()[0])
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"histolens {__version__}")

@@ -999,6 +999,36 @@ def _draw_legend(img: Any, entries: list[tuple[str, list[int], str]], result: Re
 
 
 # --------------------------------------------------------------------------- import back
+def _feature_record(feature: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """A feature's table row (id, object type, class, measurements) and its class colour.
+
+    Lenient about what only decorates: a property that is not an object counts as absent.
+    """
+
+    def obj(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    props = obj(feature.get("properties"))
+    cls = props.get("classification")
+    cls = {"name": cls} if isinstance(cls, str) else obj(cls)
+    names = cls.get("names")
+    name = cls.get("name") or (names[0] if isinstance(names, list) and names else None)
+    rec: dict[str, Any] = {
+        "id": feature.get("id"),
+        "objectType": props.get("objectType") or props.get("object_type"),
+        "class_name": name,
+    }
+    meas = props.get("measurements") or {}
+    if isinstance(meas, list):  # QuPath <= 0.3 wrote [{"name": ..., "value": ...}]
+        meas = {m.get("name"): m.get("value") for m in meas if isinstance(m, dict)}
+    rec.update(obj(meas))
+    try:
+        color = parse_color(cls.get("color"))
+    except (TypeError, ValueError):
+        color = parse_color(None)
+    return rec, color
+
+
 def geojson_to_layer_data(
     path: str | os.PathLike[str],
     *,
@@ -1015,61 +1045,33 @@ def geojson_to_layer_data(
     slide layer through :func:`histolens.region.layer_transform`, using ``mpp`` (um/px) from
     the argument, else the file's ``histolens.mpp``, else 1 (world units = level-0 px).
     """
+    from ._geojson import check_sizes, load_features, polygon_parts, positive_number
+
     src = Path(path)
-    try:
-        with open(src, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except json.JSONDecodeError as exc:
-        msg = f"{src} is not valid JSON ({exc}); export it again from QuPath or HistoLens"
-        raise ValueError(msg) from None
-    if isinstance(doc, list):  # QuPath can also write a bare list of features
-        doc = {"type": "FeatureCollection", "features": doc}
-    if doc.get("type") == "Feature":
-        doc = {"type": "FeatureCollection", "features": [doc]}
-    if doc.get("type") != "FeatureCollection":
-        msg = f"{src} holds a GeoJSON {doc.get('type')!r}; expected a FeatureCollection of polygons"
-        raise ValueError(msg)
-    meta_extra = doc.get("histolens") or {}
+    features, meta_extra = load_features(src)
     if mpp is None:
         mpp = meta_extra.get("mpp")
+        if mpp is not None:
+            mpp = positive_number(mpp, f"{src}: 'histolens.mpp' (um per level-0 px)")
+    else:
+        mpp = positive_number(mpp, "mpp (um per level-0 px)")
     world = float(mpp) if mpp else 1.0
 
     polygons: list[np.ndarray] = []  # (n, 2) (y, x) level-0 edge coordinates, ring closure dropped
     owner: list[int] = []
     records: list[dict[str, Any]] = []
     colors: list[list[int]] = []
-    for feature in doc.get("features", ()):
-        geom = feature.get("geometry") or {}
-        kind = geom.get("type")
-        if kind == "Polygon":
-            parts = [geom["coordinates"]]
-        elif kind == "MultiPolygon":
-            parts = list(geom["coordinates"])
-        else:
+    for i, feature in enumerate(features):
+        parts = polygon_parts(feature, i, src)
+        if parts is None:
             continue  # points and lines have no area to show as a nucleus or a tile
-        props = feature.get("properties") or {}
-        cls = props.get("classification") or {}
-        name = cls.get("name") or (cls.get("names") or [None])[0]
-        rec: dict[str, Any] = {
-            "id": feature.get("id"),
-            "objectType": props.get("objectType") or props.get("object_type"),
-            "class_name": name,
-        }
-        meas = props.get("measurements") or {}
-        if isinstance(meas, list):  # QuPath <= 0.3 wrote [{"name": ..., "value": ...}]
-            meas = {m.get("name"): m.get("value") for m in meas}
-        rec.update(meas)
+        rec, color = _feature_record(feature)
         index = len(records)
         records.append(rec)
-        colors.append(parse_color(cls.get("color")))
-        for part in parts:
-            exterior = np.asarray(part[0], dtype=np.float64)
-            if exterior.ndim != 2 or len(exterior) < 3:
-                continue
-            if np.array_equal(exterior[0], exterior[-1]):
-                exterior = exterior[:-1]
-            polygons.append(exterior[:, ::-1].copy())
-            owner.append(index)
+        colors.append(color)
+        polygons.extend(parts)
+        owner.extend([index] * len(parts))
+    check_sizes(src, polygons)
     table = (
         pd.DataFrame.from_records(records)
         if records
@@ -1102,9 +1104,9 @@ def geojson_to_layer_data(
             meta["units"] = "um"
         return [(data, meta, "shapes")]
 
-    from skimage.draw import polygon as fill_polygon
+    from ._geojson import MAX_LABEL_PX, GeoJSONError, fill_polygon
 
-    f = float(downsample)
+    f = positive_number(downsample, "downsample (level-0 px per label pixel)")
     if not polygons:
         labels = np.zeros((0, 0), np.uint32)
         y0 = x0 = 0
@@ -1112,15 +1114,20 @@ def geojson_to_layer_data(
         allpts = np.vstack(polygons)
         y0, x0 = (int(math.floor(v)) for v in allpts.min(axis=0))
         y1, x1 = (int(math.ceil(v)) for v in allpts.max(axis=0))
-        labels = np.zeros(
-            (max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f))), np.uint32
-        )
+        shape = (max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f)))
+        if shape[0] * shape[1] > MAX_LABEL_PX:
+            msg = (
+                f"{src}: its shapes span {y1 - y0} x {x1 - x0} level-0 px, a {shape[0]} x "
+                f"{shape[1]} labels layer at downsample {f:g} (more than {MAX_LABEL_PX:.3g} px); "
+                "import it as shapes, or with a larger downsample"
+            )
+            raise GeoJSONError(msg)
+        labels = np.zeros(shape, np.uint32)
         for poly, index in zip(polygons, owner, strict=True):
             # Array pixel (r, c) has its centre at level-0 edge coordinate y0 + (r + 0.5) f.
-            rr, cc = fill_polygon(
-                (poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5, shape=labels.shape
+            fill_polygon(
+                labels, (poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5, index + 1
             )
-            labels[rr, cc] = index + 1
     scale, translate = layer_transform(world, f, (y0, x0))
     label_table = table.copy()
     label_table.insert(0, "index", np.arange(1, len(table) + 1))

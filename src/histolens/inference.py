@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from .models.precision import resolve_precision
 from .region import LevelChoice, Region, choose_level
 from .result import (
     NUCLEI_COLUMNS,
@@ -72,6 +73,7 @@ __all__ = [
     "resolve_model",
     "resolve_precision",
     "resolve_tasks",
+    "nuclei_box",
     "run_blocks",
 ]
 
@@ -79,6 +81,12 @@ ALL_TASKS: tuple[str, ...] = ("nuclei", "tiles", "attention")
 
 #: Fraction of a tile's owned pixels that must look like tissue for the model to run on it.
 MIN_TISSUE_FRACTION = 0.02
+
+#: Context (um) kept around a block's owned area when its nuclei are decoded and
+#: post-processed: a nucleus whose centroid the block owns lies inside it (nuclei are
+#: under ~15 um across), with room for the watershed's distance map. The rest of the halo
+#: serves only the backbone's context, so the full-resolution decoder skips it.
+NUCLEI_MARGIN_UM = 16.0
 
 
 @runtime_checkable
@@ -104,6 +112,13 @@ class TileOutput:
     tile_probs: np.ndarray | None = None  # (n, n, C) cells of class_cell_px
     embeddings: np.ndarray | None = None  # (n, n, D)
     attention: dict[int, np.ndarray] = field(default_factory=dict)  # scale -> (n, n)
+    #: Where ``instances`` are complete (global analysis px): None for the whole tile, else
+    #: the part inside the view it was computed for (its nuclei were decoded there only).
+    nuclei_area: Region | None = None
+
+    def has_nuclei_for(self, need: Region) -> bool:
+        """True when the instances cover ``need`` (a part of the tile, analysis px)."""
+        return self.nuclei_area is None or self.nuclei_area.contains(need)
 
     @property
     def nbytes(self) -> int:
@@ -237,34 +252,6 @@ def resolve_device(device: str | None = None) -> str:
     return dev
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(device: str, precision: str = "auto") -> str:
-    """``"bf16"``/``"fp16"``/``"fp32"`` for ``device``; ``"auto"`` picks mixed precision where
-    the hardware runs it natively (CUDA, MPS, CPUs with AMX/AVX-512 BF16), fp32 elsewhere."""
-    p = str(precision).lower()
-    if p not in ("auto", "bf16", "fp16", "fp32"):
-        msg = f"precision {precision!r} is not one of 'auto', 'bf16', 'fp16', 'fp32'"
-        raise ValueError(msg)
-    if p != "auto":
-        return p
-    kind = str(device).split(":")[0]
-    if kind == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "mps":
-        return "fp16"
-    return "bf16" if _cpu_has_bf16() else "fp32"
-
-
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -390,15 +377,23 @@ def _read_blocks(
 
 
 def _predict_with_backoff(
-    model: Any, batch: np.ndarray, tasks: tuple[str, ...], precision: str, state: dict
+    model: Any,
+    batch: np.ndarray,
+    tasks: tuple[str, ...],
+    precision: str,
+    state: dict,
+    nuclei_box: tuple[int, int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Per-tile outputs of ``model.predict_tiles``; an out-of-memory error halves the batch."""
     results: list[dict[str, Any]] = []
+    extra = {} if nuclei_box is None else {"nuclei_box": nuclei_box}
     i = 0
     while i < len(batch):
         size = max(1, min(state["batch"], len(batch) - i))
         try:
-            out = model.predict_tiles(batch[i : i + size], tasks=tasks, precision=precision)
+            out = model.predict_tiles(
+                batch[i : i + size], tasks=tasks, precision=precision, **extra
+            )
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -428,24 +423,95 @@ def _slice_output(out: dict[str, Any], k: int) -> dict[str, Any]:
     return res
 
 
+def nuclei_box(block: Block, margin: int, view: Region | None = None) -> Region:
+    """Where a block's nuclei are decoded and post-processed (global analysis px): its owned
+    area (the part inside ``view``, if given) grown by ``margin`` px, inside the model input
+    (``block.outer``)."""
+    i, o = block.inner, block.outer
+    if view is not None and not view.intersection(i).is_empty:
+        i = view.intersection(i)
+    return Region(
+        max(o.y0, i.y0 - margin),
+        max(o.x0, i.x0 - margin),
+        min(o.y1, i.y1 + margin),
+        min(o.x1, i.x1 + margin),
+    )
+
+
+def _run_model(
+    model: Any,
+    run: Sequence[_Read],
+    tasks: tuple[str, ...],
+    precision: str,
+    state: dict,
+    margin: int | None,
+    view: Region | None = None,
+) -> tuple[list[dict[str, Any]], list[Region]]:
+    """Model outputs for the reads in ``run`` (stacked calls, OOM back-off) and, per read,
+    the box (global analysis px) its nuclei maps cover.
+
+    With ``margin`` and a model that takes ``nuclei_box``, the maps cover only
+    :func:`nuclei_box` (of the part inside ``view``, if given); otherwise the whole input.
+    Reads whose boxes sit alike in their inputs share one model call.
+    """
+    crop = margin is not None and "nuclei" in tasks
+    if not (crop and getattr(model, "supports_nuclei_box", False)):
+        stacked = np.stack([r.rgb for r in run])
+        outs = _predict_with_backoff(model, stacked, tasks, precision, state)
+        return outs, [r.block.outer for r in run]
+    boxes = [nuclei_box(r.block, margin, view) for r in run]
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for k, (b, r) in enumerate(zip(boxes, run, strict=True)):
+        o = r.block.outer
+        groups.setdefault((b.y0 - o.y0, b.x0 - o.x0, b.y1 - o.y0, b.x1 - o.x0), []).append(k)
+    outs: list[dict[str, Any]] = [{} for _ in run]
+    for rel, idx in groups.items():
+        stacked = np.stack([run[k].rgb for k in idx])
+        got = _predict_with_backoff(model, stacked, tasks, precision, state, rel)
+        for k, o in zip(idx, got, strict=True):
+            outs[k] = o
+    return outs, boxes
+
+
 def _postprocess(
-    block: Block, tissue: Sequence[bool], out: dict[str, Any], card: Any, tasks, mpp: float
+    block: Block,
+    tissue: Sequence[bool],
+    out: dict[str, Any],
+    card: Any,
+    tasks,
+    mpp: float,
+    nuclei_outer: Region | None = None,
+    view: Region | None = None,
 ) -> list[TileOutput]:
-    """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order)."""
+    """Split one block's model outputs into its tiles' :class:`TileOutput` (tile order).
+
+    ``nuclei_outer`` is the box (global analysis px) the nuclei maps cover, by default the
+    model input ``block.outer``. With ``view``, a tile keeps only the nuclei whose centroid
+    lies in its part inside ``view`` (the maps were decoded for that part only) and says so
+    in ``TileOutput.nuclei_area``.
+    """
     labels = types = probs = None
     if "nuclei" in tasks:
-        # Post-process the whole block once: its halo covers every tile's seam nuclei.
+        # Post-process the whole block once: its margin covers every tile's seam nuclei.
         labels, types, probs = _hover_instances(
             out["nuclei_prob"], out["hv"], out.get("type_prob"), mpp=mpp
         )
         labels = np.asarray(labels)
-    owned = split_instances(labels, block, types, probs) if labels is not None else None
+    owned = None
+    areas = [_nuclei_area(t, view) for t in block.tiles]
+    if labels is not None:
+        tiles = tuple(
+            t if a is None else Tile(t.row, t.col, a, t.outer)
+            for t, a in zip(block.tiles, areas, strict=True)
+        )
+        where = Block(tiles, block.inner, nuclei_outer or block.outer)
+        owned = split_instances(labels, where, types, probs)
     results = []
     for k, (tile, is_tissue) in enumerate(zip(block.tiles, tissue, strict=True)):
         if not is_tissue:
             results.append(TileOutput(skipped=True))
             continue
-        res = TileOutput(skipped=False)
+        res = TileOutput(skipped=False, nuclei_area=areas[k] if owned is not None else None)
         oy, ox = tile.inner.y0 - block.outer.y0, tile.inner.x0 - block.outer.x0
         n = tile.inner.height
         if owned is not None:
@@ -463,6 +529,14 @@ def _postprocess(
                 res.attention[int(scale)] = np.ascontiguousarray(heat[sy, sx], dtype=np.float32)
         results.append(res)
     return results
+
+
+def _nuclei_area(tile: Tile, view: Region | None) -> Region | None:
+    """The part of ``tile`` inside ``view`` when that is not the whole tile, else None."""
+    if view is None or view.contains(tile.inner):
+        return None
+    part = view.intersection(tile.inner)
+    return None if part.is_empty else part
 
 
 # -- result assembly -------------------------------------------------------------------------
@@ -661,6 +735,7 @@ def analyze(
     tile_size: int | None = None,
     cache: TileCache | bool | None = None,
     skip_background: bool = True,
+    crop_decoder: bool = True,
 ) -> Generator[RegionResult, None, RegionResult]:
     """Analyse ``region`` (level-0 px) of ``slide``; yield partial results, return the full one.
 
@@ -687,6 +762,13 @@ def analyze(
         A :class:`TileCache`, None for the process-wide one, False for none.
     skip_background
         Skip tiles whose owned area is mostly glass (counted in ``tiles_skipped``).
+    crop_decoder
+        Decode and post-process nuclei only over the part of each model input's owned area
+        inside the region, plus :data:`NUCLEI_MARGIN_UM` (models with
+        ``supports_nuclei_box``); the halo beyond it feeds only the backbone. A tile at the
+        region's edge is then cached with its nuclei for that part only
+        (``TileOutput.nuclei_area``) and recomputed when a later region needs more of it.
+        False decodes every whole input (the engine before issue 15, kept for benchmarks).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
@@ -757,6 +839,7 @@ def analyze(
         "postprocess": 0.0,
         "stitch": 0.0,
         "model_input_px": 0.0,
+        "decoded_px": 0.0,
     }
     prov.timings = timings
     asm = ResultAssembly(plan, card, tasks)
@@ -786,6 +869,8 @@ def analyze(
     todo: list[Tile] = []
     for t in tiles:
         hit = tile_cache.get((*base_key, t.row, t.col)) if tile_cache is not None else None
+        if hit is not None and not hit.has_nuclei_for(t.inner.intersection(plan.box)):
+            hit = None  # computed for another view, its nuclei stop short of this one
         if hit is None:
             todo.append(t)
         else:
@@ -793,6 +878,11 @@ def analyze(
     level_array = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
     batches = _batch_blocks(order_blocks(todo, plan), batch_size)
+    margin = _nuclei_margin(plan) if crop_decoder else None
+    # Nuclei are decoded only where this view needs them (tiles at its edge partly).
+    view = plan.box if crop_decoder else None
+    # Work planned, for the time-left estimate (progress.seconds_left).
+    timings["planned_input_px"] = float(sum(b.outer.area for batch in batches for b in batch))
 
     def compute() -> Generator[list[tuple[Tile, TileOutput]], None, None]:
         """Outputs of the uncached tiles, one list per batch of blocks."""
@@ -814,24 +904,24 @@ def analyze(
                     timings["read"] += r.read_s
                     timings["preprocess"] += r.prep_s
                 run = [r for r in reads if r.rgb is not None]
-                outs: dict[int, dict[str, Any]] = {}
+                outs: dict[int, tuple[dict[str, Any], Region]] = {}
                 if run:
                     t0 = time.perf_counter()
-                    per_input = _predict_with_backoff(
-                        model, np.stack([r.rgb for r in run]), tasks, prec, state
-                    )
+                    per_input, boxes = _run_model(model, run, tasks, prec, state, margin, view)
                     timings["model"] += time.perf_counter() - t0
                     # Pixels the model saw (halo included): the compute actually spent.
                     timings["model_input_px"] += float(sum(r.block.outer.area for r in run))
-                    outs = {id(r): o for r, o in zip(run, per_input, strict=True)}
+                    timings["decoded_px"] += float(sum(b.area for b in boxes))
+                    outs = {id(r): (o, b) for r, o, b in zip(run, per_input, boxes, strict=True)}
                 done: list[tuple[Tile, TileOutput]] = []
                 for r in reads:
                     if r.rgb is None:
                         results = [TileOutput(skipped=True) for _ in r.block.tiles]
                     else:
                         t0 = time.perf_counter()
+                        out, box = outs[id(r)]
                         results = _postprocess(
-                            r.block, r.tissue, outs[id(r)], card, tasks, plan.analysis_mpp
+                            r.block, r.tissue, out, card, tasks, plan.analysis_mpp, box, view
                         )
                         timings["postprocess"] += time.perf_counter() - t0
                     for tile, res in zip(r.block.tiles, results, strict=True):
@@ -878,6 +968,10 @@ def analyze(
     result = snapshot(complete=not prov.cancelled)
     yield result
     return result
+
+
+def _nuclei_margin(plan: AnalysisPlan) -> int:
+    return int(math.ceil(NUCLEI_MARGIN_UM / plan.analysis_mpp))
 
 
 def order_blocks(todo: Sequence[Tile], plan: AnalysisPlan) -> list[Block]:
@@ -927,6 +1021,7 @@ def run_blocks(
     precision: str,
     batch_size: int,
     skip_background: bool,
+    crop_decoder: bool = True,
 ) -> tuple[list[list[TileOutput]], dict[str, float]]:
     """Run model ``blocks`` of ``plan`` without cache or assembly: what a batch worker does.
 
@@ -934,7 +1029,9 @@ def run_blocks(
     back-off, post-processing and instance ownership), so a work unit's outputs equal
     ``analyze``'s. Returns, per block, its tiles' :class:`TileOutput` in tile order, and the
     seconds spent per stage (``read``, ``preprocess``, ``model``, ``postprocess``).
+    ``crop_decoder`` as in :func:`analyze`.
     """
+    margin = _nuclei_margin(plan) if crop_decoder else None
 
     level = slide.levels[plan.level.level]
     state = {"batch": int(batch_size), "oom_retries": 0}
@@ -948,20 +1045,20 @@ def run_blocks(
             timings["preprocess"] += r.prep_s
         run_reads = [r for r in reads if r.rgb is not None]
         per_input: list[dict[str, Any]] = []
+        boxes: list[Region] = []
         if run_reads:
             t0 = time.perf_counter()
-            per_input = _predict_with_backoff(
-                model, np.stack([r.rgb for r in run_reads]), tasks, precision, state
-            )
+            per_input, boxes = _run_model(model, run_reads, tasks, precision, state, margin)
             timings["model"] += time.perf_counter() - t0
-        it = iter(per_input)
+        it = iter(zip(per_input, boxes, strict=True))
         for r in reads:
             if r.rgb is None:
                 outputs[index[id(r.block)]] = [TileOutput(skipped=True) for _ in r.block.tiles]
                 continue
             t0 = time.perf_counter()
+            out, box = next(it)
             outputs[index[id(r.block)]] = _postprocess(
-                r.block, r.tissue, next(it), model.card, tasks, plan.analysis_mpp
+                r.block, r.tissue, out, model.card, tasks, plan.analysis_mpp, box
             )
             timings["postprocess"] += time.perf_counter() - t0
     timings["oom_retries"] = float(state["oom_retries"])

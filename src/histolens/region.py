@@ -53,7 +53,7 @@ class Region:
             raise ValueError(msg)
         try:
             y0, x0, y1, x1 = (int(float(p)) for p in parts)
-        except ValueError:
+        except (ValueError, OverflowError):  # text, nan, inf
             msg = f"region {text!r} must be four integers 'y0,x0,y1,x1' in level-0 pixels"
             raise ValueError(msg) from None
         return cls(y0, x0, y1, x1)

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
+from histolens.progress import progress_text
 from histolens.region import Region
 from histolens.result import RegionResult
 
@@ -459,6 +460,7 @@ class HistoLensWidget(QWidget):
         total, done = max(partial.tiles_total, 1), partial.tiles_done
         self.progress.setRange(0, total)
         self.progress.setValue(min(done, total))
+        self.progress.setFormat(progress_text(partial.provenance))
         # Several tiles may land per frame; paint the newest at most every PARTIAL_REFRESH_MS.
         scheduled = self._pending is not None
         self._pending = partial
@@ -496,6 +498,7 @@ class HistoLensWidget(QWidget):
             self.review.show_result(self.result, fill_table=True)
         self._worker = None
         self.analyze_button.setText(ANALYZE)
+        self.progress.setFormat("%v / %m tiles")
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
         if self.result is not None:

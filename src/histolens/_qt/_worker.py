@@ -58,6 +58,10 @@ def preload_model_stack() -> None:
     """
     if "timm" in sys.modules:
         return
+    from histolens.cpu import configure_cpu
+
+    # Threads (physical cores or $HISTOLENS_THREADS) and the allocator, before workers start.
+    configure_cpu()
     import torch
 
     if not torch.cuda.is_available() and "triton" not in sys.modules:

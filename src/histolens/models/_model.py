@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,15 @@ from torch import nn
 from ._paths import card_path_for, file_sha256
 from .card import ALL_TASKS, ModelCard, WeightsError
 from .heads import NucleiDecoder, TileClassHead
+from .precision import resolve_precision
 
 __all__ = [
     "HistoLensModel",
     "card_path_for",
-    "cpu_bf16_is_faster",
     "default_device",
     "fold_batchnorms",
     "file_sha256",
+    "relu_in_place",
     "load_model_weights",
     "save_model_weights",
 ]
@@ -49,8 +49,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("mps")
     return torch.device("cpu")
 
-
-_BF16_CPU: dict[str, Any] = {}
 
 #: Largest model (parameter bytes) for which inference keeps a folded/cast copy of itself.
 FAST_COPY_MAX_BYTES = 256 * 2**20
@@ -84,20 +82,26 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
     return module
 
 
-def cpu_bf16_is_faster() -> bool:
-    """Measure once per process whether a bf16 matmul beats fp32 on this CPU (AMX/AVX512-BF16)."""
-    if "faster" not in _BF16_CPU:
-        a = torch.randn(512, 512)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x = a.to(dtype)
-            x @ x  # warm-up: first call pays for kernel selection
-            t0 = time.perf_counter()
-            for _ in range(8):
-                x @ x
-            times[dtype] = time.perf_counter() - t0
-        _BF16_CPU.update(times=times, faster=times[torch.bfloat16] < 0.8 * times[torch.float32])
-    return bool(_BF16_CPU["faster"])
+def relu_in_place(module: nn.Module) -> nn.Module:
+    """Make every ``nn.ReLU`` that follows a convolution (or its folded batch norm) in an
+    ``nn.Sequential`` work in place; returns ``module``.
+
+    Its input is then the convolution's fresh output, used by nothing else, so the result
+    is the same while a full-resolution activation is neither allocated nor written twice
+    (on CPU the out-of-place ReLUs of the decoder cost about as much as its convolutions).
+    """
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        mods = list(seq)
+        for prev, cur in itertools.pairwise(mods):
+            if isinstance(cur, nn.ReLU) and isinstance(prev, nn.Conv2d | nn.BatchNorm2d):
+                cur.inplace = True
+            elif isinstance(cur, nn.ReLU) and isinstance(prev, nn.Identity):
+                i = mods.index(prev)
+                if i > 0 and isinstance(mods[i - 1], nn.Conv2d):
+                    cur.inplace = True
+    return module
 
 
 class HistoLensModel(nn.Module):
@@ -148,11 +152,18 @@ class HistoLensModel(nn.Module):
     def _features(self, x: torch.Tensor, want_attention: bool | str = False) -> dict:
         return self.backbone(x, want_attention=want_attention)
 
-    def _heads(self, x: torch.Tensor, feats: dict, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+    def _heads(
+        self,
+        x: torch.Tensor,
+        feats: dict,
+        tasks: Iterable[str],
+        crop: tuple[int, int, int, int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         scales = feats["scales"]
         if "nuclei" in tasks and self.nuclei_head is not None:
-            out.update(self.nuclei_head(x, feats["pyramid"], scales[min(1, len(scales) - 1)]))
+            context = scales[min(1, len(scales) - 1)]
+            out.update(self.nuclei_head(x, feats["pyramid"], context, crop))
         if "tiles" in tasks and self.tile_head is not None:
             out.update(self.tile_head(scales[:2], x.shape[-2:]))
         return out
@@ -166,9 +177,16 @@ class HistoLensModel(nn.Module):
         """Changes whenever a parameter or buffer is replaced or updated in place (an optimiser
         step, ``load_state_dict``, ``.to()``), so a cached inference copy is never stale."""
         return tuple(
-            (t.data_ptr(), t._version, t.dtype, str(t.device))
+            (t.data_ptr(), t._version, str(t.dtype), str(t.device))
             for t in (*self.parameters(), *self.buffers())
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The inference copies are a per-process cache, rebuilt on first use: a pickled model
+        # (e.g. shipped to a dask worker) carries only its own weights.
+        state = super().__getstate__()
+        state.pop("_inference_copies", None)
+        return state
 
     def inference_copy(self, dtype: torch.dtype = torch.float32) -> HistoLensModel | None:
         """A cached eval copy for inference: BatchNorms folded into convolutions, weights in
@@ -182,38 +200,53 @@ class HistoLensModel(nn.Module):
         size = sum(t.numel() * t.element_size() for t in self.parameters())
         if size > FAST_COPY_MAX_BYTES:
             return None
+        # Keyed by the dtype's name: plain data, whatever serialiser meets this dict.
+        key = str(dtype).removeprefix("torch.")
         cache = self.__dict__.setdefault("_inference_copies", {})
         version = self._weights_version()
-        hit = cache.get(dtype)
+        hit = cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
-        cache.pop(dtype, None)
-        # deepcopy must not recurse into the cache of copies
-        saved = self.__dict__.pop("_inference_copies")
-        try:
-            fast = copy.deepcopy(self).eval()
-        finally:
-            self.__dict__["_inference_copies"] = saved
+        cache.pop(key, None)
+        fast = copy.deepcopy(self).eval()  # without the cache of copies (see __getstate__)
         fold_batchnorms(fast)
+        relu_in_place(fast)
         fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
         fast.mean, fast.std = self.mean.clone(), self.std.clone()  # normalisation stays fp32
         for p in fast.parameters():
             p.requires_grad_(False)
-        cache[dtype] = (version, fast)
+        cache[key] = (version, fast)
         return fast
 
-    def _use_bf16(self, precision: str) -> bool:
-        if precision not in ("auto", "fp32", "bf16"):
-            msg = f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}"
+    def _run_dtype(self, precision: str) -> torch.dtype:
+        """The dtype ``precision`` runs in on this model's device (one owner: resolve_precision)."""
+        resolved = resolve_precision(self.device.type, precision)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolved]
+
+    #: ``predict_tiles`` takes ``nuclei_box`` (the engine decodes nuclei only where it keeps them)
+    supports_nuclei_box = True
+
+    def _decoder_crop(
+        self, box: tuple[int, int, int, int], h: int, w: int
+    ) -> tuple[int, int, int, int] | None:
+        """The decoder crop (input px) whose outputs inside ``box`` equal a full decode: the box
+        grown by the decoder's reach, aligned to its coarsest stride, clipped to the input."""
+        y0, x0, y1, x1 = (int(v) for v in box)
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            msg = (
+                f"nuclei_box {box} (y0, x0, y1, x1) must be a non-empty box inside the {h}x{w} tile"
+            )
             raise ValueError(msg)
-        if precision != "auto":
-            return precision == "bf16"
-        dev = self.device.type
-        if dev == "cuda":
-            return torch.cuda.is_bf16_supported()
-        if dev == "cpu":
-            return cpu_bf16_is_faster()
-        return False
+        head = self.nuclei_head
+        a, reach = head.top, head.receptive_px
+        if h % a or w % a:
+            return None
+        return (
+            max(0, (y0 - reach) // a * a),
+            max(0, (x0 - reach) // a * a),
+            min(h, -(-(y1 + reach) // a) * a),
+            min(w, -(-(x1 + reach) // a) * a),
+        )
 
     def predict_tiles(
         self,
@@ -222,8 +255,14 @@ class HistoLensModel(nn.Module):
         tasks: Iterable[str] = ALL_TASKS,
         precision: str = "auto",
         query: tuple[int, int] | None = None,
+        nuclei_box: tuple[int, int, int, int] | None = None,
     ) -> dict[str, Any]:
         """Run the model on uint8 RGB tiles (B, H, W, 3) at ``card.mpp``; numpy float32 out.
+
+        ``nuclei_box`` ``(y0, x0, y1, x1)`` (input px, the same for every tile): the nuclei
+        maps are decoded only over that box plus the decoder's reach and returned for the box
+        (shape ``(B, y1 - y0, x1 - x0)``); equal to the full maps cropped, up to float rounding.
+        The backbone still sees the whole tile (its context).
 
         Returns (only for the requested tasks the card supports): ``nuclei_prob`` (B,H,W) in
         [0,1]; ``hv`` (B,2,H,W) in [-1,1], channel 0 = x, 1 = y; ``type_prob`` (B,T,H,W);
@@ -243,8 +282,11 @@ class HistoLensModel(nn.Module):
         want_attention = (
             probe is None and "attention" in tasks and hasattr(self.backbone, "attention_maps")
         )
-        bf16 = self._use_bf16(precision)
-        fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
+        crop = None
+        if nuclei_box is not None and "nuclei" in tasks and self.nuclei_head is not None:
+            crop = self._decoder_crop(nuclei_box, h, w)
+        dtype = self._run_dtype(precision)
+        fast = self.inference_copy(dtype)
         net = fast if fast is not None else self
         attention_mode: Any = probe if probe is not None else want_attention
         # Atlas reduces its attention to the per-token context reliance inside the fused kernel.
@@ -256,18 +298,23 @@ class HistoLensModel(nn.Module):
             with (
                 torch.inference_mode(),
                 torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=bf16 and fast is None
+                    self.device.type, dtype=dtype, enabled=dtype != torch.float32 and fast is None
                 ),
             ):
                 x = self.preprocess(arr)  # (B, 3, H, W) fp32, channels-last strides (from BHWC)
                 if fast is not None:
                     x = x.to(next(fast.parameters()).dtype)
                 feats = net._features(x, attention_mode)
-                raw = net._heads(x, feats, tasks)
+                raw = net._heads(x, feats, tasks, crop)
                 maps = net.backbone.attention_maps(feats, b) if want_attention else {}
         finally:
             self.train(was_training)
         out: dict[str, Any] = {}
+        if "nuclei_logits" in raw and nuclei_box is not None:
+            y0, x0, y1, x1 = (int(v) for v in nuclei_box)
+            cy, cx = (crop[0], crop[1]) if crop is not None else (0, 0)
+            for key in ("nuclei_logits", "hv", "type_logits"):
+                raw[key] = raw[key][..., y0 - cy : y1 - cy, x0 - cx : x1 - cx]
         if "nuclei_logits" in raw:
             out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
             out["hv"] = _np(raw["hv"].float().clamp(-1, 1))

@@ -147,6 +147,7 @@ def create_model(
 
     path = Path(weights) if weights is not None else (entry.weights if pretrained else None)
     use_card = card or entry.card
+    expected = ""  # the sha256 the weights file must have
     if path is not None and not entry.foundation:
         if not path.is_file():
             if weights is None and entry.requires_weights:
@@ -162,8 +163,10 @@ def create_model(
                 msg = f"weights file {path} does not exist; pass the path of a .safetensors file"
                 raise WeightsError(msg)
             path = None
-        elif card is None and card_path_for(path).is_file():
-            use_card = ModelCard.from_json(card_path_for(path))
+        else:
+            use_card, expected = _verified_card(
+                name, entry, path, card, explicit=weights is not None
+            )
     if pretrained and path is None and entry.weights is not None and not entry.foundation:
         warnings.warn(
             f"model {name!r} has no trained weights here; it is randomly initialised", stacklevel=2
@@ -178,5 +181,40 @@ def create_model(
     else:
         model = entry.builder(use_card, **entry.options)
         if path is not None:
-            load_model_weights(model, path, expected_sha256=use_card.weights_sha256)
+            load_model_weights(model, path, expected_sha256=expected)
     return model.to(default_device(device)).eval()
+
+
+def _verified_card(
+    name: str, entry: ModelEntry, path: Path, card: ModelCard | None, *, explicit: bool
+) -> tuple[ModelCard, str]:
+    """The card to build with and the sha256 ``path`` must have.
+
+    The hash comes from the card beside the file, else (for the entry's own weights) from the
+    registered card. A file with no hash is loaded only when the user named it (``explicit``),
+    with a warning, and its card then carries no hash: nothing vouches for it.
+    """
+    from ._paths import card_path_for
+
+    beside = card_path_for(path)
+    file_card = ModelCard.from_json(beside) if beside.is_file() else None
+    use_card = card or file_card or entry.card
+    expected = file_card.weights_sha256 if file_card is not None else ""
+    if not expected and not explicit:
+        expected = entry.card.weights_sha256
+    if expected:
+        return use_card, expected
+    if not explicit:
+        msg = (
+            f"the weights of {name!r} at {path} cannot be verified: no sha256 in a card beside "
+            f"them ({beside.name}) nor in the registry; restore the card, or pass the file "
+            f"explicitly (create_model({name!r}, weights=...) or --weights) to load it unverified"
+        )
+        raise WeightsError(msg)
+    warnings.warn(
+        f"weights file {path} is UNVERIFIED: no card with its sha256 beside it ({beside.name}); "
+        "loading it because it was passed explicitly -- use only files you trust",
+        UserWarning,
+        stacklevel=3,
+    )
+    return use_card.replace(weights_sha256=""), ""

@@ -203,6 +203,11 @@ def register_foundation_model(
     )(_build_foundation)
 
 
+#: sha256 of the embedded ``histolens-default.safetensors``: checked on load even if the
+#: card beside it is lost or emptied (a release that replaces the file updates it here too;
+#: tests/test_weights_integrity.py compares the two).
+DEFAULT_WEIGHTS_SHA256 = "6a4b3029b22738b701e11ee7a268c539487c4f92976fbd9182ef633d7d114daa"
+
 _DEFAULT_CARD = ModelCard(
     name=DEFAULT_MODEL,
     backbone="atlas_tiny",
@@ -224,6 +229,7 @@ _DEFAULT_CARD = ModelCard(
     recipe="histolens train (the project's recipe)",
     description="Atlas-tiny (MSA, dim 96, 3 scales at 1024 px) + HoVer-style nuclei decoder "
     "(refined, with an HV branch) + tile-class head",
+    weights_sha256=DEFAULT_WEIGHTS_SHA256,
 )
 register_model(
     _DEFAULT_CARD,

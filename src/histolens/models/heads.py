@@ -88,15 +88,53 @@ class NucleiDecoder(nn.Module):
         self.hv_out = nn.Conv2d(w1, 2, 1)
         self.type_out = nn.Conv2d(w1, n_types, 1)
 
+    @property
+    def receptive_px(self) -> int:
+        """Input px over which an output pixel reads its inputs (the sum of the 3 x 3 convs'
+        reach at their strides): outputs farther than this from the edge of a crop do not
+        see the crop's zero padding, so a cropped decode equals the full one there."""
+        reach = 0
+        for stride, part in (
+            *((int(t), f) for t, f in self.fuse.items()),
+            (self.top, self.enter),
+            (1, self.image),
+            (1, self.fuse1),
+            (1, self.hv_branch),
+        ):
+            for m in part.modules():
+                if isinstance(m, nn.Conv2d):
+                    reach += stride * (m.kernel_size[0] // 2)
+        return reach
+
     def forward(
-        self, image: torch.Tensor, pyramid: dict[int, torch.Tensor], context: torch.Tensor
+        self,
+        image: torch.Tensor,
+        pyramid: dict[int, torch.Tensor],
+        context: torch.Tensor,
+        crop: tuple[int, int, int, int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``image`` (B, 3, H, W) normalised; ``pyramid[s]`` (B, C_s, H/s, W/s); ``context``
-        any grid (resampled onto the coarsest pyramid stride)."""
+        any grid (resampled onto the coarsest pyramid stride).
+
+        ``crop`` ``(y0, x0, y1, x1)`` in input px, multiples of the coarsest stride: decode
+        only that box (outputs are the box's size). Outputs within :attr:`receptive_px` of a
+        crop edge that is not an input edge differ from a full decode; the rest is the same.
+        """
         x = pyramid[self.top]
         ctx = F.interpolate(
             context.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False
         )
+        if crop is not None:
+            y0, x0, y1, x1 = crop
+            if any(v % self.top for v in crop):
+                msg = f"decoder crop {crop} must be in multiples of {self.top} input px"
+                raise ValueError(msg)
+
+            def cut(t: torch.Tensor, s: int) -> torch.Tensor:
+                return t[..., y0 // s : y1 // s, x0 // s : x1 // s]
+
+            x, ctx, image = cut(x, self.top), cut(ctx, self.top), cut(image, 1)
+            pyramid = {s: cut(p, s) for s, p in pyramid.items()}
         x = self.enter(torch.cat([x, ctx], 1))
         s = self.top
         while s > 2:

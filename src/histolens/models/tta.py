@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DIHEDRAL_VIEWS", "TestTimeAugmented", "apply_view", "undo_view"]
+__all__ = ["DIHEDRAL_VIEWS", "TestTimeAugmented", "apply_view", "undo_view", "view_box"]
 
 #: (transpose, flip rows, flip columns) for the 8 symmetries of a square.
 DIHEDRAL_VIEWS: tuple[tuple[bool, bool, bool], ...] = tuple(
@@ -38,6 +38,23 @@ def apply_view(tiles: np.ndarray, view: tuple[bool, bool, bool]) -> np.ndarray:
     if fx:
         out = out[:, :, ::-1]
     return np.ascontiguousarray(out)
+
+
+def view_box(
+    box: tuple[int, int, int, int], shape: tuple[int, int], view: tuple[bool, bool, bool]
+) -> tuple[int, int, int, int]:
+    """Box ``(y0, x0, y1, x1)`` of an ``(H, W)`` tile, in the frame of the tile seen through
+    ``view`` (:func:`apply_view`): the same pixels, transposed and mirrored with the tile."""
+    t, fy, fx = view
+    y0, x0, y1, x1 = box
+    h, w = shape
+    if t:
+        y0, x0, y1, x1, h, w = x0, y0, x1, y1, w, h
+    if fy:
+        y0, y1 = h - y1, h - y0
+    if fx:
+        x0, x1 = w - x1, w - x0
+    return (y0, x0, y1, x1)
 
 
 def undo_view(maps: np.ndarray, view: tuple[bool, bool, bool], *, hv: bool = False) -> np.ndarray:
@@ -76,19 +93,42 @@ class TestTimeAugmented:
         self.model = model
         self.card = model.card.replace(name=f"{model.card.name}+tta")
 
+    @property
+    def supports_nuclei_box(self) -> bool:
+        return bool(getattr(self.model, "supports_nuclei_box", False))
+
     def predict_tiles(
-        self, tiles: np.ndarray, *, tasks: Iterable[str] = ("nuclei",), precision: str = "auto"
+        self,
+        tiles: np.ndarray,
+        *,
+        tasks: Iterable[str] = ("nuclei",),
+        precision: str = "auto",
+        nuclei_box: tuple[int, int, int, int] | None = None,
     ) -> dict[str, Any]:
-        """Like the model's ``predict_tiles``; ``nuclei_prob``, ``hv``, ``type_prob`` averaged."""
+        """Like the model's ``predict_tiles``; ``nuclei_prob``, ``hv``, ``type_prob`` averaged.
+
+        ``nuclei_box`` (models with ``supports_nuclei_box``) is seen through each view, so
+        every view decodes the same pixels.
+        """
         tasks = tuple(tasks)
         arr = np.asarray(tiles)
-        out = dict(self.model.predict_tiles(arr, tasks=tasks, precision=precision))
+
+        def box_kw(view: tuple[bool, bool, bool]) -> dict[str, Any]:
+            if nuclei_box is None:
+                return {}
+            return {"nuclei_box": view_box(nuclei_box, arr.shape[1:3], view)}
+
+        out = dict(
+            self.model.predict_tiles(
+                arr, tasks=tasks, precision=precision, **box_kw(DIHEDRAL_VIEWS[0])
+            )
+        )
         if "nuclei" not in tasks or "nuclei_prob" not in out:
             return out
         sums = {k: out[k].astype(np.float32) for k in _AVERAGED if k in out}
         for view in DIHEDRAL_VIEWS[1:]:
             pred = self.model.predict_tiles(
-                apply_view(arr, view), tasks=("nuclei",), precision=precision
+                apply_view(arr, view), tasks=("nuclei",), precision=precision, **box_kw(view)
             )
             for k in sums:
                 sums[k] += undo_view(pred[k], view, hv=k == "hv")

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histolens._args import mpp_value, positive_int
+
 from .metrics import aji, dice, match_instances, panoptic_quality, type_scores
 from .nuclei_cli import TTA_DEFAULT
 
@@ -292,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="folder of instance labels (<stem>.png/.tif, 0 = background) or of MoNuSeg's Aperio XML outlines (<stem>.xml)",
     )
-    n.add_argument("--mpp", type=float, required=True, help="um/px of the images")
+    n.add_argument("--mpp", type=mpp_value, required=True, help="um/px of the images")
     src = n.add_mutually_exclusive_group()
     src.add_argument(
         "--pred",
@@ -313,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--json", type=Path, default=None, help="also write per-image and mean scores here"
     )
-    n.add_argument("--threads", type=int, default=2)
+    n.add_argument("--threads", type=positive_int, default=2)
     n.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,

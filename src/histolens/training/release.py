@@ -408,6 +408,14 @@ def release(args: argparse.Namespace) -> int:
         release_minutes=(time.time() - t0) / 60,
     )
     (args.run / "release_report.json").write_text(json.dumps(report, indent=1, default=float))
+    from histolens.models._zoo import DEFAULT_WEIGHTS_SHA256
+
+    if card.name == "histolens-default" and card.weights_sha256 != DEFAULT_WEIGHTS_SHA256:
+        log.warning(
+            "new weights for histolens-default: set DEFAULT_WEIGHTS_SHA256 = %r in "
+            "histolens/models/_zoo.py when shipping them (the registry pins the embedded hash)",
+            card.weights_sha256,
+        )
     log.info(
         "wrote %s (%.2f MB, sha256 %s) and its card; metrics %s",
         args.out,
