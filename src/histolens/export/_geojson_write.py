@@ -21,7 +21,6 @@ import pandas as pd
 from ._atomic import atomic_path, json_default
 from ._colors import class_color_map, parse_color
 from ._polygons import iter_label_polygons
-from ._summary import level0_mpp
 from ._tables import tiles_table
 
 if TYPE_CHECKING:
@@ -181,7 +180,7 @@ def _result_extra(result: RegionResult, layer: str) -> dict[str, Any]:
     return {
         "layer": layer,
         "frame": "level-0 pixels (x, y), pixel (0, 0) covers [0, 1) x [0, 1)",
-        "mpp": level0_mpp(result),
+        "mpp": result.slide_mpp,
         "slide": p.slide_name,
         "slide_path": p.slide_path,
         "region": result.region.as_tuple(),

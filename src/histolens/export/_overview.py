@@ -13,7 +13,6 @@ import numpy as np
 from ._atomic import atomic_path
 from ._colors import class_color_map, parse_color
 from ._polygons import iter_label_polygons
-from ._summary import level0_mpp
 
 if TYPE_CHECKING:
     from histolens.region import Region
@@ -173,7 +172,7 @@ def _nuclei_legend(nuc: NucleiResult) -> Legend:
 def _nucleus_diameter_px(result: RegionResult, scale: float) -> float:
     """Median nucleus diameter in output pixels at ``scale`` output px per level-0 px (inf
     when unknown, so outlines are drawn)."""
-    mpp0 = level0_mpp(result)
+    mpp0 = result.slide_mpp
     area = result.nuclei.features["area_um2"].to_numpy(dtype=np.float64)
     if not mpp0 or not len(area) or not np.isfinite(np.median(area)):
         return math.inf
@@ -196,7 +195,7 @@ def _draw_legend(img: Any, entries: list[tuple[str, list[int], str]], result: Re
     size = max(11, min(22, img.width // 60))
     font = _font(size)
     title = f"{result.provenance.slide_name}  {result.provenance.model_name}"
-    mpp0 = level0_mpp(result)
+    mpp0 = result.slide_mpp
     if mpp0:
         title += f"  {mpp0:.3g} um/px"
     lines = [(title, None, "")] + [(t, c, k) for t, c, k in entries]

@@ -12,22 +12,7 @@ import pandas as pd
 if TYPE_CHECKING:  # the result stage sits above this one; only its types are needed here
     from histolens.result import RegionResult
 
-__all__ = ["level0_mpp", "summary_dict"]
-
-
-def level0_mpp(result: RegionResult) -> float | None:
-    """Micrometres per **level-0** pixel that the result's geometry was computed with.
-
-    The engine records the analysis pixel size (``provenance.analysis_mpp``, um per analysis
-    pixel) and each array's ``downsample`` (level-0 px per array pixel); their ratio is the
-    level-0 pixel size actually used, even when the user overrode the slide's own mpp.
-    """
-    p = result.provenance
-    if result.nuclei is not None and p.analysis_mpp and result.nuclei.downsample:
-        return float(p.analysis_mpp) / float(result.nuclei.downsample)
-    if p.slide_mpp:
-        return float(p.slide_mpp)
-    return float(result.mpp) if result.mpp else None
+__all__ = ["summary_dict"]
 
 
 def summary_dict(
@@ -35,7 +20,7 @@ def summary_dict(
 ) -> dict[str, Any]:
     """What a run produced, for ``summary.json``: counts per class, region, mpp, model, times."""
     p = result.provenance
-    mpp0 = level0_mpp(result)
+    mpp0 = result.slide_mpp
     out: dict[str, Any] = {
         "slide": {
             "name": p.slide_name,

@@ -19,7 +19,7 @@ from ._atomic import save_json
 from ._geojson_write import nuclei_feature_collection, save_geojson, tiles_feature_collection
 from ._masks import result_masks, save_ome_tiff, save_ome_zarr
 from ._overview import render_overview_png
-from ._summary import level0_mpp, summary_dict
+from ._summary import summary_dict
 from ._tables import save_csv, tiles_table
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def write_result(
         raise ValueError(msg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    job = _Job(result, out, slide, tolerance, level0_mpp(result))
+    job = _Job(result, out, slide, tolerance, result.slide_mpp)
     for fmt, writer in WRITERS.items():
         if fmt not in wanted:
             continue
