@@ -254,3 +254,53 @@ def test_review_counts_unsure_cells_as_tissue_and_lists_them():
     assert [r.name for r in sure.tiles_by_class] == list(NAMES)
     assert [r.name for r in strict.tiles_by_class] == [*NAMES, "unsure"]
     assert sum(r.count for r in strict.tiles_by_class) == sum(r.count for r in sure.tiles_by_class)
+
+
+def test_a_foundation_vit_from_local_weights_is_taught_the_same_way(tmp_path: Path, wsi_dir):
+    """Foundation backbones (UNI, Virchow, ...) come through timm from local weights; their
+    cell embeddings feed the same probe. A tiny timm ViT stands in for them (no weights can
+    be downloaded here), on the real sample slide."""
+    import warnings
+
+    import timm
+    from safetensors.torch import save_file
+
+    from histolens.inference import analyze_region
+    from histolens.models import create_model
+    from histolens.models._registry import _REGISTRY
+    from histolens.models._zoo import register_foundation_model
+    from histolens.slide import open_slide
+
+    saved = dict(_REGISTRY)
+    try:
+        register_foundation_model(
+            "tiny-fm", "vit_tiny_patch16_224", hf_hub_id=None, mean=(0.5,) * 3, std=(0.5,) * 3
+        )
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+        weights = tmp_path / "tiny-fm.safetensors"
+        save_file({f"model.{k}": v.contiguous() for k, v in vit.state_dict().items()}, weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the untrained heads warn; only embeddings count
+            model = create_model("tiny-fm", weights=weights, device="cpu")
+        slide = open_slide(wsi_dir / "CMU-1-Small-Region.svs")
+        result = analyze_region(
+            slide, Region(1000, 600, 1512, 1112), model=model, tasks=("tiles",), cache=False
+        )
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+    tiles = result.tiles
+    assert tiles.embeddings.shape[-1] == 192  # the ViT's width, not the default model's
+    tissue = np.asarray(tiles.classes) > 0
+    marks = np.zeros(tiles.classes.shape, np.int32)
+    marks[: marks.shape[0] // 2][tissue[: marks.shape[0] // 2]] = 1  # top half: class 1
+    marks[marks.shape[0] // 2 :][tissue[marks.shape[0] // 2 :]] = 2  # bottom half: class 2
+    examples, _ = examples_from_marks(tiles, marks)
+    clf = train_tile_classifier(
+        examples, ("top", "bottom"), ("#ff0000", "#0000ff"), {"name": "tiny-fm"}
+    )
+    painted = classify_result(result, clf, min_confidence=0.0).tiles.classes
+    assert clf.backbone == "tiny-fm" and clf.embed_dim == 192
+    assert (painted[marks > 0] == marks[marks > 0]).mean() >= 0.9
+    with pytest.raises(ValueError, match="tiny-fm"):
+        clf.check_backbone({"name": "histolens-default", "weights_sha256": "ab" * 32})
