@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,8 @@ def _run_block(
     """
     import dask
 
+    from ._engine import BlockRunner, batch_blocks
     from ._parcel import unpack_model
-    from .inference import run_blocks
 
     if threads:
         import torch
@@ -175,16 +175,17 @@ def _run_block(
     # Pixels are read inside this task: on a dask worker, a nested compute() would otherwise
     # go back to the distributed scheduler (and try to ship open file handles there).
     with dask.config.set(scheduler="synchronous"):
-        return run_blocks(
-            _open_slide_ref(slide_ref),
-            plan,
-            blocks,
-            unpack_model(model),
-            tasks,
-            precision=precision,
-            batch_size=batch_size,
-            skip_background=skip_background,
-        )
+        runner = BlockRunner(
+            _open_slide_ref(slide_ref), plan, unpack_model(model), tasks, precision=precision,
+            batch_size=batch_size, skip_background=skip_background,
+        )  # fmt: skip
+        # Grouped into model calls exactly as analyze() groups a fresh region's blocks.
+        done = [outs for batch in runner.run(batch_blocks(blocks, batch_size)) for _, outs in batch]
+    stages = ("read", "preprocess", "model", "postprocess")
+    return done, {
+        **{k: runner.timings[k] for k in stages},
+        "oom_retries": float(runner.oom_retries),
+    }
 
 
 # --------------------------------------------------------------------------- one slide
@@ -237,18 +238,14 @@ def _plan_slide(
     path: str,
     *,
     out_dir: Path,
-    model: Any,
-    tasks: tuple[str, ...],
     region: Region | None,
     mpp: float | None,
     use_mask: bool,
     block_px: int,
     tile_size: int | None,
-    device: str,
-    precision: str,
+    settings: Any,
 ) -> _SlideJob:
-    from .inference import card_to_dict, plan_analysis
-    from .result import Provenance
+    from ._engine import order_blocks, plan_analysis, run_provenance
     from .slide import SlideError, open_slide
 
     slide = open_slide(path, mpp=mpp)
@@ -269,7 +266,7 @@ def _plan_slide(
             f"{shape} (level-0 px); give y0,x0,y1,x1 inside (0, 0, {shape[0]}, {shape[1]})"
         )
         raise ValueError(msg)
-    card = model.card
+    card = settings.card
     plan = plan_analysis(reg, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
     if plan.box.height * plan.box.width > MAX_ANALYSIS_PX:
         slide.close()
@@ -284,28 +281,15 @@ def _plan_slide(
         run_mask = tiles_in_mask(tiles, plan.f, mask, scale)
     else:
         run_mask = np.ones(len(tiles), bool)
-    from .inference import order_blocks
-
     # Grouped and ordered exactly as analyze() runs a fresh region (its blocks are the model
     # inputs, its order the paste order), then dealt out in work units.
     model_blocks = order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
     blocks = group_work(model_blocks, block_px)
-    prov = Provenance(
-        slide_path=str(getattr(slide, "path", path) or path),
-        slide_name=str(slide.name),
-        region=reg,
-        level=plan.level.level,
-        level_downsample=plan.level.downsample,
-        slide_mpp=slide.mpp,
+    prov = run_provenance(
+        slide, reg, plan, settings, slide_mpp=slide.mpp, tiles_total=len(tiles),
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
-        analysis_mpp=plan.analysis_mpp,
-        model_name=str(card.name),
-        model_card=card_to_dict(card),
-        device=device,
-        precision=precision,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tiles_total=len(tiles),
-    )
+        slide_path=str(getattr(slide, "path", path) or path),
+    )  # fmt: skip
     return _SlideJob(
         path, slide, out_dir, plan, tiles, run_mask, model_blocks, blocks, prov, time.perf_counter()
     )
@@ -313,7 +297,7 @@ def _plan_slide(
 
 def _assemble(job: _SlideJob, card: Any, tasks: tuple[str, ...]) -> Any:
     """Paste every tile's output in the engine's order (block by block); build the result."""
-    from .inference import ResultAssembly, TileOutput
+    from ._engine import ResultAssembly, TileOutput
 
     asm = ResultAssembly(job.plan, card, tasks)
     prov = job.provenance
@@ -475,8 +459,8 @@ def run_batch(
     ``tile_classifier`` (a :class:`histolens.teach.TileClassifier` or its file) replaces the
     model's tile classes by a taught classifier's (checked against the model before any work).
     """
+    from ._engine import resolve_settings
     from .export import DEFAULT_FORMATS, write_result
-    from .inference import resolve_model, resolve_precision, resolve_tasks
 
     out_root = Path(out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -486,11 +470,10 @@ def run_batch(
         from ._cluster import check_scheduler
 
         check_scheduler(scheduler)  # before the model loads or any slide opens: fail fast
-    model = resolve_model(model, "cpu" if distributed else None)
-    card = model.card
-    task_t = resolve_tasks(tasks, card)
-    device = str(getattr(model, "device", "cpu"))
-    prec = resolve_precision(device, precision)
+    settings = resolve_settings(
+        model, tasks, device="cpu" if distributed else None, precision=precision
+    )
+    model, card, task_t, prec = settings.model, settings.card, settings.tasks, settings.precision
     if tile_classifier is not None:
         from .teach import as_batch_writer
 
@@ -514,9 +497,8 @@ def run_batch(
 
             out_dir = _output_dir(out_root, slide_name(Path(path)), used)
             jobs[i] = _plan_slide(
-                path, out_dir=out_dir, model=model, tasks=task_t, region=region, mpp=mpp,
-                use_mask=tissue, block_px=block_px, tile_size=tile_size, device=device,
-                precision=prec,
+                path, out_dir=out_dir, settings=settings, region=region, mpp=mpp,
+                use_mask=tissue, block_px=block_px, tile_size=tile_size,
             )  # fmt: skip
             job = jobs[i]
             prog.log(
