@@ -17,6 +17,7 @@ thread count and on which blocks share a model call).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -460,7 +461,6 @@ def run_batch(
     model's tile classes by a taught classifier's (checked against the model before any work).
     """
     from ._engine import resolve_settings
-    from .export import DEFAULT_FORMATS, write_result
 
     out_root = Path(out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -473,34 +473,76 @@ def run_batch(
     settings = resolve_settings(
         model, tasks, device="cpu" if distributed else None, precision=precision
     )
-    model, card, task_t, prec = settings.model, settings.card, settings.tasks, settings.precision
-    if tile_classifier is not None:
-        from .teach import as_batch_writer
-
-        write_result = as_batch_writer(tile_classifier, card, task_t, write_result)
-    fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
-    if png and "png" not in fmts:
-        fmts = (*fmts, "png")
+    write_result, fmts = _writer(settings, formats, png, tile_classifier)
     if scheduler is not None and client is None:
         from ._cluster import connect_scheduler
 
         client = connect_scheduler(scheduler)
     prog = _Progress(0, stream=stream, enabled=progress)
-
     outcomes: dict[str, SlideOutcome] = {}
+    jobs = _plan_slides(
+        paths, out_root, settings, outcomes, prog, region=region, mpp=mpp, use_mask=tissue,
+        block_px=block_px, tile_size=tile_size,
+    )  # fmt: skip
+    own_cluster = None
+    if distributed and client is None:
+        own_cluster, client = _local_cluster(workers)
+    finish = functools.partial(
+        _finish, card=settings.card, tasks=settings.tasks, fmts=fmts, outcomes=outcomes, prog=prog,
+        write_result=write_result, on_result=on_result,
+    )  # fmt: skip
+    try:
+        executor = _submit_all(
+            jobs, settings, client if distributed else None, prog, mpp=mpp,
+            batch_size=batch_size, skip_background=skip_background,
+        )  # fmt: skip
+        _collect(executor, jobs, outcomes, prog, finish, None if progress else stream or sys.stderr)
+    finally:
+        prog.close()
+        if own_cluster is not None or (scheduler is not None and client is not None):
+            client.close()  # a client this call made (a caller's own client stays open)
+        if own_cluster is not None:
+            own_cluster.close()
+        for job in jobs.values():
+            getattr(job.slide, "close", lambda: None)()
+    return [outcomes[p] for p in paths if p in outcomes]
+
+
+def _writer(
+    settings: Any, formats: Sequence[str] | None, png: bool, tile_classifier: Any
+) -> tuple[Callable[..., dict[str, Path]], tuple[str, ...]]:
+    """The function writing a slide's files, and the formats it writes."""
+    from .export import DEFAULT_FORMATS, write_result
+
+    if tile_classifier is not None:
+        from .teach import as_batch_writer
+
+        write_result = as_batch_writer(tile_classifier, settings.card, settings.tasks, write_result)
+    fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
+    if png and "png" not in fmts:
+        fmts = (*fmts, "png")
+    return write_result, fmts
+
+
+def _plan_slides(
+    paths: Sequence[str],
+    out_root: Path,
+    settings: Any,
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    **plan: Any,
+) -> dict[int, _SlideJob]:
+    """Open and plan every slide (``plan``: :func:`_plan_slide`'s options); a slide that
+    fails here gets its outcome and no job."""
+    from .slide._open import slide_name
+
     jobs: dict[int, _SlideJob] = {}
     used: set[str] = set()
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
         try:
-            from .slide._open import slide_name
-
             out_dir = _output_dir(out_root, slide_name(Path(path)), used)
-            jobs[i] = _plan_slide(
-                path, out_dir=out_dir, settings=settings, region=region, mpp=mpp,
-                use_mask=tissue, block_px=block_px, tile_size=tile_size,
-            )  # fmt: skip
-            job = jobs[i]
+            job = jobs[i] = _plan_slide(path, out_dir=out_dir, settings=settings, **plan)
             prog.log(
                 f"{Path(path).name}: {len(job.tiles)} tiles, "
                 f"{int(job.run_mask.sum())} with tissue, "
@@ -514,81 +556,111 @@ def run_batch(
             prog.log(
                 f"FAILED {path}: {type(exc).__name__}: {exc} (skipped; the other slides go on)"
             )
+    return jobs
 
-    own_cluster = None
-    if distributed and client is None:
-        from distributed import Client, LocalCluster
 
-        # Loopback only, one thread per process: torch and the GIL make threads useless
-        # for this work, and no port is opened beyond this machine.
-        own_cluster = LocalCluster(
-            n_workers=int(workers), threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=None,
-        )  # fmt: skip
-        client = Client(own_cluster, set_as_default=False)
-    try:
-        if distributed:
-            executor: Any = _Distributed(client)
-            from ._parcel import pack_model
+def _local_cluster(workers: int) -> tuple[Any, Any]:
+    """A loopback ``LocalCluster`` of ``workers`` single-threaded processes and its client."""
+    from distributed import Client, LocalCluster
 
-            # One copy of the weights per worker, shipped once as plain bytes (never as a
-            # torch object, see _parcel): every block sees the very same model.
-            model_ref = client.scatter(pack_model(model), broadcast=True)
-            threads = 1
-        else:
-            executor, model_ref, threads = _InProcess(), model, None
-        prog.total = sum(int(j.run_mask.sum()) for j in jobs.values())
-        if prog.bar is not None:
-            prog.bar.reset(total=prog.total)
-        for i, job in jobs.items():
-            ref = (job.path, mpp) if distributed else job.slide
-            job.pending = len(job.blocks)
-            for b, block in enumerate(job.blocks):
-                executor.submit(
-                    (i, b), _run_block, ref, job.plan, block, model_ref, task_t, prec,
-                    batch_size, skip_background, threads,
-                )  # fmt: skip
-        for job in jobs.values():
-            if job.pending == 0:  # nothing to run (all glass, or an empty region)
-                _finish(job, card, task_t, fmts, outcomes, prog, write_result, on_result)
-        for (i, b), value, exc in executor.results():
-            job = jobs[i]
-            if job.error is not None:
-                continue
-            if exc is not None:
-                job.error = f"{type(exc).__name__}: {exc}"
-                executor.cancel(lambda key, i=i: key[0] == i)
-                outcomes[job.path] = SlideOutcome(
-                    job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
-                )
-                prog.log(f"FAILED {job.path}: {job.error}")
-                if not progress:
-                    traceback.print_exception(exc, file=stream or sys.stderr)
-                continue
-            per_block, timings = value
-            n_tiles = 0
-            for block, outs in zip(job.blocks[b], per_block, strict=True):
-                for t, o in zip(block.tiles, outs, strict=True):
-                    job.outputs[(t.row, t.col)] = o
-                n_tiles += len(block.tiles)
-            for k, v in timings.items():
-                job.timings[k] = job.timings.get(k, 0.0) + v
-            job.pending -= 1
-            prog.update(n_tiles, Path(job.path).name)
-            if job.pending == 0:
-                _finish(job, card, task_t, fmts, outcomes, prog, write_result, on_result)
-    finally:
-        prog.close()
-        if own_cluster is not None:
-            client.close()
-            own_cluster.close()
-        elif scheduler is not None and client is not None:
-            client.close()
-        for job in jobs.values():
-            close = getattr(job.slide, "close", None)
-            if close is not None:
-                close()
-    return [outcomes[p] for p in paths if p in outcomes]
+    # Loopback only, one thread per process: torch and the GIL make threads useless
+    # for this work, and no port is opened beyond this machine.
+    cluster = LocalCluster(
+        n_workers=int(workers), threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address=None,
+    )  # fmt: skip
+    return cluster, Client(cluster, set_as_default=False)
+
+
+def _submit_all(
+    jobs: dict[int, _SlideJob],
+    settings: Any,
+    client: Any,
+    prog: _Progress,
+    *,
+    mpp: float | None,
+    batch_size: int,
+    skip_background: bool,
+) -> Any:
+    """Every work unit of every job, submitted here (``client`` None) or to ``client``."""
+    if client is not None:
+        executor: Any = _Distributed(client)
+        from ._parcel import pack_model
+
+        # One copy of the weights per worker, shipped once as plain bytes (never as a
+        # torch object, see _parcel): every block sees the very same model.
+        model_ref = client.scatter(pack_model(settings.model), broadcast=True)
+        threads = 1
+    else:
+        executor, model_ref, threads = _InProcess(), settings.model, None
+    prog.total = sum(int(j.run_mask.sum()) for j in jobs.values())
+    if prog.bar is not None:
+        prog.bar.reset(total=prog.total)
+    for i, job in jobs.items():
+        ref = (job.path, mpp) if client is not None else job.slide
+        job.pending = len(job.blocks)
+        for b, block in enumerate(job.blocks):
+            executor.submit(
+                (i, b), _run_block, ref, job.plan, block, model_ref, settings.tasks,
+                settings.precision, batch_size, skip_background, threads,
+            )  # fmt: skip
+    return executor
+
+
+def _collect(
+    executor: Any,
+    jobs: dict[int, _SlideJob],
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    finish: Callable[[_SlideJob], None],
+    traceback_to: Any,
+) -> None:
+    """Take work units as they finish; write each slide when its last unit is in. A failed
+    unit fails its slide (its other units are cancelled) and the others go on."""
+    for job in jobs.values():
+        if job.pending == 0:  # nothing to run (all glass, or an empty region)
+            finish(job)
+    for (i, b), value, exc in executor.results():
+        job = jobs[i]
+        if job.error is not None:
+            continue
+        if exc is not None:
+            executor.cancel(lambda key, i=i: key[0] == i)
+            _unit_failed(job, exc, outcomes, prog, traceback_to)
+            continue
+        _take_unit(job, b, value, prog)
+        if job.pending == 0:
+            finish(job)
+
+
+def _unit_failed(
+    job: _SlideJob,
+    exc: BaseException,
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    traceback_to: Any,
+) -> None:
+    job.error = f"{type(exc).__name__}: {exc}"
+    outcomes[job.path] = SlideOutcome(
+        job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
+    )
+    prog.log(f"FAILED {job.path}: {job.error}")
+    if traceback_to is not None:
+        traceback.print_exception(exc, file=traceback_to)
+
+
+def _take_unit(job: _SlideJob, unit: int, value: Any, prog: _Progress) -> None:
+    """Keep a finished work unit's tile outputs and stage timings."""
+    per_block, timings = value
+    n_tiles = 0
+    for block, outs in zip(job.blocks[unit], per_block, strict=True):
+        for t, o in zip(block.tiles, outs, strict=True):
+            job.outputs[(t.row, t.col)] = o
+        n_tiles += len(block.tiles)
+    for k, v in timings.items():
+        job.timings[k] = job.timings.get(k, 0.0) + v
+    job.pending -= 1
+    prog.update(n_tiles, Path(job.path).name)
 
 
 def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_result) -> None:
