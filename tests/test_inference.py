@@ -312,7 +312,9 @@ def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postproces
 
 def test_device_and_precision_resolution(monkeypatch):
     torch = pytest.importorskip("torch")
-    from histolens._engine import resolve_device, resolve_precision
+    from histolens._engine import resolve_device
+    from histolens.models import precision
+    from histolens.models.precision import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cpu") == "cpu"
@@ -323,9 +325,9 @@ def test_device_and_precision_resolution(monkeypatch):
         resolve_device("tpu")
     assert resolve_precision("cpu", "fp32") == "fp32"
     assert resolve_precision("mps") == "fp16"
-    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("cpu") == "fp32"  # no native bf16: stay in fp32
-    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("cpu", "int8")

@@ -193,6 +193,26 @@ def _randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
                 mod.bias.normal_(0, 0.2, generator=g)
 
 
+def test_the_engine_and_the_model_agree_on_precision_for_every_device(monkeypatch):
+    """Regression: the engine resolved MPS to fp16, which predict_tiles then refused, so
+    nothing could run on a Mac GPU. Both now ask one owner, ``models.precision``."""
+    from histolens.inference import resolve_precision
+
+    model = create_model("test-tiny")
+    cls = type(model)
+    for device, dtype in (("mps", torch.float16), ("cpu", torch.float32)):
+        monkeypatch.setattr(cls, "device", property(lambda self, d=device: torch.device(d)))
+        if device == "cpu":
+            monkeypatch.setattr(hm.precision, "cpu_has_native_bf16", lambda: False)
+        resolved = resolve_precision(device, "auto")
+        assert model._run_dtype("auto") == model._run_dtype(resolved) == dtype
+    monkeypatch.undo()
+    tiles = np.random.default_rng(0).integers(0, 256, (1, 256, 256, 3), dtype=np.uint8)
+    half = model.predict_tiles(tiles, precision="fp16")  # what the engine passes on MPS
+    full = model.predict_tiles(tiles, precision="fp32")
+    assert np.abs(half["nuclei_prob"] - full["nuclei_prob"]).max() < 1e-2
+
+
 @pytest.mark.parametrize("name", ["test-tiny", "histolens-default"])
 def test_fast_inference_equals_the_model_itself(name, monkeypatch):
     """Same weights, old path (the module itself, explicit attention weights) vs the inference

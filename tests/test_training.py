@@ -407,12 +407,12 @@ def test_release_recipe_names_the_weight_options_of_a_phase():
 def test_training_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
     """bf16 autocast is emulated (measured 137x slower per convolution) on CPUs without
     AMX / AVX-512 BF16, so ``--precision auto`` (the default) must fall back to fp32 there."""
-    import histolens._engine as engine
+    from histolens.models import precision
     from histolens.training.train import training_precision
 
-    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert training_precision("auto") == "fp32"
-    monkeypatch.setattr(engine, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert training_precision("auto") == "bf16"
     assert training_precision("fp32") == "fp32" and training_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):

@@ -265,3 +265,21 @@ def test_summary_counts_density_and_tile_shares():
     assert [(c.name, c.count) for c in s.tiles_by_class] == [("epithelium", 2), ("stroma", 3)]
     assert s.tiles_by_class[1].fraction == pytest.approx(0.6)
     assert np.allclose(np.sort(s.areas_um2), [4.0, 16.0])
+
+
+def test_summary_density_uses_level0_mpp_when_analysed_at_a_downsample():
+    """Regression: a 0.25 um/px slide analysed at 0.5 um/px (f = 2) gave a tissue area 4x too
+    large (level-0 cell sizes times the analysis mpp), so densities were 4x too small."""
+    from histolens._qt._summary import summarize
+    from histolens.inference import analyze_region
+    from histolens.slide import Slide
+
+    pink = np.zeros((512, 512, 3), np.uint8)
+    pink[...] = (200, 120, 170)  # stained everywhere: every tile cell holds tissue
+    slide = Slide.from_array(pink, mpp=0.25, name="pink")
+    result = analyze_region(
+        slide, Region(0, 0, 512, 512), model="test-tiny", tasks=("tiles",), cache=False
+    )
+    assert result.mpp == pytest.approx(0.5) and result.provenance.slide_mpp == pytest.approx(0.25)
+    # 512 x 512 level-0 px at 0.25 um/px = 128 um x 128 um
+    assert summarize(result).tissue_mm2 == pytest.approx(128 * 128 / 1e6)

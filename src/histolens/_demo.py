@@ -49,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_headless(args: argparse.Namespace) -> int:
+    from .cpu import configure_cpu
     from .export import render_overview_png, write_result
     from .inference import analyze
     from .region import Region
     from .slide import open_slide, sample_slide_path
 
+    configure_cpu()  # threads: $HISTOLENS_THREADS or the physical cores
     slide = open_slide(sample_slide_path())
     region = Region.from_string(args.region) if args.region else Region.full(slide.shape)
     print(f"slide   {slide.path.name}: {slide.shape[1]} x {slide.shape[0]} px, {slide.mpp} um/px")

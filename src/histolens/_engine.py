@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from .models.precision import resolve_precision
 from .region import LevelChoice, Region, choose_level
 from .result import (
     NUCLEI_COLUMNS,
@@ -75,7 +76,6 @@ __all__ = [
     "prepare_run",
     "resolve_device",
     "resolve_model",
-    "resolve_precision",
     "resolve_settings",
     "run_provenance",
 ]
@@ -249,34 +249,6 @@ def resolve_device(device: str | None = None) -> str:
         msg = f"unknown device {dev!r}; choose 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
         raise ValueError(msg)
     return dev
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(device: str, precision: str = "auto") -> str:
-    """``"bf16"``/``"fp16"``/``"fp32"`` for ``device``; ``"auto"`` picks mixed precision where
-    the hardware runs it natively (CUDA, MPS, CPUs with AMX/AVX-512 BF16), fp32 elsewhere."""
-    p = str(precision).lower()
-    if p not in ("auto", "bf16", "fp16", "fp32"):
-        msg = f"precision {precision!r} is not one of 'auto', 'bf16', 'fp16', 'fp32'"
-        raise ValueError(msg)
-    if p != "auto":
-        return p
-    kind = str(device).split(":")[0]
-    if kind == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "mps":
-        return "fp16"
-    return "bf16" if _cpu_has_bf16() else "fp32"
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -287,7 +287,7 @@ def _plan_slide(
     model_blocks = order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
     blocks = group_work(model_blocks, block_px)
     prov = run_provenance(
-        slide, reg, plan, settings, slide_mpp=slide.mpp, tiles_total=len(tiles),
+        slide, reg, plan, settings, slide_mpp=float(slide_mpp), tiles_total=len(tiles),
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
         slide_path=str(getattr(slide, "path", path) or path),
     )  # fmt: skip
@@ -766,6 +766,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-classifier", type=Path, default=None, metavar="FILE",
         help="tile classes taught in the dock (NAME.safetensors + NAME.card.json)",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads of a local run (default: $HISTOLENS_THREADS or the physical "
+        "cores); each dask worker uses one",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -779,6 +786,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"histolens analyze: {exc}", file=sys.stderr)
         return 2
+    if not (args.workers or args.scheduler):
+        from .cpu import configure_cpu
+
+        configure_cpu(args.threads)
     outcomes = run_batch(
         args.slides, args.out, model=args.model, tasks=args.tasks, region=region, mpp=args.mpp,
         workers=args.workers, scheduler=args.scheduler, tissue=not args.no_tissue_mask,

@@ -90,14 +90,15 @@ def _geometry(mpp: float, downsample: float, origin: Sequence[float]) -> dict[st
 
 def slide_mpp(result: RegionResult) -> float:
     """Level-0 um/px: the slide layer's scale, which every overlay is aligned to."""
-    mpp = result.provenance.slide_mpp
-    if not mpp or not (float(mpp) > 0):
+    mpp = result.slide_mpp
+    if mpp is None:
         msg = (
             f"result for region {result.region.as_tuple()} has no level-0 mpp in its provenance "
-            f"({mpp!r}); it cannot be placed on the slide layer. Re-run analyze(..., mpp=...)"
+            f"({result.provenance.slide_mpp!r}); it cannot be placed on the slide layer. "
+            "Re-run analyze(..., mpp=...)"
         )
         raise ValueError(msg)
-    return float(mpp)
+    return mpp
 
 
 def nuclei_layer(nuclei: NucleiResult, mpp: float, *, name: str = "nuclei") -> tuple:

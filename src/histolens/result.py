@@ -129,7 +129,8 @@ class RegionResult:
     """Everything one analysis of ``region`` produced; partial while ``complete`` is False.
 
     ``region`` is in level-0 pixels; ``mpp`` is the *analysis* resolution (um/px the model
-    saw); the slide's level-0 mpp, which overlays align to, is ``provenance.slide_mpp``.
+    saw); the level-0 mpp, which overlays align to and level-0 sizes convert with, is
+    :attr:`slide_mpp`.
     """
 
     region: Region
@@ -139,6 +140,14 @@ class RegionResult:
     attention: list[AttentionMap]
     provenance: Provenance
     complete: bool = True
+
+    @property
+    def slide_mpp(self) -> float | None:
+        """Micrometres per **level-0** pixel this result was computed with (the slide's own, or
+        the user's override): the slide layer's scale, and the factor for every level-0 length
+        (regions, tile cells, centroids). None when the provenance does not record it."""
+        mpp = self.provenance.slide_mpp
+        return float(mpp) if mpp is not None and float(mpp) > 0 else None
 
     @property
     def tiles_done(self) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from histolens.models._zoo import CONSEP_TYPES, KATHER_CLASSES
 from histolens.region import Region
 from histolens.result import NUCLEI_COLUMNS, NucleiResult, Provenance, RegionResult, TileClassResult
 
@@ -45,17 +46,8 @@ LEAVES = (
     QListWidget,
     QTableWidget,
 )
-TYPES = ("other", "inflammatory", "epithelial", "spindle-shaped")
-TISSUE = (
-    "tumour",
-    "stroma",
-    "complex stroma",
-    "lymphocytes",
-    "debris",
-    "mucosa",
-    "adipose",
-    "empty",
-)
+TYPES = CONSEP_TYPES  # the default model's vocabulary: the longest names it shows
+TISSUE = KATHER_CLASSES
 
 
 def full_result() -> RegionResult:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gui, pytest.mark.slow]
+pytestmark = pytest.mark.gui  # ~10-60 s; in the default run: it is the feature's real path
 pytest.importorskip("qtpy")
 
 REPO = Path(__file__).resolve().parents[2]

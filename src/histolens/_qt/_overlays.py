@@ -38,14 +38,9 @@ def _find(viewer: Any, name: str, layer_type: str) -> Any | None:
 
 def overlay_mpp(result: Any) -> float:
     """The level-0 um/px that ``result.to_layer_data()`` used for ``scale``/``translate``."""
-    try:
-        # histolens.layers decides it (slide mpp, or the user's); ask it rather than guess.
-        from histolens.layers import slide_mpp
+    from histolens.layers import slide_mpp
 
-        return float(slide_mpp(result))
-    except ImportError:
-        prov = result.provenance
-        return float(prov.slide_mpp or result.mpp)
+    return slide_mpp(result)
 
 
 def overlay_group(name: str) -> str:

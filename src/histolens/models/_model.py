@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from torch import nn
 from ._paths import card_path_for, file_sha256
 from .card import ALL_TASKS, ModelCard, WeightsError
 from .heads import NucleiDecoder, TileClassHead
+from .precision import resolve_precision
 
 __all__ = [
     "HistoLensModel",
     "card_path_for",
-    "cpu_bf16_is_faster",
     "default_device",
     "fold_batchnorms",
     "file_sha256",
@@ -50,8 +49,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("mps")
     return torch.device("cpu")
 
-
-_BF16_CPU: dict[str, Any] = {}
 
 #: Largest model (parameter bytes) for which inference keeps a folded/cast copy of itself.
 FAST_COPY_MAX_BYTES = 256 * 2**20
@@ -105,22 +102,6 @@ def relu_in_place(module: nn.Module) -> nn.Module:
                 if i > 0 and isinstance(mods[i - 1], nn.Conv2d):
                     cur.inplace = True
     return module
-
-
-def cpu_bf16_is_faster() -> bool:
-    """Measure once per process whether a bf16 matmul beats fp32 on this CPU (AMX/AVX512-BF16)."""
-    if "faster" not in _BF16_CPU:
-        a = torch.randn(512, 512)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x = a.to(dtype)
-            x @ x  # warm-up: first call pays for kernel selection
-            t0 = time.perf_counter()
-            for _ in range(8):
-                x @ x
-            times[dtype] = time.perf_counter() - t0
-        _BF16_CPU.update(times=times, faster=times[torch.bfloat16] < 0.8 * times[torch.float32])
-    return bool(_BF16_CPU["faster"])
 
 
 class HistoLensModel(nn.Module):
@@ -237,18 +218,10 @@ class HistoLensModel(nn.Module):
         cache[key] = (version, fast)
         return fast
 
-    def _use_bf16(self, precision: str) -> bool:
-        if precision not in ("auto", "fp32", "bf16"):
-            msg = f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}"
-            raise ValueError(msg)
-        if precision != "auto":
-            return precision == "bf16"
-        dev = self.device.type
-        if dev == "cuda":
-            return torch.cuda.is_bf16_supported()
-        if dev == "cpu":
-            return cpu_bf16_is_faster()
-        return False
+    def _run_dtype(self, precision: str) -> torch.dtype:
+        """The dtype ``precision`` runs in on this model's device (one owner: resolve_precision)."""
+        resolved = resolve_precision(self.device.type, precision)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolved]
 
     #: ``predict_tiles`` takes ``nuclei_box`` (the engine decodes nuclei only where it keeps them)
     supports_nuclei_box = True
@@ -312,8 +285,8 @@ class HistoLensModel(nn.Module):
         crop = None
         if nuclei_box is not None and "nuclei" in tasks and self.nuclei_head is not None:
             crop = self._decoder_crop(nuclei_box, h, w)
-        bf16 = self._use_bf16(precision)
-        fast = self.inference_copy(torch.bfloat16 if bf16 else torch.float32)
+        dtype = self._run_dtype(precision)
+        fast = self.inference_copy(dtype)
         net = fast if fast is not None else self
         attention_mode: Any = probe if probe is not None else want_attention
         # Atlas reduces its attention to the per-token context reliance inside the fused kernel.
@@ -325,7 +298,7 @@ class HistoLensModel(nn.Module):
             with (
                 torch.inference_mode(),
                 torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=bf16 and fast is None
+                    self.device.type, dtype=dtype, enabled=dtype != torch.float32 and fast is None
                 ),
             ):
                 x = self.preprocess(arr)  # (B, 3, H, W) fp32, channels-last strides (from BHWC)

@@ -219,7 +219,7 @@ def training_precision(precision: str) -> str:
         raise ValueError(msg)
     if precision != "auto":
         return precision
-    from histolens._engine import resolve_precision
+    from histolens.models.precision import resolve_precision
 
     return "bf16" if resolve_precision("cpu", "auto") == "bf16" else "fp32"
 
