@@ -76,6 +76,7 @@ __all__ = [
     "prepare_run",
     "resolve_device",
     "resolve_model",
+    "resolve_precision",
     "resolve_settings",
     "run_provenance",
 ]
