@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._guard import check_level_size
+from ._mpp import plausible_mpp
 from ._slide import LazyImages, SlideError
 from ._tilesource import tiled_dask_array
 
@@ -78,14 +80,14 @@ def _open_wsidicom(path: Path) -> dict[str, Any]:
                 img = wsi.read_region((x0, y0), _lvl, (x1 - x0, y1 - y0))
             return np.asarray(img.convert("RGB"))
 
-        levels.append(tiled_dask_array(read, height, width, tile, name="dicom"))
+        check_level_size(path, f"its level {i}", height, width, tile)
+        levels.append(tiled_dask_array(read, height, width, tile, name="dicom", path=path, level=i))
         downsamples.append(
             (base.size.width / width + base.size.height / height) / 2.0 if i else 1.0
         )
-    mpp = None
     spacing = getattr(base, "pixel_spacing", None)
-    if spacing is not None and spacing.width and spacing.width > 0:
-        mpp = float(spacing.width) * 1000.0  # mm -> um
+    width_mm = getattr(spacing, "width", None)
+    mpp = plausible_mpp(float(width_mm) * 1000.0) if width_mm else None  # mm -> um
     assoc = {}
     if wsi.labels:
         assoc["label"] = lambda: np.asarray(wsi.read_label().convert("RGB"))
@@ -98,7 +100,7 @@ def _open_wsidicom(path: Path) -> dict[str, Any]:
         "mpp_source": "dicom" if mpp is not None else "none",
         "vendor": "dicom",
         "metadata": {"format": "dicom", "reader": "wsidicom"},
-        "associated": LazyImages(assoc),
+        "associated": LazyImages(assoc, path),
         "closers": (wsi.close,),
     }
 
@@ -192,9 +194,11 @@ def _open_frames(path: Path) -> dict[str, Any]:
             "wsidicom reads, and wsidicom rejected the file",
             "convert it with wsidicomizer or open the full series folder",
         )
-    width, height = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
-    tile = (int(ds.Rows), int(ds.Columns))
-    nframes = int(getattr(ds, "NumberOfFrames", 1))
+    width = _int_element(ds, "TotalPixelMatrixColumns", path)
+    height = _int_element(ds, "TotalPixelMatrixRows", path)
+    tile = (_int_element(ds, "Rows", path), _int_element(ds, "Columns", path))
+    nframes = _int_element(ds, "NumberOfFrames", path, default=1)
+    check_level_size(path, "its pixel matrix", height, width, tile)
     across, down = -(-width // tile[1]), -(-height // tile[0])
     if across * down != nframes:
         raise SlideError(
@@ -203,7 +207,7 @@ def _open_frames(path: Path) -> dict[str, Any]:
             f"in {tile[1]} x {tile[0]} tiles",
             "the file is incomplete; export the slide again",
         )
-    syntax = str(ds.file_meta.TransferSyntaxUID)
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     decoders = {
         "1.2.840.10008.1.2.4.50": imagecodecs.jpeg8_decode,  # JPEG baseline
         "1.2.840.10008.1.2.4.91": imagecodecs.jpeg2k_decode,  # JPEG 2000
@@ -220,7 +224,10 @@ def _open_frames(path: Path) -> dict[str, Any]:
     fh = open(path, "rb")  # noqa: SIM115 - closed by Slide.close()
     try:
         frames = _frame_offsets(fh, _pixel_data_start(fh), size, nframes)
-    except (ValueError, IndexError, struct.error) as exc:
+        if len(frames) != nframes:
+            msg = f"{len(frames)} frames found, {nframes} declared"
+            raise ValueError(msg)
+    except (ValueError, IndexError, struct.error, MemoryError) as exc:
         fh.close()
         raise SlideError(
             path, f"its encapsulated pixel data is damaged: {exc}", "re-copy the file"
@@ -259,12 +266,15 @@ def _open_frames(path: Path) -> dict[str, Any]:
         raise SlideError(
             path, f"its first frame cannot be decoded ({exc})", "re-copy the file"
         ) from None
-    level0 = tiled_dask_array(read, height, width, tile, name="dicom")
+    level0 = tiled_dask_array(read, height, width, tile, name="dicom", path=path)
     mpp = _dicom_mpp(ds)
     meta = {"format": "dicom", "reader": "histolens-frames", "dicom.TransferSyntaxUID": syntax}
     for key in ("SeriesDescription", "Manufacturer", "ContainerIdentifier", "StudyDate"):
-        if key in ds:
-            meta[f"dicom.{key}"] = str(ds.get(key))
+        try:
+            if key in ds:
+                meta[f"dicom.{key}"] = str(ds.get(key))
+        except Exception:  # noqa: S112 - a damaged descriptive element is only left out
+            continue
     return {
         "levels": (level0,),
         "downsamples": (1.0,),
@@ -278,6 +288,19 @@ def _open_frames(path: Path) -> dict[str, Any]:
     }
 
 
+def _int_element(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:
+    """The integer value of a DICOM element, or a SlideError naming it when absent or bad."""
+    try:
+        value = ds.get(keyword, default)
+        if value is None:
+            reason = f"it lacks the {keyword} element"
+        else:
+            return int(value)
+    except Exception as exc:  # pydicom converts values lazily and raises many types
+        reason = f"its {keyword} element is not an integer ({exc})"
+    raise SlideError(path, reason, "the file is damaged or incomplete; export the slide again")
+
+
 def _dicom_mpp(ds: Any) -> float | None:
     """Pixel spacing (mm -> um) from the shared functional groups, else from the imaged volume.
 
@@ -286,14 +309,14 @@ def _dicom_mpp(ds: Any) -> float | None:
     """
     try:
         spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-        return float(spacing[1]) * 1000.0
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return plausible_mpp(float(spacing[1]) * 1000.0)
+    except Exception:  # noqa: S110 - absent or damaged: try the imaged volume below
         pass
     try:
         mx = float(ds.ImagedVolumeWidth) * 1000.0 / int(ds.TotalPixelMatrixColumns)
         my = float(ds.ImagedVolumeHeight) * 1000.0 / int(ds.TotalPixelMatrixRows)
-    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+    except Exception:  # absent or damaged elements: no calibration
         return None
     if abs(mx - my) <= 0.01 * max(mx, my):
-        return mx
+        return plausible_mpp(mx)
     return None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
-from ._slide import Slide, SlideError, _check_mpp, derive_levels
+from ._derive import derive_levels
+from ._slide import Slide, SlideError, _check_mpp
 
 __all__ = ["SLIDE_SUFFIXES", "open_slide", "slide_name"]
 
@@ -89,6 +91,34 @@ def _open_backend(path: Path, kind: str) -> dict[str, Any]:
         ) from None
 
 
+def _open_parts(path: Path) -> dict[str, Any]:
+    """The backend's Slide keyword arguments; any failure is a :class:`SlideError`.
+
+    The backends check what they know can go wrong; this is the net under them, so that a
+    damaged file never reaches the user as a bare TypeError or ZeroDivisionError.
+    """
+    try:
+        parts = _open_backend(path, _sniff(path))
+    except (SlideError, ImportError):
+        raise
+    except Exception as exc:  # tifffile, pydicom, wsidicom, codecs: many types on damage
+        raise SlideError(
+            path,
+            f"it cannot be read as a slide ({type(exc).__name__}: {exc})",
+            "the file is damaged or not a supported slide; copy it again, or convert it to a "
+            "tiled pyramidal TIFF",
+        ) from exc
+    mpp = parts.get("mpp")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        warnings.warn(
+            f"{path}: the file records an impossible pixel size ({mpp} um/px); it is ignored",
+            UserWarning,
+            stacklevel=3,
+        )
+        parts["mpp"], parts["mpp_source"] = None, "none"
+    return parts
+
+
 def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Slide:
     """Open a whole-slide image as a :class:`Slide` of lazy levels (nothing is decoded yet
     except one tile, to fail early on a bad file).
@@ -111,8 +141,7 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         raise SlideError(
             path, "no such file or folder", "check the path (and the working directory)"
         )
-    kind = _sniff(path)
-    parts = _open_backend(path, kind)
+    parts = _open_parts(path)
     closers = parts.pop("closers", ())
     derive = parts.pop("derive", False)
     levels, downsamples = parts["levels"], parts["downsamples"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ._guard import check_level_size
 from ._slide import FILL_VALUE, LazyImages
 from ._tilesource import tiled_dask_array
 
@@ -51,6 +52,7 @@ def open_openslide(path: Path) -> dict[str, Any]:
         f = float(osr.level_downsamples[i])
         tw = int(props.get(f"openslide.level[{i}].tile-width", 0)) or 512
         th = int(props.get(f"openslide.level[{i}].tile-height", 0)) or 512
+        check_level_size(path, f"its level {i}", int(height), int(width), (th, tw))
 
         def read(y0: int, x0: int, y1: int, x1: int, _i: int = i, _f: float = f) -> np.ndarray:
             # read_region takes the top-left corner in level-0 pixels.
@@ -59,7 +61,11 @@ def open_openslide(path: Path) -> dict[str, Any]:
                 img = osr.read_region(location, _i, (x1 - x0, y1 - y0))
             return _rgba_to_rgb(np.asarray(img))
 
-        levels.append(tiled_dask_array(read, int(height), int(width), (th, tw), name="openslide"))
+        levels.append(
+            tiled_dask_array(
+                read, int(height), int(width), (th, tw), name="openslide", path=path, level=i
+            )
+        )
     mpp = None
     try:
         mpp = float(props[openslide.PROPERTY_NAME_MPP_X])
@@ -77,6 +83,6 @@ def open_openslide(path: Path) -> dict[str, Any]:
         "mpp_source": "openslide" if mpp and mpp > 0 else "none",
         "vendor": f"openslide:{vendor}",
         "metadata": {"format": vendor, **{k: v for k, v in props.items() if len(v) < 4096}},
-        "associated": LazyImages(assoc),
+        "associated": LazyImages(assoc, path),
         "closers": (osr.close,),
     }

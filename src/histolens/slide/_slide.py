@@ -20,11 +20,8 @@ import numpy as np
 from histolens.region import Region
 from histolens.tiles import read_level_box
 
-__all__ = ["LazyImages", "Slide", "SlideError", "as_rgb_uint8", "derive_levels"]
+__all__ = ["LazyImages", "Slide", "SlideError", "as_rgb_uint8"]
 
-#: Derived (computed) levels stop once the longest side is below this many pixels, so napari
-#: always has a coarse level to show the whole slide quickly.
-MIN_LEVEL_SIDE = 512
 #: Background for pixels outside the slide and for transparent pixels: brightfield glass is white.
 FILL_VALUE = 255
 
@@ -51,8 +48,13 @@ class LazyImages(Mapping[str, np.ndarray]):
     Each value is a ``(Y, X, 3) uint8`` array in its own pixel frame (not level-0 pixels).
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]] | None = None) -> None:
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[], np.ndarray]] | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._loaders = dict(loaders or {})
+        self._path = path
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -61,7 +63,16 @@ class LazyImages(Mapping[str, np.ndarray]):
             if key not in self._cache:
                 if key not in self._loaders:
                     raise KeyError(key)
-                self._cache[key] = as_rgb_uint8(np.asarray(self._loaders[key]()), "YXS")
+                try:
+                    image = as_rgb_uint8(np.asarray(self._loaders[key]()), "YXS")
+                except Exception as exc:  # a damaged associated image must not crash a viewer
+                    raise SlideError(
+                        self._path,
+                        f"its {key} image cannot be read ({type(exc).__name__}: {exc})",
+                        "the slide itself may still be readable; re-copy the file to get the "
+                        f"{key} image back",
+                    ) from None
+                self._cache[key] = image
             return self._cache[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -136,30 +147,6 @@ def as_rgb_uint8(array: Any, axes: str = "YXS") -> Any:
     if array.shape[-1] == 1:
         array = lib.concatenate([array] * 3, axis=-1) if lib is da else np.repeat(array, 3, axis=-1)
     return array
-
-
-def _halve(level: da.Array, tile: int) -> da.Array:
-    """Mean over 2 x 2 blocks (rounded), dropping an odd last row/column, chunks ``tile``."""
-    h, w = (level.shape[0] // 2) * 2, (level.shape[1] // 2) * 2
-    # Even chunks (2*tile) so each output chunk comes from whole input chunks.
-    src = level[:h, :w].rechunk((2 * tile, 2 * tile, 3))
-    out = da.coarsen(np.mean, src, {0: 2, 1: 2}, dtype=np.float32)
-    return (out + 0.5).astype(np.uint8)
-
-
-def derive_levels(
-    level0: da.Array, *, min_side: int = MIN_LEVEL_SIDE
-) -> tuple[tuple[da.Array, ...], tuple[float, ...]]:
-    """Lazy coarser levels for a single-level slide: halve until the longest side < ``min_side``.
-
-    Level ``k`` pixel ``i`` is the rounded mean of level-0 pixels ``[i*2**k, (i+1)*2**k)``, so
-    its downsample is exactly ``2**k``. Chunks keep the native tile size of level 0.
-    """
-    tile = max(int(level0.chunksize[0]), int(level0.chunksize[1]), 64)
-    levels = [level0]
-    while max(levels[-1].shape[:2]) >= min_side and min(levels[-1].shape[:2]) >= 2:
-        levels.append(_halve(levels[-1], tile))
-    return tuple(levels), tuple(float(2**k) for k in range(len(levels)))
 
 
 def _check_mpp(mpp: float | None, what: str) -> float | None:
@@ -311,6 +298,8 @@ class Slide:
         except ValueError as exc:
             msg = f"Slide.from_array: {exc}; pass a (Y, X) grey or (Y, X, 3|4) colour image"
             raise ValueError(msg) from None
+        from ._derive import derive_levels  # it builds on this module
+
         levels, downsamples = derive_levels(rgb)
         mpp = _check_mpp(mpp, "Slide.from_array mpp")
         return cls(

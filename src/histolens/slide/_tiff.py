@@ -1,14 +1,16 @@
 """tifffile backend: SVS, NDPI, OME-TIFF, Leica SCN, Ventana BIF, Philips and generic tiled TIFF.
 
-Each pyramid level is ``tifffile`` series level -> ``aszarr`` store -> zarr array ->
-``dask.array.from_zarr``, so dask chunks are the file's tiles and a region read decodes only
-the tiles under it (JPEG / JPEG 2000 / LZW ... through imagecodecs).
+Each pyramid level is ``tifffile`` series level -> ``aszarr`` store -> zarr array -> a
+:class:`GuardedArray` (read failures become SlideError) -> dask array, so dask chunks are the
+file's tiles and a region read decodes only the tiles under it (JPEG / JPEG 2000 / LZW ...
+through imagecodecs). The declared structure is checked first (``_tiffcheck``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from histolens.tiles import DIRECT_READ_ATTR
 
+from ._guard import GuardedArray
 from ._mpp import (
     aperio_properties,
     mpp_from_aperio,
@@ -26,6 +29,7 @@ from ._mpp import (
     mpp_from_ventana,
 )
 from ._slide import LazyImages, SlideError, as_rgb_uint8
+from ._tiffcheck import check_series_structure
 
 __all__ = ["open_tiff", "tiff_plane_axes"]
 
@@ -74,17 +78,51 @@ def _snap_downsample(shape0: tuple[int, int], shape: tuple[int, int]) -> float:
     return ratio
 
 
-def _level_array(series: Any, level: int, axes: str) -> da.Array:
-    """One pyramid level as ``(Y, X, 3) uint8`` dask array whose chunks are the file's tiles."""
+def _tile_offset(page: Any, across: int) -> Any:
+    """``(row, col) -> byte offset`` of a tile of ``page`` (None if unknown), for messages."""
+
+    def offset(row: int, col: int) -> int | None:
+        try:
+            return int(page.dataoffsets[row * across + col])
+        except (IndexError, TypeError, ValueError):
+            return None
+
+    return offset
+
+
+def _level_array(series: Any, level: int, axes: str, path: Path) -> tuple[da.Array, Any]:
+    """One pyramid level as ``(Y, X, 3) uint8`` dask array whose chunks are the file's tiles,
+    and the raw zarr array it reads (in the series' own axes)."""
     import zarr
 
     store = zarr.open_array(series.aszarr(level=level), mode="r")
-    rgb = as_rgb_uint8(da.from_zarr(store), axes)
+    page = series.levels[level].keyframe
+    iy, ix = axes.index("Y"), axes.index("X")
+    tile = (int(store.chunks[iy]), int(store.chunks[ix]))
+    guarded = GuardedArray(
+        store,
+        path,
+        level,
+        axes=(iy, ix),
+        tile=tile,
+        tile_offset=_tile_offset(page, -(-int(store.shape[ix]) // tile[1])),
+    )
+    raw = da.from_array(
+        guarded,
+        chunks=tuple(int(c) for c in store.chunks),
+        name=f"histolens-tiff-{uuid.uuid4().hex}",
+        asarray=False,
+        fancy=False,
+        # Inlined: slicing a level of 10^6 tiles then costs no more than a small one.
+        inline_array=True,
+        meta=np.empty((0,) * store.ndim, dtype=store.dtype),
+    )
+    rgb = as_rgb_uint8(raw, axes)
     if tuple(store.shape) == tuple(rgb.shape) and store.dtype == rgb.dtype:
         # Plain interleaved RGB: Slide.read_region can slice the zarr array itself, with no
         # dask graph per read (about 3x faster for a 1024 px box of 240 px JPEG tiles).
-        setattr(rgb, DIRECT_READ_ATTR, store)
-    return rgb
+        setattr(rgb, DIRECT_READ_ATTR, guarded)
+    return rgb, store
 
 
 def _series_pyramid(tif: Any, main: Any) -> list[tuple[Any, int]]:
@@ -118,29 +156,6 @@ def _main_series(tif: Any, vendor: str) -> Any:
         # SCN/BIF list a macro overview beside the scan: the slide is the largest image.
         return max(candidates, key=lambda s: int(np.prod(s.shape)))
     return candidates[0]
-
-
-def _check_tiles(path: Path, series_list: list[Any], size: int) -> None:
-    """Fail early when image data lies past the end of the file (a truncated copy).
-
-    Looks at every level of every series (associated images too): only the offset tables
-    are read, which is cheap even for 100,000-tile levels.
-    """
-    for series in series_list:
-        for k, level in enumerate(series.levels):
-            for page in level.pages:
-                if page is None:
-                    continue
-                offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                end = int((offsets + counts).max()) if offsets.size else 0
-                if end > size:
-                    raise SlideError(
-                        path,
-                        f"the file is truncated: image {series.name or 'main'!r} level {k} "
-                        f"ends at byte {end} but the file has {size} bytes",
-                        "copy or download the slide again and compare its size with the original",
-                    )
 
 
 def _metadata(tif: Any, vendor: str, page0: Any) -> dict[str, Any]:
@@ -217,15 +232,24 @@ def open_tiff(path: Path) -> dict[str, Any]:
     try:
         try:
             tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+        except Exception as exc:  # tifffile raises many types on damaged headers
             raise SlideError(
                 path,
-                f"tifffile cannot parse it as TIFF ({exc})",
+                f"tifffile cannot parse it as TIFF ({type(exc).__name__}: {exc})",
                 "check that the file is a complete whole-slide image (re-copy it if it was "
                 "truncated)",
             ) from None
         try:
-            parts = _open_tiff(tif, path)
+            try:
+                parts = _open_tiff(tif, path)
+            except (SlideError, ImportError):
+                raise
+            except Exception as exc:  # tifffile parses IFDs lazily and raises many types
+                raise SlideError(
+                    path,
+                    f"its TIFF structure is damaged ({type(exc).__name__}: {exc})",
+                    "copy or download the slide again and compare it with the original",
+                ) from exc
             broken = [m for m in log.messages if "offset" in m.lower()]
             if broken:
                 raise SlideError(
@@ -258,17 +282,18 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
             "open image stacks or multichannel fluorescence with napari's default reader; "
             "histolens reads brightfield slides",
         )
+    check_series_structure(path, list(series_list), path.stat().st_size)
     series_levels = _series_pyramid(tif, main)
-    _check_tiles(path, list(series_list), path.stat().st_size)
     axes = tiff_plane_axes(main) or main.axes
     levels: list[da.Array] = []
     for series, index in series_levels:
-        levels.append(_level_array(series, index, axes))
+        rgb, store = _level_array(series, index, axes, path)
+        levels.append(rgb)
     keyframe = main.keyframe
     try:
         # Decode one tile of the coarsest level now: a missing codec or corrupt data fails
         # here, with the file name, instead of later inside a napari draw or a dask worker.
-        levels[-1].blocks[0, 0].compute()
+        store[tuple(slice(0, int(c)) for c in store.chunks)]
     except Exception as exc:
         compression = getattr(keyframe.compression, "name", keyframe.compression)
         raise SlideError(
@@ -294,6 +319,6 @@ def _open_tiff(tif: Any, path: Path) -> dict[str, Any]:
         "mpp_source": mpp_source,
         "vendor": vendor,
         "metadata": _metadata(tif, vendor, page0),
-        "associated": LazyImages(assoc),
+        "associated": LazyImages(assoc, path),
         "closers": (tif.close,),
     }
