@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from histolens import Region
+from histolens._engine import plan_analysis
 from histolens.batch import group_work, run, run_batch, tiles_in_mask, tissue_mask
-from histolens.inference import analyze_region, plan_analysis
+from histolens.inference import analyze_region
 from histolens.models import get_card
 from histolens.slide import open_slide, write_synthetic_pyramid
 from histolens.tiles import TileGrid, group_tiles
@@ -285,18 +286,18 @@ def test_a_slide_failing_during_analysis_does_not_stop_the_others(
 ):
     import shutil
 
-    from histolens import inference
+    from histolens import batch
 
     other = tmp_path / "other.tif"
     shutil.copy(synthetic_slide, other)
-    real = inference.run_blocks
+    real = batch._run_block
 
     def flaky(slide, *args, **kwargs):
         if slide.name == "other":
             raise RuntimeError("decoder crashed on tile (3, 4)")
         return real(slide, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "run_blocks", flaky)
+    monkeypatch.setattr(batch, "_run_block", flaky)
     outcomes = run_batch(
         [other, synthetic_slide], tmp_path / "out", model=ThresholdModel(), tasks=("tiles",),
         block_px=384, progress=False,

@@ -16,8 +16,9 @@ from test_inference_fakes import (
     synthetic_image,
 )
 
-import histolens.inference as inference
-from histolens.inference import TileCache, analyze, analyze_region, plan_analysis
+import histolens._engine as engine
+from histolens._engine import plan_analysis
+from histolens.inference import TileCache, analyze, analyze_region
 from histolens.region import Region
 from histolens.result import NUCLEI_COLUMNS
 
@@ -31,7 +32,7 @@ def image():
 def postprocess(request, monkeypatch):
     """Run each engine test with a plain labeller and with the real HoVer post-processing."""
     if request.param == "simple":
-        monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+        monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     else:
         pytest.importorskip("histolens.models.postprocess", reason="hover_instances not landed yet")
     return request.param
@@ -69,7 +70,7 @@ def test_tiled_equals_whole_region(image, postprocess):
 
 def test_tiled_equals_whole_when_resampling(image, monkeypatch):
     """Same oracle when no level matches and the engine resamples (0.3 um/px -> 0.5)."""
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.3)
     model = FakeModel()
@@ -85,7 +86,7 @@ def test_tiled_equals_whole_when_resampling(image, monkeypatch):
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_level_choice_and_centroids_in_level0(image, level, monkeypatch):
     """Model mpp = slide mpp * 2^k picks level k; centroids come back in level-0 pixels."""
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, centres = synthetic_image(1024, n=60, radius=16.0, seed=3)
     slide = pyramid_slide(img, mpp=0.25)
     model = FakeModel(fake_card(mpp=0.25 * 2**level))
@@ -104,7 +105,7 @@ def test_level_choice_and_centroids_in_level0(image, level, monkeypatch):
 
 
 def test_partial_results_are_progressive_and_consistent(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     gen = analyze(
@@ -125,7 +126,7 @@ def test_partial_results_are_progressive_and_consistent(image, monkeypatch):
 
 
 def test_cache_reuses_tiles_and_overlaps(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     model = FakeModel()
@@ -148,7 +149,7 @@ def test_cache_reuses_tiles_and_overlaps(image, monkeypatch):
 
 
 def test_cache_is_bounded_by_bytes():
-    from histolens.inference import TileOutput
+    from histolens._engine import TileOutput
 
     cache = TileCache(10_000)
     for i in range(10):
@@ -160,7 +161,7 @@ def test_cache_is_bounded_by_bytes():
 
 
 def test_cancel_stops_between_tiles(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     stop = threading.Event()
@@ -199,7 +200,7 @@ class _OOMModel(FakeModel):
 
 
 def test_out_of_memory_halves_the_batch(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     ref = _run(slide, Region(0, 0, 512, 512), model=FakeModel(), tile_size=128, batch_size=4)
@@ -217,7 +218,7 @@ def test_out_of_memory_halves_the_batch(image, monkeypatch):
 
 
 def test_missing_mpp_needs_an_override(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=None)
     with pytest.raises(ValueError, match="pass mpp="):
@@ -227,7 +228,7 @@ def test_missing_mpp_needs_an_override(image, monkeypatch):
 
 
 def test_bad_regions(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     with pytest.raises(ValueError, match="outside slide"):
@@ -246,7 +247,7 @@ def test_bad_regions(image, monkeypatch):
 
 
 def test_tasks_subset_only_fills_what_was_asked(image, monkeypatch):
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     res = _run(slide, Region(0, 0, 256, 256), model=FakeModel(), tasks=("tiles",))
@@ -267,7 +268,7 @@ def test_plan_uses_choose_level():
 
 def test_slide_from_array_and_real_svs(wsi_dir, monkeypatch):
     """The engine runs on the project's own Slide type and on a real Aperio file."""
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     slide_mod = pytest.importorskip("histolens.slide")
     img, _ = synthetic_image(512, n=30)
     mem = slide_mod.Slide.from_array(img, mpp=0.5, name="synthetic")
@@ -311,8 +312,9 @@ def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postproces
 
 def test_device_and_precision_resolution(monkeypatch):
     torch = pytest.importorskip("torch")
-    from histolens.inference import resolve_device, resolve_precision
+    from histolens._engine import resolve_device
     from histolens.models import precision
+    from histolens.models.precision import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cpu") == "cpu"
@@ -333,7 +335,7 @@ def test_device_and_precision_resolution(monkeypatch):
 
 def test_first_model_call_is_one_tile_at_the_centre(image, monkeypatch):
     """A fresh view paints first where the user looks: the centre tile alone, then blocks."""
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     model = FakeModel(fake_card(tile_size=512, halo=32))  # 128-px tiles, halo 64, 3 x 3 blocks

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from test_inference_fakes import FakeModel, fake_card, pyramid_slide, synthetic_image
 
-import histolens.inference as inference
+import histolens._engine as engine
+from histolens._engine import nuclei_box
 from histolens.cpu import THREADS_ENV, configure_cpu, default_threads, physical_cores
-from histolens.inference import TileCache, analyze_region, nuclei_box
+from histolens.inference import TileCache, analyze_region
 from histolens.progress import progress_text, seconds_left
 from histolens.region import Region
 from histolens.tiles import Block, TileGrid
@@ -55,7 +56,7 @@ def _labels_equal(a, b) -> None:
 
 def test_cropped_decoding_equals_the_old_path(slide, monkeypatch):
     """Nuclei decoded over the owned part inside the view + margin == the whole input."""
-    monkeypatch.setattr(inference, "NUCLEI_MARGIN_UM", 8.0)  # 16 px: above the fake's reach
+    monkeypatch.setattr(engine, "NUCLEI_MARGIN_UM", 8.0)  # 16 px: above the fake's reach
     model = CroppingFakeModel(fake_card(tile_size=512, halo=32))
     region = Region(37, 21, 700, 650)  # edges off the tile grid: edge tiles decoded in part
     old = analyze_region(slide, region, model=model, cache=False, crop_decoder=False)
@@ -68,7 +69,7 @@ def test_cropped_decoding_equals_the_old_path(slide, monkeypatch):
 
 
 def test_edge_tiles_are_recomputed_when_a_later_view_needs_more(slide, monkeypatch):
-    monkeypatch.setattr(inference, "NUCLEI_MARGIN_UM", 8.0)
+    monkeypatch.setattr(engine, "NUCLEI_MARGIN_UM", 8.0)
     model = CroppingFakeModel(fake_card(tile_size=512, halo=32))  # 128 px tiles
     cache = TileCache()
     analyze_region(slide, Region(0, 0, 320, 320), model=model, cache=cache)

@@ -13,6 +13,7 @@ from test_inference_fakes import (
     synthetic_image,
 )
 
+import histolens._engine as engine
 import histolens.inference as inference
 from histolens.layers import result_to_layer_data, rgba
 from histolens.region import Region
@@ -137,7 +138,7 @@ def test_rgba_accepts_the_colour_forms_in_cards():
 def test_engine_output_aligns_with_the_slide_at_each_level(level, monkeypatch):
     """End to end: analyse at pyramid level k (downsample 2^k); every detected nucleus, taken
     from the napari Labels layer, sits on a painted disk of the slide layer in world um."""
-    monkeypatch.setattr(inference, "_hover_instances", simple_instances)
+    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, centres = synthetic_image(1024, n=40, radius=16.0, seed=5)
     slide = pyramid_slide(img, mpp=MPP)
     res = inference.analyze_region(

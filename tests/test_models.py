@@ -196,7 +196,7 @@ def _randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
 def test_the_engine_and_the_model_agree_on_precision_for_every_device(monkeypatch):
     """Regression: the engine resolved MPS to fp16, which predict_tiles then refused, so
     nothing could run on a Mac GPU. Both now ask one owner, ``models.precision``."""
-    from histolens.inference import resolve_precision
+    from histolens._engine import resolve_precision
 
     model = create_model("test-tiny")
     cls = type(model)

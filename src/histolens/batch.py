@@ -17,6 +17,7 @@ thread count and on which blocks share a model call).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,8 @@ def _run_block(
     """
     import dask
 
+    from ._engine import BlockRunner, batch_blocks
     from ._parcel import unpack_model
-    from .inference import run_blocks
 
     if threads:
         import torch
@@ -175,16 +176,17 @@ def _run_block(
     # Pixels are read inside this task: on a dask worker, a nested compute() would otherwise
     # go back to the distributed scheduler (and try to ship open file handles there).
     with dask.config.set(scheduler="synchronous"):
-        return run_blocks(
-            _open_slide_ref(slide_ref),
-            plan,
-            blocks,
-            unpack_model(model),
-            tasks,
-            precision=precision,
-            batch_size=batch_size,
-            skip_background=skip_background,
-        )
+        runner = BlockRunner(
+            _open_slide_ref(slide_ref), plan, unpack_model(model), tasks, precision=precision,
+            batch_size=batch_size, skip_background=skip_background,
+        )  # fmt: skip
+        # Grouped into model calls exactly as analyze() groups a fresh region's blocks.
+        done = [outs for batch in runner.run(batch_blocks(blocks, batch_size)) for _, outs in batch]
+    stages = ("read", "preprocess", "model", "postprocess")
+    return done, {
+        **{k: runner.timings[k] for k in stages},
+        "oom_retries": float(runner.oom_retries),
+    }
 
 
 # --------------------------------------------------------------------------- one slide
@@ -237,18 +239,14 @@ def _plan_slide(
     path: str,
     *,
     out_dir: Path,
-    model: Any,
-    tasks: tuple[str, ...],
     region: Region | None,
     mpp: float | None,
     use_mask: bool,
     block_px: int,
     tile_size: int | None,
-    device: str,
-    precision: str,
+    settings: Any,
 ) -> _SlideJob:
-    from .inference import card_to_dict, plan_analysis
-    from .result import Provenance
+    from ._engine import order_blocks, plan_analysis, run_provenance
     from .slide import SlideError, open_slide
 
     slide = open_slide(path, mpp=mpp)
@@ -269,7 +267,7 @@ def _plan_slide(
             f"{shape} (level-0 px); give y0,x0,y1,x1 inside (0, 0, {shape[0]}, {shape[1]})"
         )
         raise ValueError(msg)
-    card = model.card
+    card = settings.card
     plan = plan_analysis(reg, float(slide_mpp), slide.downsamples, card, tile_size=tile_size)
     if plan.box.height * plan.box.width > MAX_ANALYSIS_PX:
         slide.close()
@@ -284,28 +282,15 @@ def _plan_slide(
         run_mask = tiles_in_mask(tiles, plan.f, mask, scale)
     else:
         run_mask = np.ones(len(tiles), bool)
-    from .inference import order_blocks
-
     # Grouped and ordered exactly as analyze() runs a fresh region (its blocks are the model
     # inputs, its order the paste order), then dealt out in work units.
     model_blocks = order_blocks([t for t, keep in zip(tiles, run_mask, strict=True) if keep], plan)
     blocks = group_work(model_blocks, block_px)
-    prov = Provenance(
-        slide_path=str(getattr(slide, "path", path) or path),
-        slide_name=str(slide.name),
-        region=reg,
-        level=plan.level.level,
-        level_downsample=plan.level.downsample,
-        slide_mpp=float(slide_mpp),  # the level-0 mpp actually used (slide's or user's)
+    prov = run_provenance(
+        slide, reg, plan, settings, slide_mpp=float(slide_mpp), tiles_total=len(tiles),
         mpp_source="user" if mpp is not None else str(slide.mpp_source),
-        analysis_mpp=plan.analysis_mpp,
-        model_name=str(card.name),
-        model_card=card_to_dict(card),
-        device=device,
-        precision=precision,
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tiles_total=len(tiles),
-    )
+        slide_path=str(getattr(slide, "path", path) or path),
+    )  # fmt: skip
     return _SlideJob(
         path, slide, out_dir, plan, tiles, run_mask, model_blocks, blocks, prov, time.perf_counter()
     )
@@ -313,7 +298,7 @@ def _plan_slide(
 
 def _assemble(job: _SlideJob, card: Any, tasks: tuple[str, ...]) -> Any:
     """Paste every tile's output in the engine's order (block by block); build the result."""
-    from .inference import ResultAssembly, TileOutput
+    from ._engine import ResultAssembly, TileOutput
 
     asm = ResultAssembly(job.plan, card, tasks)
     prov = job.provenance
@@ -475,8 +460,7 @@ def run_batch(
     ``tile_classifier`` (a :class:`histolens.teach.TileClassifier` or its file) replaces the
     model's tile classes by a taught classifier's (checked against the model before any work).
     """
-    from .export import DEFAULT_FORMATS, write_result
-    from .inference import resolve_model, resolve_precision, resolve_tasks
+    from ._engine import resolve_settings
 
     out_root = Path(out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -486,39 +470,79 @@ def run_batch(
         from ._cluster import check_scheduler
 
         check_scheduler(scheduler)  # before the model loads or any slide opens: fail fast
-    model = resolve_model(model, "cpu" if distributed else None)
-    card = model.card
-    task_t = resolve_tasks(tasks, card)
-    device = str(getattr(model, "device", "cpu"))
-    prec = resolve_precision(device, precision)
-    if tile_classifier is not None:
-        from .teach import as_batch_writer
-
-        write_result = as_batch_writer(tile_classifier, card, task_t, write_result)
-    fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
-    if png and "png" not in fmts:
-        fmts = (*fmts, "png")
+    settings = resolve_settings(
+        model, tasks, device="cpu" if distributed else None, precision=precision
+    )
+    write_result, fmts = _writer(settings, formats, png, tile_classifier)
     if scheduler is not None and client is None:
         from ._cluster import connect_scheduler
 
         client = connect_scheduler(scheduler)
     prog = _Progress(0, stream=stream, enabled=progress)
-
     outcomes: dict[str, SlideOutcome] = {}
+    jobs = _plan_slides(
+        paths, out_root, settings, outcomes, prog, region=region, mpp=mpp, use_mask=tissue,
+        block_px=block_px, tile_size=tile_size,
+    )  # fmt: skip
+    own_cluster = None
+    if distributed and client is None:
+        own_cluster, client = _local_cluster(workers)
+    finish = functools.partial(
+        _finish, card=settings.card, tasks=settings.tasks, fmts=fmts, outcomes=outcomes, prog=prog,
+        write_result=write_result, on_result=on_result,
+    )  # fmt: skip
+    try:
+        executor = _submit_all(
+            jobs, settings, client if distributed else None, prog, mpp=mpp,
+            batch_size=batch_size, skip_background=skip_background,
+        )  # fmt: skip
+        _collect(executor, jobs, outcomes, prog, finish, None if progress else stream or sys.stderr)
+    finally:
+        prog.close()
+        if own_cluster is not None or (scheduler is not None and client is not None):
+            client.close()  # a client this call made (a caller's own client stays open)
+        if own_cluster is not None:
+            own_cluster.close()
+        for job in jobs.values():
+            getattr(job.slide, "close", lambda: None)()
+    return [outcomes[p] for p in paths if p in outcomes]
+
+
+def _writer(
+    settings: Any, formats: Sequence[str] | None, png: bool, tile_classifier: Any
+) -> tuple[Callable[..., dict[str, Path]], tuple[str, ...]]:
+    """The function writing a slide's files, and the formats it writes."""
+    from .export import DEFAULT_FORMATS, write_result
+
+    if tile_classifier is not None:
+        from .teach import as_batch_writer
+
+        write_result = as_batch_writer(tile_classifier, settings.card, settings.tasks, write_result)
+    fmts = tuple(formats) if formats is not None else DEFAULT_FORMATS
+    if png and "png" not in fmts:
+        fmts = (*fmts, "png")
+    return write_result, fmts
+
+
+def _plan_slides(
+    paths: Sequence[str],
+    out_root: Path,
+    settings: Any,
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    **plan: Any,
+) -> dict[int, _SlideJob]:
+    """Open and plan every slide (``plan``: :func:`_plan_slide`'s options); a slide that
+    fails here gets its outcome and no job."""
+    from .slide._open import slide_name
+
     jobs: dict[int, _SlideJob] = {}
     used: set[str] = set()
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
         try:
-            from .slide._open import slide_name
-
             out_dir = _output_dir(out_root, slide_name(Path(path)), used)
-            jobs[i] = _plan_slide(
-                path, out_dir=out_dir, model=model, tasks=task_t, region=region, mpp=mpp,
-                use_mask=tissue, block_px=block_px, tile_size=tile_size, device=device,
-                precision=prec,
-            )  # fmt: skip
-            job = jobs[i]
+            job = jobs[i] = _plan_slide(path, out_dir=out_dir, settings=settings, **plan)
             prog.log(
                 f"{Path(path).name}: {len(job.tiles)} tiles, "
                 f"{int(job.run_mask.sum())} with tissue, "
@@ -532,81 +556,111 @@ def run_batch(
             prog.log(
                 f"FAILED {path}: {type(exc).__name__}: {exc} (skipped; the other slides go on)"
             )
+    return jobs
 
-    own_cluster = None
-    if distributed and client is None:
-        from distributed import Client, LocalCluster
 
-        # Loopback only, one thread per process: torch and the GIL make threads useless
-        # for this work, and no port is opened beyond this machine.
-        own_cluster = LocalCluster(
-            n_workers=int(workers), threads_per_worker=1, processes=True,
-            host="127.0.0.1", dashboard_address=None,
-        )  # fmt: skip
-        client = Client(own_cluster, set_as_default=False)
-    try:
-        if distributed:
-            executor: Any = _Distributed(client)
-            from ._parcel import pack_model
+def _local_cluster(workers: int) -> tuple[Any, Any]:
+    """A loopback ``LocalCluster`` of ``workers`` single-threaded processes and its client."""
+    from distributed import Client, LocalCluster
 
-            # One copy of the weights per worker, shipped once as plain bytes (never as a
-            # torch object, see _parcel): every block sees the very same model.
-            model_ref = client.scatter(pack_model(model), broadcast=True)
-            threads = 1
-        else:
-            executor, model_ref, threads = _InProcess(), model, None
-        prog.total = sum(int(j.run_mask.sum()) for j in jobs.values())
-        if prog.bar is not None:
-            prog.bar.reset(total=prog.total)
-        for i, job in jobs.items():
-            ref = (job.path, mpp) if distributed else job.slide
-            job.pending = len(job.blocks)
-            for b, block in enumerate(job.blocks):
-                executor.submit(
-                    (i, b), _run_block, ref, job.plan, block, model_ref, task_t, prec,
-                    batch_size, skip_background, threads,
-                )  # fmt: skip
-        for job in jobs.values():
-            if job.pending == 0:  # nothing to run (all glass, or an empty region)
-                _finish(job, card, task_t, fmts, outcomes, prog, write_result, on_result)
-        for (i, b), value, exc in executor.results():
-            job = jobs[i]
-            if job.error is not None:
-                continue
-            if exc is not None:
-                job.error = f"{type(exc).__name__}: {exc}"
-                executor.cancel(lambda key, i=i: key[0] == i)
-                outcomes[job.path] = SlideOutcome(
-                    job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
-                )
-                prog.log(f"FAILED {job.path}: {job.error}")
-                if not progress:
-                    traceback.print_exception(exc, file=stream or sys.stderr)
-                continue
-            per_block, timings = value
-            n_tiles = 0
-            for block, outs in zip(job.blocks[b], per_block, strict=True):
-                for t, o in zip(block.tiles, outs, strict=True):
-                    job.outputs[(t.row, t.col)] = o
-                n_tiles += len(block.tiles)
-            for k, v in timings.items():
-                job.timings[k] = job.timings.get(k, 0.0) + v
-            job.pending -= 1
-            prog.update(n_tiles, Path(job.path).name)
-            if job.pending == 0:
-                _finish(job, card, task_t, fmts, outcomes, prog, write_result, on_result)
-    finally:
-        prog.close()
-        if own_cluster is not None:
-            client.close()
-            own_cluster.close()
-        elif scheduler is not None and client is not None:
-            client.close()
-        for job in jobs.values():
-            close = getattr(job.slide, "close", None)
-            if close is not None:
-                close()
-    return [outcomes[p] for p in paths if p in outcomes]
+    # Loopback only, one thread per process: torch and the GIL make threads useless
+    # for this work, and no port is opened beyond this machine.
+    cluster = LocalCluster(
+        n_workers=int(workers), threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address=None,
+    )  # fmt: skip
+    return cluster, Client(cluster, set_as_default=False)
+
+
+def _submit_all(
+    jobs: dict[int, _SlideJob],
+    settings: Any,
+    client: Any,
+    prog: _Progress,
+    *,
+    mpp: float | None,
+    batch_size: int,
+    skip_background: bool,
+) -> Any:
+    """Every work unit of every job, submitted here (``client`` None) or to ``client``."""
+    if client is not None:
+        executor: Any = _Distributed(client)
+        from ._parcel import pack_model
+
+        # One copy of the weights per worker, shipped once as plain bytes (never as a
+        # torch object, see _parcel): every block sees the very same model.
+        model_ref = client.scatter(pack_model(settings.model), broadcast=True)
+        threads = 1
+    else:
+        executor, model_ref, threads = _InProcess(), settings.model, None
+    prog.total = sum(int(j.run_mask.sum()) for j in jobs.values())
+    if prog.bar is not None:
+        prog.bar.reset(total=prog.total)
+    for i, job in jobs.items():
+        ref = (job.path, mpp) if client is not None else job.slide
+        job.pending = len(job.blocks)
+        for b, block in enumerate(job.blocks):
+            executor.submit(
+                (i, b), _run_block, ref, job.plan, block, model_ref, settings.tasks,
+                settings.precision, batch_size, skip_background, threads,
+            )  # fmt: skip
+    return executor
+
+
+def _collect(
+    executor: Any,
+    jobs: dict[int, _SlideJob],
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    finish: Callable[[_SlideJob], None],
+    traceback_to: Any,
+) -> None:
+    """Take work units as they finish; write each slide when its last unit is in. A failed
+    unit fails its slide (its other units are cancelled) and the others go on."""
+    for job in jobs.values():
+        if job.pending == 0:  # nothing to run (all glass, or an empty region)
+            finish(job)
+    for (i, b), value, exc in executor.results():
+        job = jobs[i]
+        if job.error is not None:
+            continue
+        if exc is not None:
+            executor.cancel(lambda key, i=i: key[0] == i)
+            _unit_failed(job, exc, outcomes, prog, traceback_to)
+            continue
+        _take_unit(job, b, value, prog)
+        if job.pending == 0:
+            finish(job)
+
+
+def _unit_failed(
+    job: _SlideJob,
+    exc: BaseException,
+    outcomes: dict[str, SlideOutcome],
+    prog: _Progress,
+    traceback_to: Any,
+) -> None:
+    job.error = f"{type(exc).__name__}: {exc}"
+    outcomes[job.path] = SlideOutcome(
+        job.path, job.out_dir, {}, job.error, time.perf_counter() - job.t_start
+    )
+    prog.log(f"FAILED {job.path}: {job.error}")
+    if traceback_to is not None:
+        traceback.print_exception(exc, file=traceback_to)
+
+
+def _take_unit(job: _SlideJob, unit: int, value: Any, prog: _Progress) -> None:
+    """Keep a finished work unit's tile outputs and stage timings."""
+    per_block, timings = value
+    n_tiles = 0
+    for block, outs in zip(job.blocks[unit], per_block, strict=True):
+        for t, o in zip(block.tiles, outs, strict=True):
+            job.outputs[(t.row, t.col)] = o
+        n_tiles += len(block.tiles)
+    for k, v in timings.items():
+        job.timings[k] = job.timings.get(k, 0.0) + v
+    job.pending -= 1
+    prog.update(n_tiles, Path(job.path).name)
 
 
 def _finish(job: _SlideJob, card, tasks, fmts, outcomes, prog, write_result, on_result) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .inference import AnalysisPlan, order_blocks, plan_analysis, resolve_model
+from ._engine import AnalysisPlan, order_blocks, plan_analysis, resolve_model
 from .region import Region, layer_transform
 from .result import RegionResult
 from .tiles import Block, group_tiles, read_analysis_box
