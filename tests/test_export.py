@@ -11,6 +11,7 @@ import pytest
 from skimage.draw import disk
 
 from histolens import export
+from histolens.colors import parse_color
 from histolens.region import Region, layer_transform
 from histolens.result import (
     NUCLEI_COLUMNS,
@@ -203,7 +204,7 @@ def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
         assert props["objectType"] == "detection"
         name = props["classification"]["name"]
         k = NUCLEUS_TYPES.index(name)
-        assert props["classification"]["color"] == export.parse_color(NUCLEUS_COLORS[k])
+        assert props["classification"]["color"] == parse_color(NUCLEUS_COLORS[k])
         assert set(props["measurements"]) >= {"area_um2", "probability", "label"}
         ring = f["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) >= 4
@@ -386,7 +387,7 @@ def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypat
     for _, row in f.iterrows():
         y = int((row["centroid_y"] + 0.5 - result.region.y0) * s)
         x = int((row["centroid_x"] + 0.5 - result.region.x0) * s)
-        want = export.parse_color(NUCLEUS_COLORS[int(row["class_id"])])
+        want = parse_color(NUCLEUS_COLORS[int(row["class_id"])])
         assert img[y, x].tolist() == list(want), (row["label"], img[y, x], want)
 
 

@@ -15,7 +15,8 @@ from test_inference_fakes import (
 
 import histolens._engine as engine
 import histolens.inference as inference
-from histolens.layers import result_to_layer_data, rgba
+from histolens.colors import rgba
+from histolens.layers import result_to_layer_data
 from histolens.region import Region
 from histolens.result import (
     NUCLEI_COLUMNS,

@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from .colors import to_hex
 from .models.precision import resolve_precision
 from .region import LevelChoice, Region, choose_level
 from .result import (
@@ -907,13 +908,6 @@ class BlockRunner:
 # -- result assembly -------------------------------------------------------------------------
 
 
-def _hex(color: Any) -> str:
-    if isinstance(color, str):
-        return color
-    r, g, b = (int(v) for v in tuple(color)[:3])
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def _origin(cells0: tuple[int, int], level0_per_cell: float) -> tuple[float, float]:
     def tidy(v: float) -> float:
         return float(round(v)) if abs(v - round(v)) < 1e-6 else v
@@ -994,7 +988,7 @@ class ResultAssembly:
                 downsample=f,
                 origin=_origin(plan.box.origin, f),
                 class_names=names,
-                class_colors=tuple(_hex(c) for c in card.nucleus_colors),
+                class_colors=tuple(to_hex(c) for c in card.nucleus_colors),
             )
         tiles = None
         if self.classes is not None:
@@ -1006,7 +1000,7 @@ class ResultAssembly:
                 cell=c * f,
                 origin=_origin(self.cls_box.origin, c * f),
                 class_names=tuple(card.tissue_classes),
-                class_colors=tuple(_hex(col) for col in card.tissue_colors),
+                class_colors=tuple(to_hex(col) for col in card.tissue_colors),
             )
         attention = []
         for scale, canvas in self.att.items():

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .export import labels_feature_collection, parse_color, save_geojson
+from .colors import class_color_map
+from .export import labels_feature_collection, save_geojson
 
 __all__ = ["level0_geometry", "write_geojson"]
 
@@ -81,13 +82,7 @@ def _features(meta: Mapping[str, Any]) -> pd.DataFrame | None:
 
 
 def _class_colors(md: Mapping[str, Any]) -> dict[str, list[int]]:
-    names: Sequence[str] = md.get("class_names") or ()
-    colors = md.get("class_colors") or ()
-    if isinstance(colors, Mapping):
-        return {str(k): parse_color(v) for k, v in colors.items()}
-    return {
-        str(n): parse_color(colors[i] if i < len(colors) else None) for i, n in enumerate(names)
-    }
+    return class_color_map(md.get("class_names") or (), md.get("class_colors") or ())
 
 
 def write_geojson(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:

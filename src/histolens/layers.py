@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .colors import rgba
 from .region import layer_transform
 
 if TYPE_CHECKING:
@@ -23,16 +24,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ATTENTION_COLORMAP",
     "slide_mpp",
-    "LAYER_NAMES",
     "attention_layer",
     "nuclei_layer",
     "result_to_layer_data",
-    "rgba",
     "tile_class_layer",
 ]
 
-#: Fixed layer names; the GUI updates layers of these names in place.
-LAYER_NAMES = ("nuclei", "tile classes")
 #: Inferno-like ramp whose low end is transparent: low attention (and skipped glass, 0)
 #: leaves the slide visible instead of painting it dark. napari builds a Colormap from
 #: this dict (``colors`` RGBA, ``controls`` in [0, 1]).
@@ -49,29 +46,6 @@ ATTENTION_COLORMAP = {
 }
 _TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 _DEFAULT_NUCLEUS = (1.0, 1.0, 0.0, 1.0)
-
-
-def rgba(color: Any, alpha: float = 1.0) -> tuple[float, float, float, float]:
-    """RGBA floats in [0, 1] from ``'#rrggbb[aa]'``, ``(r, g, b[, a])`` in 0..255 or 0..1."""
-    if isinstance(color, str):
-        h = color.lstrip("#")
-        if len(h) not in (6, 8) or any(c not in "0123456789abcdefABCDEF" for c in h):
-            msg = (
-                f"colour {color!r} is not '#rrggbb' or '#rrggbbaa'; give hex or an (r, g, b) tuple"
-            )
-            raise ValueError(msg)
-        vals = [int(h[i : i + 2], 16) / 255.0 for i in range(0, len(h), 2)]
-    else:
-        vals = [float(v) for v in color]
-        if len(vals) not in (3, 4):
-            msg = f"colour {color!r} needs 3 or 4 components"
-            raise ValueError(msg)
-        if max(vals) > 1.0:  # 0..255 integers
-            vals = [v / 255.0 for v in vals]
-    if len(vals) == 3:
-        vals.append(alpha)
-    r, g, b, a = vals
-    return (r, g, b, a)
 
 
 def _transform(mpp: float, downsample: float, origin: Sequence[float]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histolens.colors import to_hex
 from histolens.result import RegionResult
 
 __all__ = ["ClassCount", "ReviewSummary", "summarize"]
@@ -53,17 +54,6 @@ class ReviewSummary:
         return self.n_nuclei / self.tissue_mm2 if self.tissue_mm2 > 0 else None
 
 
-def _hex(color: object) -> str:
-    """``#rrggbb`` from a hex string or an ``(r, g, b)`` tuple of 0..255 (or 0..1) values."""
-    if isinstance(color, str):
-        return color if color.startswith("#") else f"#{color}"
-    values = [float(c) for c in color][:3]  # type: ignore[union-attr]
-    if max(values, default=0.0) <= 1.0:
-        values = [v * 255.0 for v in values]
-    r, g, b = (int(round(min(max(v, 0.0), 255.0))) for v in values)
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def _analysed_cells(tiles) -> np.ndarray:
     """Cells holding analysed tissue: painted, or left unpainted as "unsure" (below a taught
     classifier's confidence threshold) while their probabilities are kept."""
@@ -105,7 +95,7 @@ def summarize(result: RegionResult) -> ReviewSummary:
             nuclei_rows.append(
                 ClassCount(
                     name=name,
-                    color=_hex(colors[i]) if i < len(colors) else "#808080",
+                    color=to_hex(colors[i]) if i < len(colors) else "#808080",
                     count=count,
                     fraction=count / n if n else 0.0,
                     per_mm2=count / tissue_mm2 if tissue_mm2 > 0 else None,
@@ -122,7 +112,7 @@ def summarize(result: RegionResult) -> ReviewSummary:
             tile_rows.append(
                 ClassCount(
                     name=name,
-                    color=_hex(colors[i]) if i < len(colors) else "#808080",
+                    color=to_hex(colors[i]) if i < len(colors) else "#808080",
                     count=count,
                     fraction=count / total if total else 0.0,
                 )

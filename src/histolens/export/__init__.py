@@ -7,7 +7,7 @@ Every file is written atomically (:func:`atomic_path`). One module per format, b
 format -> writer table of :func:`write_result`:
 
 - ``_atomic``: atomic writes and JSON encoding;
-- ``_polygons``: label images -> polygon rings; ``_colors``: class colours;
+- ``_polygons``: label images -> polygon rings (colours: :mod:`histolens.colors`);
 - ``_geojson_write`` / ``_geojson_read``: QuPath GeoJSON out, and back in (validated);
 - ``_masks``: OME-TIFF and OME-Zarr (multiscale) masks; ``_tables``: CSV;
 - ``_summary``: summary.json; ``_overview``: overview.png; ``_write``: :func:`write_result`.
@@ -16,7 +16,6 @@ No napari import: :func:`geojson_to_layer_data` returns plain LayerDataTuples.
 """
 
 from ._atomic import atomic_path
-from ._colors import parse_color
 from ._geojson_read import geojson_to_layer_data
 from ._geojson_write import (
     labels_feature_collection,
@@ -35,7 +34,6 @@ __all__ = [
     "labels_feature_collection",
     "labels_to_polygons",
     "nuclei_feature_collection",
-    "parse_color",
     "render_overview_png",
     "save_geojson",
     "tiles_feature_collection",

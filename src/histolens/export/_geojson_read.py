@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from histolens.colors import parse_color
 from histolens.region import layer_transform
-
-from ._colors import parse_color
 
 __all__ = ["MAX_LABEL_PX", "MAX_VERTICES", "GeoJSONError", "fill_polygon", "geojson_to_layer_data"]
 

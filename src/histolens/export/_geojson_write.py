@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from histolens.colors import class_color_map, parse_color
+
 from ._atomic import atomic_path, json_default
-from ._colors import class_color_map, parse_color
 from ._polygons import iter_label_polygons
 from ._tables import tiles_table
 

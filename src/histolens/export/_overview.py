@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from histolens.colors import class_color_map, parse_color
+
 from ._atomic import atomic_path
-from ._colors import class_color_map, parse_color
 from ._polygons import iter_label_polygons
 
 if TYPE_CHECKING:
