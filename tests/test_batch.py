@@ -15,11 +15,9 @@ from histolens import Region
 from histolens._engine import plan_analysis
 from histolens.batch import group_work, run, run_batch, tiles_in_mask, tissue_mask
 from histolens.inference import analyze_region
-from histolens.models import get_card
+from histolens.models import ALL_TASKS, get_card
 from histolens.slide import open_slide, write_synthetic_pyramid
 from histolens.tiles import TileGrid, group_tiles
-
-TASKS = ("nuclei", "tiles", "attention")
 
 
 class ThresholdModel:
@@ -32,7 +30,7 @@ class ThresholdModel:
     def __init__(self) -> None:
         self.card = get_card("test-tiny")
 
-    def predict_tiles(self, tiles: np.ndarray, *, tasks=TASKS, precision: str = "auto") -> dict:
+    def predict_tiles(self, tiles: np.ndarray, *, tasks=ALL_TASKS, precision: str = "auto") -> dict:
         x = tiles.astype(np.float32) / 255.0
         grey = x.mean(axis=-1)
         b, h, w = grey.shape
@@ -121,13 +119,15 @@ def test_blocks_match_the_whole_region_engine_run(synthetic_slide: Path, tmp_pat
     model = ThresholdModel()
     got = {}
     outcomes = run_batch(
-        [synthetic_slide], tmp_path, model=model, tasks=TASKS, tissue=False, block_px=384,
+        [synthetic_slide], tmp_path, model=model, tasks=ALL_TASKS, tissue=False, block_px=384,
         progress=False, on_result=lambda p, r: got.setdefault("batch", r),
     )  # fmt: skip
     slide = open_slide(synthetic_slide)
     n_tiles = len(_plan(slide).grid.tiles(_plan(slide).box))
     assert [o.ok for o in outcomes] == [True] and outcomes[0].tiles_run == n_tiles
-    whole = analyze_region(slide, Region.full(slide.shape), model=model, tasks=TASKS, cache=False)
+    whole = analyze_region(
+        slide, Region.full(slide.shape), model=model, tasks=ALL_TASKS, cache=False
+    )
     batch = got["batch"]
     assert batch.nuclei.count > 50
     # nuclei cut by the seam between blocks (analysis column 384) are kept whole, once
@@ -146,7 +146,7 @@ def test_distributed_run_on_loopback_equals_single_process(synthetic_slide: Path
     got: dict[str, object] = {}
     kw = dict(
         model=model,
-        tasks=TASKS,
+        tasks=ALL_TASKS,
         block_px=384,
         progress=False,
         formats=("geojson", "csv", "ome-tiff", "summary"),
@@ -238,11 +238,13 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
     region = Region(1500, 600, 2012, 1112)
     got = {}
     outcomes = run_batch(
-        [path], tmp_path, model="test-tiny", tasks=TASKS, region=region, tissue=False,
+        [path], tmp_path, model="test-tiny", tasks=ALL_TASKS, region=region, tissue=False,
         block_px=192, progress=False, on_result=lambda p, r: got.setdefault("batch", r),
     )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error
-    whole = analyze_region(open_slide(path), region, model="test-tiny", tasks=TASKS, cache=False)
+    whole = analyze_region(
+        open_slide(path), region, model="test-tiny", tasks=ALL_TASKS, cache=False
+    )
     _assert_same(got["batch"], whole, atol=1e-6)
     # Joining a running scheduler (--scheduler ADDRESS), here a loopback cluster of 2 workers.
     from distributed import LocalCluster
@@ -251,7 +253,7 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
         n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
     ) as cluster:
         outcomes = run_batch(
-            [path], tmp_path / "dask", model="test-tiny", tasks=TASKS, region=region,
+            [path], tmp_path / "dask", model="test-tiny", tasks=ALL_TASKS, region=region,
             tissue=False, block_px=192, scheduler=cluster.scheduler_address, progress=False,
             on_result=lambda p, r: got.setdefault("dask", r),
         )  # fmt: skip

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .colors import to_hex
+from .models.card import ALL_TASKS
 from .models.precision import resolve_precision
 from .region import LevelChoice, Region, choose_level
 from .result import (
@@ -61,7 +62,6 @@ from .tiles import (
 )
 
 __all__ = [
-    "ALL_TASKS",
     "AnalysisPlan",
     "BlockRunner",
     "PreparedRun",
@@ -81,8 +81,6 @@ __all__ = [
     "resolve_settings",
     "run_provenance",
 ]
-
-ALL_TASKS: tuple[str, ...] = ("nuclei", "tiles", "attention")
 
 #: Fraction of a tile's owned pixels that must look like tissue for the model to run on it.
 MIN_TISSUE_FRACTION = 0.02

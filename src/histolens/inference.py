@@ -23,7 +23,6 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ._engine import (
-    ALL_TASKS,
     BlockRunner,
     PreparedRun,
     ResultAssembly,
@@ -34,6 +33,7 @@ from ._engine import (
     order_blocks,
     prepare_run,
 )
+from .models.card import ALL_TASKS
 from .region import Region
 from .result import Provenance, RegionResult
 from .tiles import Tile

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
+from histolens.models import ALL_TASKS
 from histolens.progress import progress_text
 from histolens.region import Region
 from histolens.result import RegionResult
@@ -56,12 +57,6 @@ __all__ = ["HistoLensWidget", "Section"]
 
 ANALYZE, CANCEL = "Analyze view", "Cancel"
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: (task name given to ``analyze``, check-box text, overlay opacity group)
-TASKS = (
-    ("nuclei", "nuclei", "nuclei"),
-    ("tiles", "tiles", "tile classes"),
-    ("attention", "attention", "attention"),
-)
 DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.25, "attention": 0.4}
 LIVE_DEBOUNCE_MS = 500
 PARTIAL_REFRESH_MS = 150
@@ -176,8 +171,8 @@ class HistoLensWidget(QWidget):
         self.task_boxes: dict[str, QCheckBox] = {}
         tasks_row = QHBoxLayout()
         tasks_row.setSpacing(4)
-        for task, text, _group in TASKS:
-            box = QCheckBox(text)
+        for task in ALL_TASKS:
+            box = QCheckBox(task)
             box.setChecked(True)
             self.task_boxes[task] = box
             tasks_row.addWidget(box)
@@ -390,7 +385,7 @@ class HistoLensWidget(QWidget):
         if region.is_empty:
             show_warning("HistoLens: the view does not show the slide; pan or reset the view")
             return None
-        tasks = tuple(task for task, _t, _g in TASKS if self.task_boxes[task].isChecked())
+        tasks = tuple(task for task in ALL_TASKS if self.task_boxes[task].isChecked())
         if not tasks:
             show_warning("HistoLens: tick at least one task (nuclei, tile classes, attention)")
             return None
