@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import NUCLEUS_COLORS, NUCLEUS_TYPES, TISSUE, make_result
+from _result_fakes import NUCLEUS_COLORS, NUCLEUS_TYPES, TISSUE, make_result
 
 from histolens import export
 from histolens._writer import level0_geometry, write_geojson

@@ -7,7 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
-from test_inference_fakes import (
+from _engine_fakes import (
+    RF,
     FakeModel,
     fake_card,
     match_instances,
@@ -347,3 +348,25 @@ def test_first_model_call_is_one_tile_at_the_centre(image, monkeypatch):
     assert set(painted[0]) <= set(range(8, 12)) and set(painted[1]) <= set(range(8, 12))
     rest = list(gen)
     assert rest[-1].complete and max(s[0] for s in model.shapes) == 512  # then 3 x 3 blocks
+
+
+def test_fake_model_is_local():
+    """Outputs in the middle do not change when far-away pixels do (receptive field < halo)."""
+    img, _ = synthetic_image(256, n=20)
+    model = FakeModel()
+    a = model.predict_tiles(img[None, :128, :128])
+    img2 = img.copy()
+    img2[:128, 100:128] = 0
+    b = model.predict_tiles(img2[None, :128, :128])
+    inner = (slice(None), slice(32, 96), slice(32, 96 - RF - 2 * 4))
+    np.testing.assert_array_equal(a["nuclei_prob"][inner], b["nuclei_prob"][inner])
+
+
+def test_synthetic_pyramid_levels():
+    img, centres = synthetic_image(256, n=10)
+    slide = pyramid_slide(img, n_levels=3)
+    assert slide.shape == (256, 256)
+    assert [lv.shape[0] for lv in slide.levels] == [256, 128, 64]
+    assert len(centres) == 10
+    with pytest.raises(ValueError, match="multiples"):
+        FakeModel().predict_tiles(img[None, :100, :100])

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_inference_fakes import match_instances, pyramid_slide, synthetic_image
+from _engine_fakes import match_instances, pyramid_slide, synthetic_image
 
 from histolens.inference import analyze, analyze_region
 from histolens.region import Region

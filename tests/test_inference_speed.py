@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_inference_fakes import FakeModel, fake_card, pyramid_slide, synthetic_image
+from _engine_fakes import FakeModel, fake_card, pyramid_slide, synthetic_image
 
 import histolens._engine as engine
 from histolens._engine import nuclei_box

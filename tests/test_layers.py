@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_inference_fakes import (
+from _engine_fakes import (
     FakeModel,
     fake_card,
     pyramid_slide,

@@ -3,7 +3,8 @@
 The fake model is *local*: every output at a pixel depends only on input pixels within
 ``RF`` px, which is below the card's halo, so tiled and whole-region runs must agree. That
 makes it the oracle for the tiling, stitching and alignment logic, independent of any
-trained network. Imported by the other engine tests; holds two sanity tests of its own.
+trained network. A helper module, not a test module: the engine tests import it, and its
+own sanity checks live in ``test_inference.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 import dask.array as da
 import numpy as np
-import pytest
 from scipy import ndimage
 
 from histolens.models.card import ModelCard
@@ -198,25 +198,3 @@ def match_instances(a: np.ndarray, b: np.ndarray, iou: float = 0.9) -> tuple[int
         if n / (area_a[la] + area_b[lb] - n) >= iou:
             matched += 1  # IoU > 0.5 matches are unique, so no double counting
     return matched, len(ids_a), len(ids_b)
-
-
-def test_fake_model_is_local():
-    """Outputs in the middle do not change when far-away pixels do (receptive field < halo)."""
-    img, _ = synthetic_image(256, n=20)
-    model = FakeModel()
-    a = model.predict_tiles(img[None, :128, :128])
-    img2 = img.copy()
-    img2[:128, 100:128] = 0
-    b = model.predict_tiles(img2[None, :128, :128])
-    inner = (slice(None), slice(32, 96), slice(32, 96 - RF - 2 * 4))
-    np.testing.assert_array_equal(a["nuclei_prob"][inner], b["nuclei_prob"][inner])
-
-
-def test_synthetic_pyramid_levels():
-    img, centres = synthetic_image(256, n=10)
-    slide = pyramid_slide(img, n_levels=3)
-    assert slide.shape == (256, 256)
-    assert [lv.shape[0] for lv in slide.levels] == [256, 128, 64]
-    assert len(centres) == 10
-    with pytest.raises(ValueError, match="multiples"):
-        FakeModel().predict_tiles(img[None, :100, :100])
