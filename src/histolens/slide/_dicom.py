@@ -21,20 +21,10 @@ from ._mpp import plausible_mpp
 from ._slide import LazyImages, SlideError
 from ._tilesource import tiled_dask_array
 
-__all__ = ["is_dicom_file", "open_dicom"]
+__all__ = ["open_dicom"]
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) little-endian as uint32 of group|element<<16
 _SEQ_END = 0xE0DDFFFE
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True if ``path`` has the DICOM Part 10 preamble (``DICM`` at byte 128)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def open_dicom(path: Path) -> dict[str, Any]:
