@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             layer.visible = False
 
     panel = dock.explain
+    dock.sections["Explain a spot"].expand()  # collapsed by default, as a user finds it
     panel.toggle.setChecked(True)
     panel.explain_at(level0_to_world(tuple(args.point), frame))
     _wait(app, lambda: not panel.pending)
