@@ -71,6 +71,7 @@ __all__ = [
     "TileModel",
     "TileOutput",
     "batch_blocks",
+    "level0_mpp",
     "nuclei_box",
     "order_blocks",
     "plan_analysis",
@@ -514,7 +515,7 @@ def prepare_run(
     cache raise with the value and the fix.
     """
     started = _now()
-    slide_mpp = _level0_mpp(slide, mpp)
+    slide_mpp = level0_mpp(slide, mpp)
     mpp_source = "user" if mpp is not None else str(getattr(slide, "mpp_source", "slide"))
     region = _clip_region(slide, region if isinstance(region, Region) else Region(*region))
     settings = resolve_settings(model, tasks, device=device, precision=precision)
@@ -543,7 +544,8 @@ def prepare_run(
     return PreparedRun(slide, settings, plan, tiles, tile_cache, key, prov)
 
 
-def _level0_mpp(slide: Any, mpp: float | None) -> float:
+def level0_mpp(slide: Any, mpp: float | None) -> float:
+    """The level-0 um/px of a run: ``mpp`` when given, else the slide's; ValueError if neither."""
     slide_mpp = mpp if mpp is not None else getattr(slide, "mpp", None)
     if slide_mpp is None:
         msg = (

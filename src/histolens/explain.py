@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ._engine import AnalysisPlan, order_blocks, plan_analysis, resolve_model
+from ._engine import AnalysisPlan, level0_mpp, order_blocks, plan_analysis, resolve_model
 from .region import Region, layer_transform
 from .result import RegionResult
 from .tiles import Block, group_tiles, read_analysis_box
@@ -221,13 +221,7 @@ def explain_point(
         precision = precision if precision is not None else result.provenance.precision
     if region is not None and not isinstance(region, Region):
         region = Region(*region)
-    slide_mpp = mpp if mpp is not None else getattr(slide, "mpp", None)
-    if slide_mpp is None:
-        msg = (
-            f"slide {getattr(slide, 'name', slide)!r} has no pixel size (mpp) in its metadata; "
-            "pass mpp=<micrometres per level-0 pixel>"
-        )
-        raise ValueError(msg)
+    slide_mpp = level0_mpp(slide, mpp)
     if region is not None and not (region.y0 <= y < region.y1 and region.x0 <= x < region.x1):
         msg = (
             f"point ({y:g}, {x:g}) is outside the analysed region {region.as_tuple()} "
