@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _atlas_fakes import brightness_atlas
 
-from histolens.models import ModelCard
 from histolens.models import atlas as A
 from histolens.models._model import HistoLensModel
 
@@ -285,67 +284,22 @@ def test_scale_dropping_keeps_every_scale_output():
 # ------------------------------------------------------------------------------------------
 # Attention heatmaps land on the right pixels
 # ------------------------------------------------------------------------------------------
-class _BrightnessStem(nn.Module):
-    """Stride-16 tokens: channel 0 = mean brightness of the 16x16 patch, channel 1 = 1."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.channels = {2: 1, 4: 1, 8: 1, 16: dim}
-
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        b, _, h, w = x.shape
-        t = torch.zeros(b, self.dim, h // 16, w // 16)
-        t[:, 0] = F.avg_pool2d(x.mean(1, keepdim=True), 16)[:, 0]
-        t[:, 1] = 1.0
-        z = {s: torch.zeros(b, 1, h // s, w // s) for s in (2, 4, 8)}
-        return {**z, 16: t}
-
-
 def _predictable_model() -> HistoLensModel:
     """Queries = brightness; keys: coarsest scale +constant, finest scale -constant, S1 zero.
 
     A bright token's query then prefers the coarsest-scale keys (context reliance ~1) and a dark
     one its own scale's keys (~0): the heatmap must light up exactly where the bright patch is.
     """
-    cfg = A.AtlasConfig(
-        stem_in=8, stem_features=8, heads=2, depths=(1,), g=2, pos_hidden=8, scale_blocks=3
-    )
-    net = A.Atlas(cfg)
-    net.stem = _BrightnessStem(cfg.dim)
-    hd = cfg.dim // cfg.heads
-    with torch.no_grad():
-        for s, blk in enumerate(net.stages[0][0].scales):
-            blk.norm_q, blk.norm_kv, blk.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
-            for p in (
-                *blk.q.parameters(),
-                *blk.kv.parameters(),
-                *blk.proj.parameters(),
-                *blk.mlp.fc2.parameters(),
-                blk.pos[2].weight,
-            ):
-                p.zero_()
-            for head in range(cfg.heads):
-                blk.q.weight[head * hd, 0] = 20.0
-                if s == 2:  # keys of the coarsest scale respond to the constant channel
-                    blk.kv.weight[head * hd, 1] = 20.0
-                if s == 0:  # ... and the finest scale's own keys the opposite way
-                    blk.kv.weight[head * hd, 1] = -20.0
-    card = ModelCard(
-        name="probe",
-        backbone="atlas",
-        mpp=0.5,
-        tile_size=1024,
-        halo=0,
-        input_multiple=64,
-        tasks=("attention",),
-        class_cell_px=64,
-        attention_strides=(16, 32),
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        description="attention alignment probe",
-    )
-    return HistoLensModel(card, net, None, None).eval()
+
+    def weights(scale, blk, hd):
+        for head in range(2):
+            blk.q.weight[head * hd, 0] = 20.0
+            if scale == 2:  # keys of the coarsest scale respond to the constant channel
+                blk.kv.weight[head * hd, 1] = 20.0
+            if scale == 0:  # ... and the finest scale's own keys the opposite way
+                blk.kv.weight[head * hd, 1] = -20.0
+
+    return brightness_atlas(weights, name="probe", halo=0, description="attention alignment probe")
 
 
 def test_attention_heatmap_is_on_the_bright_patch():

@@ -16,9 +16,10 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 nn = torch.nn
 
-from histolens.models import ModelCard, create_model  # noqa: E402
+from _atlas_fakes import brightness_atlas  # noqa: E402
+
 from histolens.models import atlas as A  # noqa: E402
-from histolens.models._model import HistoLensModel  # noqa: E402
+from histolens.models import create_model  # noqa: E402
 from histolens.slide import Slide, open_slide  # noqa: E402
 from histolens.slide._sample import sample_slide_path  # noqa: E402
 
@@ -215,54 +216,18 @@ def test_model_without_cross_scale_attention_is_refused(sample):
 # -- the painted coarse box lands on a bright patch far from the query -----------------------------
 
 
-class _BrightnessStem(nn.Module):
-    """Stride-16 tokens: channel 0 = mean brightness of the patch (-1 black, +1 white), 1 = 1."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.channels = {2: 1, 4: 1, 8: 1, 16: dim}
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        t = torch.zeros(b, self.dim, h // 16, w // 16, dtype=x.dtype)
-        t[:, 0] = F.avg_pool2d(x.mean(1, keepdim=True), 16)[:, 0]
-        t[:, 1] = 1.0
-        return {**{s: torch.zeros(b, 1, h // s, w // s) for s in (2, 4, 8)}, 16: t}
-
-
-def _bright_seeking_model() -> HistoLensModel:
+def _bright_seeking_model():
     """Every query is the constant channel, every key the brightness: each token attends to
-    the brightest keys it can see, at every scale (blocks pass tokens through unchanged)."""
-    cfg = A.AtlasConfig(stem_features=8, heads=2, depths=(1,), g=2, pos_hidden=8, scale_blocks=3)
-    net = A.Atlas(cfg)
-    net.stem = _BrightnessStem(cfg.dim)
-    hd = cfg.dim // cfg.heads
-    with torch.no_grad():
-        for blk in net.stages[0][0].scales:
-            blk.norm_q, blk.norm_kv, blk.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
-            for p in (*blk.q.parameters(), *blk.kv.parameters(), *blk.proj.parameters()):
-                p.zero_()
-            for p in (*blk.mlp.fc2.parameters(), blk.pos[2].weight):
-                p.zero_()
-            for head in range(cfg.heads):
-                blk.q.weight[head * hd, 1] = 20.0
-                blk.kv.weight[head * hd, 0] = 20.0
-    card = ModelCard(
-        name="bright-seeker",
-        backbone="atlas",
-        mpp=0.5,
-        tile_size=1024,
-        halo=128,
-        input_multiple=64,
-        tasks=("attention",),
-        class_cell_px=64,
-        attention_strides=(16, 32),
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
-        description="attends to the brightest token",
+    the brightest keys it can see, at every scale."""
+
+    def weights(scale, blk, hd):
+        for head in range(2):
+            blk.q.weight[head * hd, 1] = 20.0
+            blk.kv.weight[head * hd, 0] = 20.0
+
+    return brightness_atlas(
+        weights, name="bright-seeker", halo=128, description="attends to the brightest token"
     )
-    return HistoLensModel(card, net, None, None).eval()
 
 
 def test_painted_coarse_box_lands_on_the_bright_patch():
