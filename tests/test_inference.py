@@ -78,7 +78,7 @@ def test_tiled_equals_whole_when_resampling(image, monkeypatch):
     region = Region(0, 0, 760, 600)
     tiled = _run(slide, region, model=model, tile_size=64, skip_background=False)
     whole = _run(slide, region, model=model, tile_size=512, skip_background=False)
-    assert tiled.provenance.level == 0 and tiled.mpp == pytest.approx(0.5)
+    assert tiled.provenance.level == 0 and tiled.analysis_mpp == pytest.approx(0.5)
     assert tiled.nuclei.downsample == pytest.approx(0.5 / 0.3)
     matched, na, nb = match_instances(tiled.nuclei.labels, whole.nuclei.labels)
     assert na == nb > 40 and matched == na

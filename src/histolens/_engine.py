@@ -1017,7 +1017,7 @@ class ResultAssembly:
             )
         return RegionResult(
             region=plan.region,
-            mpp=amp,
+            analysis_mpp=amp,
             nuclei=nuclei,
             tiles=tiles,
             attention=attention,

@@ -65,7 +65,7 @@ def _analysed_cells(tiles) -> np.ndarray:
 def _tissue_mm2(result: RegionResult) -> tuple[float, str]:
     # Tile cells and the region are in level-0 px: convert with the level-0 mpp, not the
     # analysis mpp (they differ by the analysis downsample).
-    mpp = result.slide_mpp or float(result.mpp)
+    mpp = result.slide_mpp or float(result.analysis_mpp)
     tiles = result.tiles
     if tiles is not None and tiles.classes.size:
         cell_um = float(tiles.cell) * mpp
