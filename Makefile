@@ -24,6 +24,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, from the pinned pair (this machine's local wheels; see README)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[test]"
+	# a .venv made before the move to PyQt6 still holds PyQt5, which qtpy would pick first
+	$(BIN)/pip uninstall -q -y PyQt5 PyQt5-Qt5 PyQt5-sip
 	touch $@
 
 venv: $(BIN)/.installed

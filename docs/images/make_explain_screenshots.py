@@ -61,14 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    import napari._qt.qt_main_window as qt_main_window
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication, QScrollArea
 
     from histolens._qt._launch import open_viewer
     from histolens._qt._viewport import LayerFrame, level0_to_world
 
-    qt_main_window.SHOW_QT_WARNING = False  # napari's PyQt5 toast would cover the canvas
     viewer, dock = open_viewer(None)
     window = viewer.window._qt_window
     window.resize(1440, 900)

@@ -64,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)  # a shared 2-core machine
-    import napari._qt.qt_main_window as qt_main_window
     from qtpy.QtWidgets import QApplication
 
     from histolens._qt._launch import open_viewer
-
-    # napari's one-off "PyQt5 is deprecated" toast is not about HistoLens and would cover
-    # the canvas in the pictures (a docs-only tweak of a private flag).
-    qt_main_window.SHOW_QT_WARNING = False
 
     model = args.model or _default_model()
     viewer, dock = open_viewer(None, model=model)

@@ -61,12 +61,10 @@ def look_at(viewer, dock, center_px, height_px) -> None:
 
 def open_and_analyse(model: str = "histolens-default", viewer=None):
     """Viewer (``viewer`` or a new one) + dock on the sample at :data:`WINDOW`, view analysed."""
-    import napari._qt.qt_main_window as qt_main_window
     from qtpy.QtWidgets import QApplication
 
     from histolens._qt._launch import open_viewer
 
-    qt_main_window.SHOW_QT_WARNING = False  # napari's PyQt5 toast would cover the canvas
     viewer, dock = open_viewer(None, model=model, viewer=viewer)
     dock.device_combo.setCurrentText("cpu")
     viewer.window._qt_window.resize(*WINDOW)

@@ -49,12 +49,12 @@ class AnalysisError(Exception):
 def preload_model_stack() -> None:
     """Import torch and timm on the calling (main) thread, once, before any worker needs them.
 
-    Measured here (napari 0.9.2 + PyQt5 under xvfb/Mesa llvmpipe, torch 2.14): once napari has
-    a GL context, importing timm segfaults in triton's C extension (pulled in through
-    torchvision -> torch._dynamo); the two LLVM copies clash. Triton only serves CUDA
-    kernels, so without CUDA we mark it absent, which torch treats as "no triton". With CUDA
-    the import goes ahead unchanged. Doing it on the main thread also keeps a multi-second
-    C-extension import out of the worker.
+    Measured here (napari 0.9.2 with PyQt6 6.11 and with PyQt5 5.15, xvfb/Mesa llvmpipe, torch
+    2.14, triton 3.8): once napari has a GL context, importing timm segfaults in triton's C
+    extension (pulled in through torchvision -> torch._dynamo); the two LLVM copies clash.
+    Triton only serves CUDA kernels, so without CUDA we mark it absent, which torch treats as
+    "no triton". With CUDA the import goes ahead unchanged. Doing it on the main thread also
+    keeps a multi-second C-extension import out of the worker.
     """
     if "timm" in sys.modules:
         return
