@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from histolens.training.evaluate import classical_nuclei, score_pair
-from histolens.training.nuclei_cli import NUCLEI_TABLE_COLUMNS, labels_to_input_grid
+from histolens.nuclei import NUCLEI_TABLE_COLUMNS, labels_to_input_grid
 
 
 def _disk_image(shape=(200, 200), n=12, seed=0):
@@ -99,7 +99,7 @@ def test_evaluate_cli_scores_predictions_and_baseline(tmp_path, capsys):
 
 def test_evaluate_on_a_real_monuseg_tile_baseline(shared_data):
     """The baseline on one real labelled tile: plausible, far from perfect (a sanity anchor)."""
-    from histolens.training.nuclei_cli import read_rgb
+    from histolens.nuclei import read_rgb
 
     mon = shared_data / "monuseg" / "train"
     if not mon.is_dir():
