@@ -129,8 +129,8 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
 ):
     """histolens-default on a real crop larger than one output tile (2 x 2 tiles of 512),
     read lazily tile by tile as a large TIFF is."""
-    from histolens.models import create_model
     from histolens import nuclei
+    from histolens.models import create_model
     from histolens.nuclei import image_slide, segment_nuclei, write_nuclei
 
     monkeypatch.setattr(nuclei, "EAGER_READ_SAMPLES", 0)
@@ -152,8 +152,8 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
 def test_an_image_too_large_for_the_model_grid_is_refused_before_any_work(tmp_path):
     import dask.array as da
 
-    from histolens.slide import Slide
     from histolens.nuclei import write_nuclei
+    from histolens.slide import Slide
 
     huge = Slide.from_array(da.zeros((60000, 60000, 3), np.uint8, chunks=4096), mpp=0.5)
     with pytest.raises(ValueError, match="more than histolens nuclei holds"):

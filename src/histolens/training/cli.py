@@ -72,9 +72,7 @@ def _add_nuclei_io(p: argparse.ArgumentParser) -> None:
         "--init-partial", type=Path, default=None,
         help="copy the tensors of this weights file that match by name and shape (e.g. a trained backbone under a new decoder)",
     )  # fmt: skip
-    p.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors"
-    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument(
         "--val-patients", type=_names, default=TrainNucleiConfig.val_patients,
         help="held-out MoNuSeg patients (comma-separated)",

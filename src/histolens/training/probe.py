@@ -111,9 +111,7 @@ def train_tiles(cfg: TrainTilesConfig) -> int:
     torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tiles = load_tile_folder(cfg.images, cfg.labels)
-    model = (
-        create_model(cfg.model, weights=cfg.weights) if cfg.weights else create_model(cfg.model)
-    )
+    model = create_model(cfg.model, weights=cfg.weights) if cfg.weights else create_model(cfg.model)
     x = tile_embeddings(model, tiles.images, image_mpp=cfg.mpp)
     n_classes = len(tiles.classes)
     report: dict[str, Any] = {"classes": list(tiles.classes), "n": len(tiles.labels)}
