@@ -55,7 +55,7 @@ def _names(text: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- train nuclei
 
 
-def _add_nuclei_io(p: argparse.ArgumentParser) -> None:
+def _add_nuclei_io(p: Any) -> None:
     p.add_argument(
         "--data", type=Path, default=default_data_root(),
         help="shared data root (default: %(default)s)",
@@ -83,7 +83,7 @@ def _add_nuclei_io(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_nuclei_schedule(p: argparse.ArgumentParser) -> None:
+def _add_nuclei_schedule(p: Any) -> None:
     c = TrainNucleiConfig
     p.add_argument(
         "--minutes", type=float, default=c.minutes,
@@ -111,7 +111,7 @@ def _add_nuclei_schedule(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=c.log_every)
 
 
-def _add_nuclei_recipe(p: argparse.ArgumentParser) -> None:
+def _add_nuclei_recipe(p: Any) -> None:
     c = TrainNucleiConfig
     p.add_argument(
         "--hed-sigma", type=float, default=c.hed_sigma,
@@ -133,9 +133,9 @@ def _add_nuclei_recipe(p: argparse.ArgumentParser) -> None:
 
 def _add_train_nuclei(p: argparse.ArgumentParser) -> None:
     """Options of ``histolens train nuclei``."""
-    _add_nuclei_io(p)
-    _add_nuclei_schedule(p)
-    _add_nuclei_recipe(p)
+    _add_nuclei_io(p.add_argument_group("run, model and held-out data"))
+    _add_nuclei_schedule(p.add_argument_group("optimiser and schedule"))
+    _add_nuclei_recipe(p.add_argument_group("data mix, augmentation and losses"))
 
 
 # ----------------------------------------------------------------------------- tiles, release
