@@ -143,7 +143,7 @@ class _FromArgs:
     @classmethod
     def from_args(cls: type[_C], args: argparse.Namespace) -> _C:
         given = vars(args)
-        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+        return cls(**{f.name: given[f.name] for f in fields(cls)})
 
     def as_json(self) -> dict[str, Any]:
         """The options as JSON values (paths as strings, tuples as lists), e.g. for a checkpoint."""
