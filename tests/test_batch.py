@@ -301,3 +301,66 @@ def test_a_slide_failing_during_analysis_does_not_stop_the_others(
     assert "RuntimeError: decoder crashed on tile (3, 4)" in outcomes[0].error
     assert (tmp_path / "out" / "synthetic" / "tiles.geojson").is_file()
     assert not (tmp_path / "out" / "other" / "summary.json").exists()
+
+
+def test_options_are_checked_once_with_the_value_named():
+    options = BatchOptions(tasks=["nuclei"], region="0,0,512,512", formats=["csv"], shard_px=384)
+    assert options.tasks == ("nuclei",) and options.formats == ("csv",)
+    assert options.region == Region(0, 0, 512, 512) and not options.distributed
+    assert options.replace(workers=2).distributed and options.workers == 0
+    for bad, words in (
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(shard_px=1.5), "shard_px must be an integer >= 1, got 1.5"),
+        (dict(tasks=("nuclei", "cells")), "unknown: cells"),
+        (dict(formats=("pdf",)), "unknown: pdf"),
+        (dict(mpp=float("inf")), "mpp must be a level-0 um/px"),
+        (dict(precision="fp8"), "precision must be one of auto"),
+        (dict(workers=2, scheduler="tcp://10.0.0.5:8786"), "not both"),
+        (dict(region="0,0,inf,inf"), "four integers"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            BatchOptions(**bad)
+    with pytest.raises(TypeError, match="no option"):
+        options.replace(block_px=256)
+
+
+def test_shard_px_flag_and_its_old_name(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag in ("--shard-px", "--block-px"):
+        args = parser.parse_args(["s.svs", "--out", "o", flag, "384"])
+        assert args.shard_px == 384
+    assert "--block-px" not in parser.format_help() and "shard" in parser.format_help()
+    args = parser.parse_args(["s.svs", "--out", "o", "--region", "1,2,3"])
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "four integers" in err
+
+
+def test_a_cluster_made_for_the_run_is_closed_on_ctrl_c(monkeypatch):
+    from histolens import _cluster
+
+    closed = []
+
+    class Closing:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    monkeypatch.setattr(
+        _cluster, "_local_cluster", lambda n: (Closing("cluster"), Closing("client"))
+    )
+    with pytest.raises(KeyboardInterrupt), _cluster.dask_client(workers=2) as client:
+        assert client.name == "client"
+        raise KeyboardInterrupt
+    assert closed == ["client", "cluster"]
+    mine = Closing("mine")
+    with _cluster.dask_client(workers=2, client=mine) as client:
+        assert client is mine
+    with _cluster.dask_client() as client:
+        assert client is None
+    assert closed == ["client", "cluster"]  # a caller's client stays open

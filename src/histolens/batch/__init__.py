@@ -5,7 +5,8 @@ Words, from small to large (all boxes in analysis pixels unless said):
 - **tile**: a cell of the engine's global grid (:mod:`histolens.tiles`); it owns its inner box
   and is seen with the model card's halo around it.
 - **block**: adjacent tiles read and run as one model input, with the halo around the block.
-- **batch** (``batch_size``): the blocks of one model call.
+- **batch** (``batch_size``): the blocks of one model call (this module's name means the
+  other batch: many slides in one run).
 - **shard**: the blocks whose top-left corner falls in one square of ``shard_px``; one task,
   run where the work runs (this process, or a dask worker that reopens the slide from its
   path).

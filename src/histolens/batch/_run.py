@@ -62,20 +62,20 @@ def run_batch(
         precision=options.precision,
     )  # fmt: skip
     progress = ProgressPrinter(stream=stream, enabled=options.progress)
-    batch = _Batch(settings, options, progress, on_result, stream)
+    run = _Run(settings, options, progress, on_result, stream)
     jobs: dict[int, SlideJob] = {}
     try:
-        jobs = plan_slides(paths, out_root, options, settings, batch.outcomes, progress)
+        jobs = plan_slides(paths, out_root, options, settings, run.outcomes, progress)
         with shard_executor(options, settings, client) as executor:
-            batch.run(executor, jobs)
+            run.submit_and_collect(executor, jobs)
     finally:
         progress.close()
         for job in jobs.values():
             getattr(job.slide, "close", lambda: None)()
-    return [batch.outcomes[p] for p in paths if p in batch.outcomes]
+    return [run.outcomes[p] for p in paths if p in run.outcomes]
 
 
-class _Batch:
+class _Run:
     """One run's state: shards in, slides pasted and written as their last shard arrives."""
 
     def __init__(
@@ -88,7 +88,7 @@ class _Batch:
         # Without progress lines, a failed shard's traceback is the only trace of why.
         self.traceback_to = None if options.progress else stream or sys.stderr
 
-    def run(self, executor: Any, jobs: dict[int, SlideJob]) -> None:
+    def submit_and_collect(self, executor: Any, jobs: dict[int, SlideJob]) -> None:
         """Submit every shard of every job, then take shards as they finish. A failed shard
         fails its slide (its other shards are cancelled) and the other slides go on."""
         self.progress.set_total(sum(int(j.run_mask.sum()) for j in jobs.values()))
