@@ -85,7 +85,7 @@ class _Run:
         self.settings, self.progress, self.on_result = settings, progress, on_result
         self.write_result, self.formats = _writer(settings, options)
         self.outcomes: dict[str, SlideOutcome] = {}
-        # Without progress lines, a failed shard's traceback is the only trace of why.
+        # Quiet runs print no FAILED line, so a failed shard leaves its traceback on the stream.
         self.traceback_to = None if options.progress else stream or sys.stderr
 
     def submit_and_collect(self, executor: Any, jobs: dict[int, SlideJob]) -> None:
