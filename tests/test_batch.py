@@ -267,8 +267,9 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
 
     log, tty = io.StringIO(), Terminal()
     for stream in (log, tty):
-        p = ProgressPrinter(10, stream=stream, every=0.0)
+        p = ProgressPrinter(stream=stream, every=0.0)
         p.log("slide.svs: 10 tiles")
+        p.set_total(10)  # known once the slides are planned
         for _ in range(10):
             p.update(1, "slide.svs")
         p.close()
