@@ -251,9 +251,9 @@ def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
     viewer, widget = dock
     layer = widget.slide_layer()
     _look_at(viewer, layer, (800, 800), 256)
-    stamp0 = widget._stamp
+    stamp0 = widget.runner.stamp
     widget.live_box.setChecked(True)  # analyses the current view at once
-    assert widget._stamp == stamp0 + 1
+    assert widget.runner.stamp == stamp0 + 1
     # A burst of camera moves inside the debounce window -> a single new request. (Moves
     # are back to back: on a loaded 2-core machine a worker can stall the event loop past
     # the debounce between spaced-out moves, which would rightly count as two views.)
@@ -263,9 +263,9 @@ def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
         viewer.scene.camera.center = level0_to_world((900 + 40 * i, 1200), frame)
     assert time.perf_counter() - start < widget_module.LIVE_DEBOUNCE_MS / 1000
     final_view = view_region(CameraState.from_viewer(viewer), LayerFrame.from_layer(layer))
-    qtbot.waitUntil(lambda: widget._stamp == stamp0 + 2, timeout=5_000)
+    qtbot.waitUntil(lambda: widget.runner.stamp == stamp0 + 2, timeout=5_000)
     qtbot.wait(widget_module.LIVE_DEBOUNCE_MS + 200)
-    assert widget._stamp == stamp0 + 2
+    assert widget.runner.stamp == stamp0 + 2
     assert widget.region() == final_view
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
     assert not notes["error"], notes["error"]
