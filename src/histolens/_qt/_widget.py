@@ -153,14 +153,9 @@ class HistoLensWidget(QWidget):
             show_error(f"HistoLens: could not list models ({exc})")
         self.controls.layer_changed.connect(self._on_layer_changed)
         self.controls.live_toggled.connect(self._on_live_toggled)
-        # the form's widgets under the names scripts and tests use
-        c = self.controls
-        self.model_combo, self.device_combo, self.live_box = (
-            c.model_combo,
-            c.device_combo,
-            c.live_box,
-        )
-        self.mpp_spin, self.mpp_label = c.mpp_spin, c.mpp_label
+        c = self.controls  # its widgets, under the names scripts and tests use
+        self.model_combo, self.device_combo = c.model_combo, c.device_combo
+        self.mpp_spin, self.mpp_label, self.live_box = c.mpp_spin, c.mpp_label, c.live_box
         self.analyze_button = QPushButton(ANALYZE)
         self.analyze_button.clicked.connect(self._on_analyze_clicked)
         self.progress = RunProgress()
