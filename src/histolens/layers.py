@@ -1,7 +1,8 @@
 """napari's vocabulary: every LayerDataTuple the package makes, aligned on the slide.
 
 A slide (:func:`slide_to_layer_data`), a :class:`~histolens.result.RegionResult`
-(:func:`result_to_layer_data`) and a GeoJSON file (:func:`geojson_to_layer_data`) become
+(:func:`result_to_layer_data`), a :class:`~histolens.explain.PointExplanation`
+(:func:`explanation_to_layer_data`) and a GeoJSON file (:func:`geojson_to_layer_data`) become
 ``(data, meta, layer_type)`` tuples here, and nowhere else. Pure: numpy arrays and plain dicts,
 no napari import, so it runs headless and in tests; napari validates the tuples in
 ``Layer.create``. Every overlay gets ``scale``/``translate`` from
@@ -20,17 +21,22 @@ import numpy as np
 import pandas as pd
 
 from .colors import rgba
-from .region import layer_transform
+from .region import Region, layer_transform
 
 if TYPE_CHECKING:
+    from .explain import PointExplanation
     from .export import GeoJSONShapes
     from .result import AttentionMap, NucleiResult, RegionResult, TileClassResult
     from .slide import Slide
 
 __all__ = [
     "ATTENTION_COLORMAP",
+    "EXPLAIN_TAG",
+    "SCALE_COLORS",
     "LayerData",
     "attention_layer",
+    "explain_layer_name",
+    "explanation_to_layer_data",
     "geojson_to_layer_data",
     "nuclei_layer",
     "result_to_layer_data",
@@ -287,3 +293,68 @@ def _geojson_labels(shapes: GeoJSONShapes, downsample: float) -> LayerData:
         "metadata": {**_geojson_metadata(shapes), "downsample": f, "origin": origin},
     }
     return (labels, meta, "labels")
+
+
+# --------------------------------------------------------------------------- explanations
+#: ``layer.metadata`` key marking the layers of an explanation (value: the layer's role).
+EXPLAIN_TAG = "histolens_explain"
+#: Outline colour per scale (finest first), also used by the dock's bar chart.
+SCALE_COLORS = ("#00e5ff", "#ffd400", "#ff4fd8", "#7cff4f", "#ff8c1a")
+
+
+def explain_layer_name(scale: int) -> str:
+    """Layer name of one scale's heat: ``"same scale"`` or ``"looked at (scale k)"``."""
+    return "same scale" if scale == 0 else f"looked at (scale {scale})"
+
+
+def explanation_to_layer_data(expl: PointExplanation, head: int | None = None) -> list[LayerData]:
+    """An explanation as tuples in micrometres, aligned on the slide layer: one heat image per
+    scale (``"same scale"``, ``"looked at (scale k)"``; coarsest first) and ``"explain
+    windows"``: the explained token's outline (white, first) and the outline of each window it
+    read. ``head`` picks one attention head (default: their mean)."""
+    mpp = expl.slide_mpp
+    out: list[LayerData] = []
+    for w in sorted(expl.scales, key=lambda w: -w.scale):  # coarsest at the bottom
+        heat = w.heat(head).astype(np.float32)
+        name = explain_layer_name(w.scale)
+        meta = {
+            "name": name,
+            "colormap": dict(ATTENTION_COLORMAP),
+            "blending": "translucent",
+            "opacity": 0.7,
+            # Each map uses its own range: coarse weights are spread over many tokens; the
+            # share per scale (in the metadata and the dock) says how much each map weighs.
+            "contrast_limits": (0.0, max(float(heat.max()), 1e-12)),
+            "metadata": {EXPLAIN_TAG: name, "share": w.share(head)},
+            **_transform(mpp, w.downsample, w.origin),
+        }
+        out.append((heat, meta, "image"))
+    out.append(_explain_windows(expl))
+    return out
+
+
+def _corners(box: Region) -> np.ndarray:
+    # napari puts level-0 pixel k's centre at k: the box's edges are at y0 - 0.5 and y1 - 0.5.
+    return np.array([[box.y0 - 0.5, box.x0 - 0.5], [box.y1 - 0.5, box.x1 - 0.5]])
+
+
+def _explain_windows(expl: PointExplanation) -> LayerData:
+    """Rectangles: the explained token (white) and the window it read at each scale."""
+    fov = expl.field_of_view_um()
+    token_um = max(expl.token_box.shape) * expl.slide_mpp
+    boxes = [_corners(expl.token_box)] + [_corners(w.box) for w in expl.scales]
+    colors = ["#ffffff"] + [SCALE_COLORS[w.scale % len(SCALE_COLORS)] for w in expl.scales]
+    labels = [""] + [f"scale {w.scale}: {fov[w.scale]:.0f} µm" for w in expl.scales]
+    meta = {
+        "name": "explain windows",
+        "shape_type": "rectangle",
+        "edge_color": colors,
+        "face_color": "transparent",
+        "edge_width": 3,
+        # no text on the canvas: nested windows share corners, so labels would overlap; the
+        # dock's bars carry the same colours and sizes (and hovering a rectangle shows it)
+        "features": {"label": labels},
+        "metadata": {EXPLAIN_TAG: "explain windows", "token_um": token_um},
+        **_transform(expl.slide_mpp, 1.0, (0.0, 0.0)),
+    }
+    return (boxes, meta, "shapes")
