@@ -267,6 +267,21 @@ def test_summary_counts_density_and_tile_shares():
     assert np.allclose(np.sort(s.nucleus_areas_um2), [4.0, 16.0])
 
 
+def test_summary_without_level0_mpp_counts_but_gives_no_areas():
+    """No level-0 mpp: counts and shares stay, areas and densities are unknown (None), never
+    computed with the analysis mpp instead."""
+    import dataclasses
+
+    res = _result(mpp=0.5)
+    res = dataclasses.replace(res, provenance=dataclasses.replace(res.provenance, slide_mpp=None))
+    s = res.summary()
+    assert s.n_nuclei == 2 and s.analysed_cells == 5
+    assert s.tissue_mm2 is None and s.density_per_mm2 is None and s.region_mm2 is None
+    assert all(c.per_mm2 is None for c in s.nuclei_by_class)
+    assert all(c.area_mm2 is None for c in s.tiles_by_class)
+    assert s.tiles_by_class[1].fraction == pytest.approx(0.6)
+
+
 def test_summary_density_uses_level0_mpp_when_analysed_at_a_downsample():
     """Regression: a 0.25 um/px slide analysed at 0.5 um/px (f = 2) gave a tissue area 4x too
     large (level-0 cell sizes times the analysis mpp), so densities were 4x too small."""

@@ -196,7 +196,7 @@ def explain_point(
     y, x = _check_point(slide, point)
     if result is not None:
         region = region if region is not None else result.region
-        mpp = mpp if mpp is not None else result.provenance.slide_mpp
+        mpp = mpp if mpp is not None else result.slide_mpp
         model = model if model is not None else result.provenance.model_name
         precision = precision if precision is not None else result.provenance.precision
     if region is not None and not isinstance(region, Region):

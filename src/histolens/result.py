@@ -237,17 +237,20 @@ def _analysed_cells(tiles: TileClassResult) -> np.ndarray:
     return painted | probs.any(-1) if probs.ndim == 3 else painted
 
 
+def _mm2(level0_px2: float, mpp: float | None) -> float | None:
+    """An area in square level-0 pixels as mm², with the level-0 mpp; None when it is unknown."""
+    return level0_px2 * mpp**2 / _UM2_PER_MM2 if mpp else None
+
+
 def _tissue_mm2(result: RegionResult, mpp: float | None) -> tuple[float | None, str]:
     tiles = result.tiles
     if tiles is not None and tiles.classes.size:
         cells = int(np.count_nonzero(_analysed_cells(tiles)))
-        cell_mm2 = (float(tiles.cell) * mpp) ** 2 / _UM2_PER_MM2 if mpp else None
-        return (cells * cell_mm2 if cell_mm2 is not None else None), "tissue cells of the tile map"
+        return _mm2(cells * float(tiles.cell) ** 2, mpp), "tissue cells of the tile map"
     share = 1.0
     if result.tiles_total > 0 and not result.complete:
         share = result.tiles_done / result.tiles_total
-    area = result.region.area * mpp**2 * share / _UM2_PER_MM2 if mpp else None
-    return area, "analysed region"
+    return _mm2(result.region.area * share, mpp), "analysed region"
 
 
 def _nuclei_counts(
@@ -275,10 +278,9 @@ def _tile_counts(
     classes = np.asarray(tiles.classes)
     analysed = _analysed_cells(tiles)
     total = int(np.count_nonzero(analysed))
-    cell_mm2 = (float(tiles.cell) * mpp) ** 2 / _UM2_PER_MM2 if mpp else None
 
     def row(name: str, color: str, count: int) -> ClassCount:
-        area = count * cell_mm2 if cell_mm2 is not None else None
+        area = _mm2(count * float(tiles.cell) ** 2, mpp)
         return ClassCount(name, color, count, count / total if total else 0.0, area_mm2=area)
 
     rows = tuple(
@@ -301,7 +303,7 @@ def _summarize(result: RegionResult) -> ResultSummary:
         tiles_by_class=tile_rows,
         tiles_unsure=unsure,
         analysed_cells=cells,
-        region_mm2=result.region.area * mpp**2 / _UM2_PER_MM2 if mpp else None,
+        region_mm2=_mm2(result.region.area, mpp),
         tissue_mm2=tissue_mm2,
         tissue_source=source,
         tiles_done=result.tiles_done,
