@@ -5,8 +5,8 @@ block, tiles and pixels :func:`histolens.inference.analyze` runs for that region
 top-down attention of the one finest-scale backbone token holding the point captured per head
 (the fused attention kernel stays in use for every other token and for normal runs). The
 :class:`PointExplanation` holds, per scale, the token's attention over the window of that scale
-it read and the level-0 box that window covers; :func:`histolens.layers.explanation_to_layer_data` turns it
-into napari layers aligned by :func:`histolens.region.layer_transform`.
+it read and the level-0 box that window covers; :func:`histolens.layers.explanation_to_layer_data`
+turns it into napari layers aligned by :func:`histolens.region.layer_transform`.
 
 Attention is not attribution: the weights say which tokens the query *read*, averaged over the
 backbone's MSA blocks, not which pixels changed a prediction.
