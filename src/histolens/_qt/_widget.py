@@ -27,12 +27,13 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
+from histolens.layers import result_to_layer_data
 from histolens.region import Region
 from histolens.result import RegionResult
 
 from ._controls import AnalysisControls, DockSettings, OverlayControls
 from ._explain import ExplainInputs, ExplainPanel
-from ._overlays import is_overlay, overlay_group, overlay_mpp, update_overlays
+from ._overlays import is_overlay, overlay_group, update_overlays
 from ._review import ReviewPanel
 from ._runner import AnalysisRunner, RunProgress
 from ._slides import slide_for_layer
@@ -349,8 +350,8 @@ class HistoLensWidget(QWidget):
         try:
             update_overlays(
                 self.viewer,
-                result.to_layer_data(),
-                mpp=overlay_mpp(result),
+                result_to_layer_data(result),
+                mpp=result.slide_mpp,
                 frame=frame,
                 opacity=self.opacities(),
                 prune=final and result.complete,
@@ -390,8 +391,8 @@ class HistoLensWidget(QWidget):
             return
         update_overlays(
             self.viewer,
-            result.to_layer_data(names=["tile classes"]),
-            mpp=overlay_mpp(result),
+            result_to_layer_data(result, names=["tile classes"]),
+            mpp=result.slide_mpp,
             frame=self._frame,
             opacity=self.opacities(),
         )
