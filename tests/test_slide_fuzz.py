@@ -18,7 +18,7 @@ import pytest
 
 from histolens.region import Region
 from histolens.slide import SlideError, open_slide
-from histolens.tiles import DIRECT_READ_ATTR
+from histolens.slide._read import DIRECT_READ_ATTR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .result import ResultSummary
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,6 +56,7 @@ def _run_headless(args: argparse.Namespace) -> int:
     from .cpu import configure_cpu
     from .export import render_overview_png, write_result
     from .inference import analyze
+    from .progress import ProgressPrinter
     from .region import Region
     from .slide import open_slide, sample_slide_path
 
@@ -62,25 +67,29 @@ def _run_headless(args: argparse.Namespace) -> int:
     print(f"region  {region.as_tuple()} (level-0 px)")
     start = time.perf_counter()
     result = None
-    tty = sys.stdout.isatty()
-    last_print = 0.0
+    progress = ProgressPrinter(stream=sys.stdout, every=5.0)
     for partial in analyze(slide, region, model=args.model, device=args.device):
         result = partial
-        done, total = partial.tiles_done, partial.tiles_total
-        if tty:
-            print(f"\rtiles   {done}/{total}", end="", flush=True)
-        elif time.perf_counter() - last_print > 5 or partial.complete:
-            # redirected to a log: a line every few seconds, not a carriage-return stream
-            last_print = time.perf_counter()
-            print(f"tiles   {done}/{total}", flush=True)
-    if tty:
-        print()
+        if partial.tiles_total != progress.total:
+            progress.set_total(partial.tiles_total)
+        progress.update(partial.tiles_done - progress.done)
+    progress.close()
     assert result is not None
     seconds = time.perf_counter() - start
     paths = write_result(result, args.out, slide=slide)
     png = render_overview_png(slide, result, args.out / "overview.png")
-    n = result.nuclei.count if result.nuclei is not None else 0
-    print(f"done    {n} nuclei in {seconds:.1f} s on {result.provenance.device}")
+    print(
+        f"done    {_counts_line(result.summary())} in {seconds:.1f} s on {result.provenance.device}"
+    )
     for _name, path in sorted({**paths, "overview": png}.items()):
         print(f"wrote   {path}")
     return 0
+
+
+def _counts_line(s: ResultSummary) -> str:
+    """``N nuclei (D per mm^2 of A mm^2 tissue)``; ASCII, for any terminal or log."""
+    if s.density_per_mm2 is None:
+        return f"{s.n_nuclei} nuclei"
+    return (
+        f"{s.n_nuclei} nuclei ({s.density_per_mm2:.0f} per mm^2 of {s.tissue_mm2:.3f} mm^2 tissue)"
+    )

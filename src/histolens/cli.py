@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "the main job: napari with the sample slide, or headless: analyse it and write files + a PNG",
     ),
     "analyze": (
-        "histolens.batch",
+        "histolens.batch._cli",
         "analyse whole slides or regions and write GeoJSON, CSV, masks and a summary",
     ),
     "nuclei": (
