@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _atlas_fakes import brightness_atlas
 
 from histolens.models import atlas as A
 from histolens.models._model import HistoLensModel
@@ -284,7 +283,8 @@ def test_scale_dropping_keeps_every_scale_output():
 # ------------------------------------------------------------------------------------------
 # Attention heatmaps land on the right pixels
 # ------------------------------------------------------------------------------------------
-def _predictable_model() -> HistoLensModel:
+@pytest.fixture
+def predictable_model(brightness_atlas) -> HistoLensModel:
     """Queries = brightness; keys: coarsest scale +constant, finest scale -constant, S1 zero.
 
     A bright token's query then prefers the coarsest-scale keys (context reliance ~1) and a dark
@@ -302,8 +302,8 @@ def _predictable_model() -> HistoLensModel:
     return brightness_atlas(weights, name="probe", halo=0, description="attention alignment probe")
 
 
-def test_attention_heatmap_is_on_the_bright_patch():
-    model = _predictable_model()
+def test_attention_heatmap_is_on_the_bright_patch(predictable_model):
+    model = predictable_model
     img = np.zeros((1, 1024, 1024, 3), np.uint8)
     y0, x0 = (
         416,

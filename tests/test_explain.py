@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 nn = torch.nn
 
-from _atlas_fakes import brightness_atlas  # noqa: E402
 
 from histolens.models import atlas as A  # noqa: E402
 from histolens.models import create_model  # noqa: E402
@@ -216,7 +215,8 @@ def test_model_without_cross_scale_attention_is_refused(sample):
 # -- the painted coarse box lands on a bright patch far from the query -----------------------------
 
 
-def _bright_seeking_model():
+@pytest.fixture
+def bright_seeking_model(brightness_atlas):
     """Every query is the constant channel, every key the brightness: each token attends to
     the brightest keys it can see, at every scale."""
 
@@ -230,12 +230,12 @@ def _bright_seeking_model():
     )
 
 
-def test_painted_coarse_box_lands_on_the_bright_patch():
+def test_painted_coarse_box_lands_on_the_bright_patch(bright_seeking_model):
     img = np.zeros((2048, 2048, 3), np.uint8)
     patch = Region(1280, 1280, 1344, 1344)  # one scale-2 token (64 px), ~700 px from the query
     img[patch.y0 : patch.y1, patch.x0 : patch.x1] = 255
     slide = Slide.from_array(img, mpp=0.5, name="bright patch")
-    e = histolens.explain_point(slide, (800, 800), model=_bright_seeking_model())
+    e = histolens.explain_point(slide, (800, 800), model=bright_seeking_model)
     assert e.input_box == Region(384, 384, 1408, 1408)
     layers = {m["name"]: (d, m) for d, m, _ in e.to_layer_data()}
     heat, meta = layers["looked at (scale 2)"]

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from _engine_fakes import match_instances, pyramid_slide, synthetic_image
 
 from histolens.inference import analyze, analyze_region
 from histolens.region import Region
@@ -24,12 +23,12 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def slide():
+def slide(pyramid_slide, synthetic_image):
     img, _ = synthetic_image(512, n=50)
     return pyramid_slide(img, mpp=0.5)
 
 
-def test_tiny_model_tiled_matches_whole(tiny, slide):
+def test_tiny_model_tiled_matches_whole(tiny, slide, match_instances):
     """Tiled vs one-tile runs of the real network: same grids, tile classes agree.
 
     Atlas attends across the whole tile, so outputs are not strictly local; the halo keeps
@@ -95,7 +94,7 @@ def test_tiny_model_partials_then_full(tiny, slide):
 
 
 @pytest.mark.slow
-def test_default_model_nuclei_tiled_vs_whole(wsi_dir):
+def test_default_model_nuclei_tiled_vs_whole(wsi_dir, match_instances):
     """With trained default weights: the engine's default tiling against 1536 px tiles.
 
     The seams fall in different places (36 cache tiles grouped into 1024 px model inputs, vs

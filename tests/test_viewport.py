@@ -280,6 +280,8 @@ def test_summary_density_uses_level0_mpp_when_analysed_at_a_downsample():
     result = analyze_region(
         slide, Region(0, 0, 512, 512), model="test-tiny", tasks=("tiles",), cache=False
     )
-    assert result.analysis_mpp == pytest.approx(0.5) and result.provenance.slide_mpp == pytest.approx(0.25)
+    assert result.analysis_mpp == pytest.approx(
+        0.5
+    ) and result.provenance.slide_mpp == pytest.approx(0.25)
     # 512 x 512 level-0 px at 0.25 um/px = 128 um x 128 um
     assert summarize(result).tissue_mm2 == pytest.approx(128 * 128 / 1e6)
