@@ -275,25 +275,17 @@ def simple_postprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "_hover_instances", _simple_instances)
 
 
-def _match_instances(a: np.ndarray, b: np.ndarray, iou: float = 0.9) -> tuple[int, int, int]:
-    ids_a = np.unique(a[a > 0])
-    ids_b = np.unique(b[b > 0])
-    both = (a > 0) & (b > 0)
-    pairs, inter = np.unique(np.stack([a[both], b[both]]), axis=1, return_counts=True)
-    area_a = dict(zip(*np.unique(a[a > 0], return_counts=True), strict=True))
-    area_b = dict(zip(*np.unique(b[b > 0], return_counts=True), strict=True))
-    matched = 0
-    for (la, lb), n in zip(pairs.T, inter, strict=True):
-        if n / (area_a[la] + area_b[lb] - n) >= iou:
-            matched += 1  # IoU > 0.5 matches are unique, so no double counting
-    return matched, len(ids_a), len(ids_b)
-
-
 @pytest.fixture(scope="session")
 def match_instances():
-    """``match_instances(a, b, iou=0.9) -> (matched, instances in a, instances in b)`` for
-    two label images, with one-to-one IoU >= ``iou`` matches."""
-    return _match_instances
+    """``match_instances(a, b, iou=0.9) -> (matched, instances in a, instances in b)`` for two
+    label images: the unique IoU > ``iou`` matches of ``histolens.training.metrics``."""
+    from histolens.training.metrics import match_instances as unique_matches
+
+    def counts(a: np.ndarray, b: np.ndarray, iou: float = 0.9) -> tuple[int, int, int]:
+        matched, _, _ = unique_matches(a, b, iou_threshold=iou)
+        return len(matched), len(np.unique(a[a > 0])), len(np.unique(b[b > 0]))
+
+    return counts
 
 
 # ------------------------------------------------------------------------------------------
