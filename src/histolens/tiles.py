@@ -84,11 +84,6 @@ class TileGrid:
             )
             raise ValueError(msg)
 
-    @property
-    def outer_size(self) -> int:
-        """Side of the model input in analysis pixels."""
-        return self.size + 2 * self.halo
-
     def tile(self, row: int, col: int) -> Tile:
         s, h = self.size, self.halo
         inner = Region(row * s, col * s, (row + 1) * s, (col + 1) * s)
