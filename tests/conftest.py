@@ -12,9 +12,12 @@ any trained network (its own sanity checks live in ``test_inference.py``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import dask.array as da
 import numpy as np
@@ -438,3 +441,53 @@ def brightness_atlas():
     """
     pytest.importorskip("torch")
     return _brightness_atlas
+
+
+@pytest.fixture(scope="session")
+def attend_reference():
+    """``attend_reference(block, queries (n, C), sources) -> (weights (n, heads, N), outputs
+    (n, C))``: one Atlas scale block's attention written out plainly, the reference of the MSA
+    tests. ``sources`` are ``(block, tokens (N, C))`` pairs, whose keys every query sees."""
+    torch = pytest.importorskip("torch")
+
+    def attend(blk, xq, sources):
+        h = blk.heads
+        q = blk.q(blk.norm_q(xq)).reshape(len(xq), h, -1)
+        ks, vs = [], []
+        for kb, toks in sources:
+            k, v = kb.kv(kb.norm_kv(toks)).chunk(2, -1)
+            ks.append(k.reshape(len(toks), h, -1))
+            vs.append(v.reshape(len(toks), h, -1))
+        k, v = torch.cat(ks), torch.cat(vs)
+        a = torch.softmax(torch.einsum("qhd,nhd->qhn", q, k) / q.shape[-1] ** 0.5, -1)
+        return a, blk.proj(torch.einsum("qhn,nhd->qhd", a, v).reshape(len(xq), -1))
+
+    return attend
+
+
+# ------------------------------------------------------------------------------------------
+# The real default model and the project's slide fuzzer
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (``histolens-default``, embedded weights) on the CPU, loaded once
+    for the session: tests only read it."""
+    pytest.importorskip("torch")
+    from histolens.models import create_model
+
+    return create_model(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def slide_fuzz(wsi_dir: Path) -> ModuleType:
+    """``benchmarks/slide_fuzz.py`` as a module: its mutations, handmade files and runner."""
+    pytest.importorskip("pydicom")
+    spec = importlib.util.spec_from_file_location(
+        "slide_fuzz", REPO / "benchmarks" / "slide_fuzz.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["slide_fuzz"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    assert module.WSI == wsi_dir  # the workers find the slides where the fixtures do
+    return module

@@ -8,7 +8,6 @@ results as the old ones.
 from __future__ import annotations
 
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -128,20 +127,6 @@ def test_progress_text_estimates_the_time_left():
 
 
 # -- the real default model on the real sample slide -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    torch = pytest.importorskip("torch")
-    from histolens.models import create_model
-
-    torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = create_model(None, device="cpu")
-    if not model.card.weights_sha256:
-        pytest.skip("histolens-default has no trained weights in this checkout")
-    return model
 
 
 def test_default_model_nuclei_box_equals_full_maps(default_model, wsi_dir):
