@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _run(slide: Path, out: Path, *, model: str, workers: int, block_px: int) -> tuple[dict, object]:
-    from histolens.batch import run_batch
+def _run(slide: Path, out: Path, *, model: str, workers: int, shard_px: int) -> tuple[dict, object]:
+    from histolens.batch import BatchOptions, run_batch
 
     got: dict = {}
+    options = BatchOptions(
+        model=model, workers=workers, shard_px=shard_px, tasks=("nuclei", "tiles"),
+        formats=("geojson", "csv", "summary"), progress=False,
+    )  # fmt: skip
     t0 = time.perf_counter()
     (outcome,) = run_batch(
-        [slide], out, model=model, workers=workers, block_px=block_px, tasks=("nuclei", "tiles"),
-        formats=("geojson", "csv", "summary"), progress=False,
-        on_result=lambda p, r: got.setdefault("result", r),
-    )  # fmt: skip
+        [slide], out, options, on_result=lambda p, r: got.setdefault("result", r)
+    )
     seconds = time.perf_counter() - t0
     if not outcome.ok:
         msg = f"run with workers={workers} failed: {outcome.error}"
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", default="test-tiny", help="registered model (default: test-tiny)"
     )
-    parser.add_argument("--block-px", type=int, default=1024, help="work unit side in analysis px")
+    parser.add_argument(
+        "--shard-px", "--block-px", type=int, default=1024, help="shard side in analysis px"
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the figures to this JSON file"
     )
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for workers in (0, 2):
             row, result = _run(
                 slide.path, tmpdir / f"out{workers}", model=args.model, workers=workers,
-                block_px=args.block_px,
+                shard_px=args.shard_px,
             )  # fmt: skip
             rows.append(row)
             results.append(result)

@@ -1,7 +1,7 @@
 """``histolens nuclei`` on small images: seconds per image, old engine vs new, same labels?
 
 Segments 256 x 256 px CoNSeP patches at 0.25 um/px (``../shared/data/consep``, the format of
-the CoNSeP test split) with :func:`histolens.training.nuclei_cli.segment_nuclei`, the
+the CoNSeP test split) with :func:`histolens.nuclei.segment_nuclei`, the
 function behind ``histolens nuclei``, once with the engine before issue 15
 (``crop_decoder=False``: the nuclei decoder and post-processing run over the whole padded
 model input) and once with the current one, alternating image by image in one process
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         return 1
     from histolens.cpu import configure_cpu
     from histolens.models import create_model
-    from histolens.training.nuclei_cli import read_rgb, segment_nuclei
+    from histolens.nuclei import read_rgb, segment_nuclei
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from inference_speed import cpu_name

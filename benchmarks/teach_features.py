@@ -1,7 +1,7 @@
 """Do per-tile nucleus and colour statistics help the tile probe beyond the backbone's embeddings?
 
 Grouped, stratified 5-fold CV of the project's logistic regression
-(:func:`histolens.training.probe.cross_validate`), exactly as the model card's probes
+(:func:`histolens.models.probe.cross_validate`), exactly as the model card's probes
 (Kather 2016 sample resampled to the model's mpp; LC25000 lung, 600 tiles in whole
 near-duplicate families, at their own scale), with three feature sets:
 
@@ -32,7 +32,7 @@ def tile_statistics(images: np.ndarray, mpp: float, model) -> np.ndarray:
     """(N, n_types + 1) nuclei per type per 32 um cell and mean area; (N, 4) H/E OD mean/std."""
     from skimage.color import rgb2hed
 
-    from histolens.training.nuclei_cli import segment_nuclei
+    from histolens.nuclei import segment_nuclei
 
     types = tuple(model.card.nucleus_types)
     nuc, col = [], []
@@ -48,7 +48,7 @@ def tile_statistics(images: np.ndarray, mpp: float, model) -> np.ndarray:
 
 
 def compare(name: str, x: np.ndarray, nuc: np.ndarray, col: np.ndarray, y, groups, n_classes):
-    from histolens.training.probe import cross_validate
+    from histolens.models.probe import cross_validate
 
     out = {}
     for label, feats in (

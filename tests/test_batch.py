@@ -1,4 +1,4 @@
-"""Batch runs: work units == whole-region engine run == dask.distributed run; failures skip."""
+"""Batch runs: shards == whole-region engine run == dask.distributed run; failures skip."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 
 from histolens import Region
 from histolens._engine import plan_analysis
-from histolens.batch import group_work, run, run_batch, tiles_in_mask, tissue_mask
+from histolens.batch import BatchOptions, run_batch, tissue_mask
+from histolens.batch._cli import add_arguments, run
+from histolens.batch._plan import shard_blocks
+from histolens.batch._tissue import tiles_in_mask
 from histolens.inference import analyze_region
 from histolens.models import ALL_TASKS, get_card
 from histolens.slide import open_slide, write_synthetic_pyramid
@@ -52,8 +55,8 @@ class ThresholdModel:
 
 @pytest.fixture(scope="module")
 def synthetic_slide(tmp_path_factory) -> Path:
-    """1024 x 1024 px H&E-like pyramid at 0.5 um/px: with the test-tiny card, 3 x 3 work units
-    at block_px=384 (the last row and column partly beyond the slide)."""
+    """1024 x 1024 px H&E-like pyramid at 0.5 um/px: with the test-tiny card, 3 x 3 shards
+    at shard_px=384 (the last row and column partly beyond the slide)."""
     path = tmp_path_factory.mktemp("slides") / "synthetic.tif"
     write_synthetic_pyramid(path, 1024, tile=256, mpp=0.5)
     return path
@@ -83,17 +86,17 @@ def _assert_same(a, b, *, atol: float = 0.0) -> None:
         assert (x.downsample, x.origin) == (y.downsample, y.origin)
 
 
-def test_work_units_hold_whole_model_blocks_row_major():
+def test_shards_hold_whole_model_blocks_row_major():
     grid = TileGrid(size=64, halo=32, multiple=32)
     tiles = grid.tiles(Region(0, 0, 10 * 64, 7 * 64))
     blocks = group_tiles(tiles, grid, 3)  # 3 x 3 tiles per model block, as the engine runs them
-    units = group_work(blocks, work_px=384)  # two model blocks (2 x 192 px) per side
-    assert [len(u) for u in units] == [4, 2, 4, 2]
-    assert sorted((t.row, t.col) for u in units for b in u for t in b.tiles) == sorted(
+    shards = shard_blocks(blocks, shard_px=384)  # two model blocks (2 x 192 px) per side
+    assert [len(s) for s in shards] == [4, 2, 4, 2]
+    assert sorted((t.row, t.col) for s in shards for b in s for t in b.tiles) == sorted(
         (t.row, t.col) for t in tiles
     )
-    for unit in units:
-        corners = {(b.inner.y0 // 384, b.inner.x0 // 384) for b in unit}
+    for shard in shards:
+        corners = {(b.inner.y0 // 384, b.inner.x0 // 384) for b in shard}
         assert len(corners) == 1
 
 
@@ -118,10 +121,12 @@ def test_tissue_mask_on_a_real_slide(wsi_dir: Path):
 def test_blocks_match_the_whole_region_engine_run(synthetic_slide: Path, tmp_path: Path):
     model = ThresholdModel()
     got = {}
+    options = BatchOptions(
+        model=model, tasks=ALL_TASKS, tissue_mask=False, shard_px=384, progress=False
+    )
     outcomes = run_batch(
-        [synthetic_slide], tmp_path, model=model, tasks=ALL_TASKS, tissue=False, block_px=384,
-        progress=False, on_result=lambda p, r: got.setdefault("batch", r),
-    )  # fmt: skip
+        [synthetic_slide], tmp_path, options, on_result=lambda p, r: got.setdefault("batch", r)
+    )
     slide = open_slide(synthetic_slide)
     n_tiles = len(_plan(slide).grid.tiles(_plan(slide).box))
     assert [o.ok for o in outcomes] == [True] and outcomes[0].tiles_run == n_tiles
@@ -144,26 +149,18 @@ def test_distributed_run_on_loopback_equals_single_process(synthetic_slide: Path
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     model = ThresholdModel()
     got: dict[str, object] = {}
-    kw = dict(
-        model=model,
-        tasks=ALL_TASKS,
-        block_px=384,
-        progress=False,
+    options = BatchOptions(
+        model=model, tasks=ALL_TASKS, shard_px=384, progress=False,
         formats=("geojson", "csv", "ome-tiff", "summary"),
-    )
+    )  # fmt: skip
     run_batch(
-        [synthetic_slide],
-        tmp_path / "local",
+        [synthetic_slide], tmp_path / "local", options,
         on_result=lambda p, r: got.setdefault("local", r),
-        **kw,
-    )
+    )  # fmt: skip
     outcomes = run_batch(
-        [synthetic_slide],
-        tmp_path / "dask",
-        workers=2,
+        [synthetic_slide], tmp_path / "dask", options.replace(workers=2),
         on_result=lambda p, r: got.setdefault("dask", r),
-        **kw,
-    )
+    )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error
     _assert_same(got["local"], got["dask"])
     for name in ("nuclei.geojson", "tiles.geojson", "nuclei.csv", "tiles.csv"):
@@ -177,12 +174,10 @@ def test_cli_skips_a_corrupt_slide_and_reports_it(
 ):
     import argparse
 
-    from histolens import batch
-
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00" + b"\x00garbage" * 100)
     parser = argparse.ArgumentParser()
-    batch.add_arguments(parser)
+    add_arguments(parser)
     out = str(tmp_path / "out")
     argv = [str(bad), str(synthetic_slide), "--out", out, "--quiet", "--tasks", "nuclei", "tiles"]
     args = parser.parse_args([*argv, "--block-px", "384"])
@@ -213,10 +208,8 @@ def test_tissue_mask_skips_glass(tmp_path: Path, monkeypatch):
     slide = Slide.from_array(rgb, mpp=0.5, name="half")
     monkeypatch.setattr(slide_mod, "open_slide", lambda path, mpp=None: slide)
     got = {}
-    outcomes = run_batch(
-        ["half"], tmp_path, model=ThresholdModel(), tasks=("tiles",), progress=False,
-        on_result=lambda p, r: got.setdefault("r", r),
-    )  # fmt: skip
+    options = BatchOptions(model=ThresholdModel(), tasks=("tiles",), progress=False)
+    outcomes = run_batch(["half"], tmp_path, options, on_result=lambda p, r: got.setdefault("r", r))
     assert outcomes[0].ok, outcomes[0].error
     result = got["r"]
     size = _plan(slide).grid.size
@@ -237,10 +230,13 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
     path = wsi_dir / "CMU-1-Small-Region.svs"
     region = Region(1500, 600, 2012, 1112)
     got = {}
-    outcomes = run_batch(
-        [path], tmp_path, model="test-tiny", tasks=ALL_TASKS, region=region, tissue=False,
-        block_px=192, progress=False, on_result=lambda p, r: got.setdefault("batch", r),
+    options = BatchOptions(
+        model="test-tiny", tasks=ALL_TASKS, region=region, tissue_mask=False, shard_px=192,
+        progress=False,
     )  # fmt: skip
+    outcomes = run_batch(
+        [path], tmp_path, options, on_result=lambda p, r: got.setdefault("batch", r)
+    )
     assert outcomes[0].ok, outcomes[0].error
     whole = analyze_region(
         open_slide(path), region, model="test-tiny", tasks=ALL_TASKS, cache=False
@@ -253,8 +249,7 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
         n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
     ) as cluster:
         outcomes = run_batch(
-            [path], tmp_path / "dask", model="test-tiny", tasks=ALL_TASKS, region=region,
-            tissue=False, block_px=192, scheduler=cluster.scheduler_address, progress=False,
+            [path], tmp_path / "dask", options.replace(scheduler=cluster.scheduler_address),
             on_result=lambda p, r: got.setdefault("dask", r),
         )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error
@@ -264,7 +259,7 @@ def test_real_model_on_a_real_slide_batch_equals_engine(wsi_dir: Path, tmp_path:
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
     import io
 
-    from histolens.batch import _Progress
+    from histolens.progress import ProgressPrinter
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -272,8 +267,9 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
 
     log, tty = io.StringIO(), Terminal()
     for stream in (log, tty):
-        p = _Progress(10, stream=stream, every=0.0)
+        p = ProgressPrinter(stream=stream, every=0.0)
         p.log("slide.svs: 10 tiles")
+        p.set_total(10)  # known once the slides are planned
         for _ in range(10):
             p.update(1, "slide.svs")
         p.close()
@@ -288,23 +284,84 @@ def test_a_slide_failing_during_analysis_does_not_stop_the_others(
 ):
     import shutil
 
-    from histolens import batch
+    from histolens.batch import _shard
 
     other = tmp_path / "other.tif"
     shutil.copy(synthetic_slide, other)
-    real = batch._run_block
+    real = _shard.run_shard
 
     def flaky(slide, *args, **kwargs):
         if slide.name == "other":
             raise RuntimeError("decoder crashed on tile (3, 4)")
         return real(slide, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "_run_block", flaky)
-    outcomes = run_batch(
-        [other, synthetic_slide], tmp_path / "out", model=ThresholdModel(), tasks=("tiles",),
-        block_px=384, progress=False,
-    )  # fmt: skip
+    monkeypatch.setattr(_shard, "run_shard", flaky)
+    options = BatchOptions(model=ThresholdModel(), tasks=("tiles",), shard_px=384, progress=False)
+    outcomes = run_batch([other, synthetic_slide], tmp_path / "out", options)
     assert [o.ok for o in outcomes] == [False, True]
     assert "RuntimeError: decoder crashed on tile (3, 4)" in outcomes[0].error
     assert (tmp_path / "out" / "synthetic" / "tiles.geojson").is_file()
     assert not (tmp_path / "out" / "other" / "summary.json").exists()
+
+
+def test_options_are_checked_once_with_the_value_named():
+    options = BatchOptions(tasks=["nuclei"], region="0,0,512,512", formats=["csv"], shard_px=384)
+    assert options.tasks == ("nuclei",) and options.formats == ("csv",)
+    assert options.region == Region(0, 0, 512, 512) and not options.distributed
+    assert options.replace(workers=2).distributed and options.workers == 0
+    for bad, words in (
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(shard_px=1.5), "shard_px must be an integer >= 1, got 1.5"),
+        (dict(tasks=("nuclei", "cells")), "unknown: cells"),
+        (dict(formats=("pdf",)), "unknown: pdf"),
+        (dict(mpp=float("inf")), "mpp must be a level-0 um/px"),
+        (dict(precision="fp8"), "precision must be one of auto"),
+        (dict(workers=2, scheduler="tcp://10.0.0.5:8786"), "not both"),
+        (dict(region="0,0,inf,inf"), "four integers"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            BatchOptions(**bad)
+    with pytest.raises(TypeError, match="no option"):
+        options.replace(block_px=256)
+
+
+def test_shard_px_flag_and_its_old_name(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag in ("--shard-px", "--block-px"):
+        args = parser.parse_args(["s.svs", "--out", "o", flag, "384"])
+        assert args.shard_px == 384
+    assert "--block-px" not in parser.format_help() and "shard" in parser.format_help()
+    args = parser.parse_args(["s.svs", "--out", "o", "--region", "1,2,3"])
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "four integers" in err
+
+
+def test_a_cluster_made_for_the_run_is_closed_on_ctrl_c(monkeypatch):
+    from histolens import _cluster
+
+    closed = []
+
+    class Closing:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    monkeypatch.setattr(
+        _cluster, "_local_cluster", lambda n: (Closing("cluster"), Closing("client"))
+    )
+    with pytest.raises(KeyboardInterrupt), _cluster.dask_client(workers=2) as client:
+        assert client.name == "client"
+        raise KeyboardInterrupt
+    assert closed == ["client", "cluster"]
+    mine = Closing("mine")
+    with _cluster.dask_client(workers=2, client=mine) as client:
+        assert client is mine
+    with _cluster.dask_client() as client:
+        assert client is None
+    assert closed == ["client", "cluster"]  # a caller's client stays open

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from histolens import Region
-from histolens.batch import run_batch
+from histolens.batch import BatchOptions, run_batch
 
-#: A tissue-rich crop of CMU-1-Small-Region (level-0 px): 4 work units at block_px=256.
+#: A tissue-rich crop of CMU-1-Small-Region (level-0 px): 4 shards at shard_px=256.
 REGION = Region(1500, 600, 2012, 1112)
 
 
@@ -58,18 +58,19 @@ def test_two_dask_workers_with_the_real_default_model_equal_one_process(
     loaded 2-core machine, most of it starting the two worker processes."""
     path = wsi_dir / "CMU-1-Small-Region.svs"
     got: dict[str, object] = {}
-    kw = dict(
-        model=None, tasks=("nuclei",), region=REGION, tissue=False, block_px=256,
+    options = BatchOptions(
+        model=None, tasks=("nuclei",), region=REGION, tissue_mask=False, shard_px=256,
         precision="fp32", progress=False, formats=("geojson", "csv"),
     )  # fmt: skip
     t0 = time.perf_counter()
     local = run_batch(
-        [path], tmp_path / "one", on_result=lambda p, r: got.setdefault("one", r), **kw
+        [path], tmp_path / "one", options, on_result=lambda p, r: got.setdefault("one", r)
     )
     t1 = time.perf_counter()
     dask = run_batch(
-        [path], tmp_path / "two", workers=2, on_result=lambda p, r: got.setdefault("two", r), **kw
-    )
+        [path], tmp_path / "two", options.replace(workers=2),
+        on_result=lambda p, r: got.setdefault("two", r),
+    )  # fmt: skip
     t2 = time.perf_counter()
     print(f"single process {t1 - t0:.1f} s, 2 dask workers {t2 - t1:.1f} s")
     assert local[0].ok and dask[0].ok, (local[0].error, dask[0].error)
@@ -93,7 +94,9 @@ def test_a_slide_without_mpp_is_reported_not_a_type_error(tmp_path: Path):
     path = tmp_path / "no-mpp.tif"
     tifffile.imwrite(path, np.full((300, 300, 3), 200, np.uint8), tile=(256, 256))
     with pytest.warns(UserWarning, match="no pixel size"):
-        outcomes = run_batch([path], tmp_path / "out", model="test-tiny", progress=False)
+        outcomes = run_batch(
+            [path], tmp_path / "out", BatchOptions(model="test-tiny", progress=False)
+        )
     assert not outcomes[0].ok
     assert outcomes[0].error.startswith("SlideError: ")
     assert str(path) in outcomes[0].error and "--mpp" in outcomes[0].error
@@ -109,10 +112,8 @@ def test_a_slide_whose_writing_fails_leaves_no_folder(wsi_dir: Path, tmp_path: P
         raise OSError("disk full")
 
     monkeypatch.setattr(export, "write_result", broken)
-    outcomes = run_batch(
-        [wsi_dir / "CMU-1-Small-Region.svs"], tmp_path, model="test-tiny",
-        region=Region(0, 0, 256, 256), progress=False,
-    )  # fmt: skip
+    options = BatchOptions(model="test-tiny", region=Region(0, 0, 256, 256), progress=False)
+    outcomes = run_batch([wsi_dir / "CMU-1-Small-Region.svs"], tmp_path, options)
     assert "disk full" in outcomes[0].error
     assert list(tmp_path.iterdir()) == []
 
@@ -129,7 +130,8 @@ def test_an_unreachable_scheduler_fails_fast_in_one_line(tmp_path: Path):
     ):
         t0 = time.perf_counter()
         with pytest.raises(ValueError, match=words) as err:
-            run_batch(["x.svs"], tmp_path, model="test-tiny", scheduler=address, progress=False)
+            options = BatchOptions(model="test-tiny", scheduler=address, progress=False)
+            run_batch(["x.svs"], tmp_path, options)
         assert time.perf_counter() - t0 < 20  # not the 60 s hang of a Client's retries
         assert "\n" not in str(err.value) and "tcp://" in str(err.value)
 

@@ -76,10 +76,10 @@ def _bomb_jpeg(path: Path) -> None:
 def test_nuclei_goes_on_after_bad_images_and_names_them(wsi_dir, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from histolens.training import nuclei_cli
+    from histolens import nuclei
 
     # TIFFs read lazily, as large ones are: the damaged tile fails inside the engine's read
-    monkeypatch.setattr(nuclei_cli, "EAGER_READ_SAMPLES", 0)
+    monkeypatch.setattr(nuclei, "EAGER_READ_SAMPLES", 0)
 
     good = tmp_path / "good.png"
     Image.fromarray(_crop(wsi_dir, 200, 240)).save(good)
@@ -105,12 +105,12 @@ def test_nuclei_goes_on_after_bad_images_and_names_them(wsi_dir, tmp_path, capsy
 
 
 def test_nuclei_files_appear_only_when_complete(wsi_dir, tmp_path, monkeypatch):
-    from histolens.training import nuclei_cli
+    from histolens import nuclei
 
     img = tmp_path / "img.tif"
     tifffile.imwrite(img, _crop(wsi_dir, 700, 600))
     calls = {"n": 0}
-    real = nuclei_cli._input_labels
+    real = nuclei._input_labels
 
     def dies_midway(*args):
         calls["n"] += 1
@@ -118,9 +118,9 @@ def test_nuclei_files_appear_only_when_complete(wsi_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed while the label TIFF is being written
         return real(*args)
 
-    monkeypatch.setattr(nuclei_cli, "_input_labels", dies_midway)
-    with nuclei_cli.image_slide(img, mpp=0.5) as slide, pytest.raises(KeyboardInterrupt):
-        nuclei_cli.write_nuclei(slide, tmp_path / "out" / "img", mpp=0.5, model="test-tiny")
+    monkeypatch.setattr(nuclei, "_input_labels", dies_midway)
+    with nuclei.image_slide(img, mpp=0.5) as slide, pytest.raises(KeyboardInterrupt):
+        nuclei.write_nuclei(slide, tmp_path / "out" / "img", mpp=0.5, model="test-tiny")
     assert list((tmp_path / "out").iterdir()) == []  # no 0-byte img.tif, no temporary left
 
 
@@ -129,11 +129,11 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
 ):
     """histolens-default on a real crop larger than one output tile (2 x 2 tiles of 512),
     read lazily tile by tile as a large TIFF is."""
+    from histolens import nuclei
     from histolens.models import create_model
-    from histolens.training import nuclei_cli
-    from histolens.training.nuclei_cli import image_slide, segment_nuclei, write_nuclei
+    from histolens.nuclei import image_slide, segment_nuclei, write_nuclei
 
-    monkeypatch.setattr(nuclei_cli, "EAGER_READ_SAMPLES", 0)
+    monkeypatch.setattr(nuclei, "EAGER_READ_SAMPLES", 0)
 
     image = _crop(wsi_dir, 600, 560)
     path = tmp_path / "crop.tif"
@@ -152,8 +152,8 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
 def test_an_image_too_large_for_the_model_grid_is_refused_before_any_work(tmp_path):
     import dask.array as da
 
+    from histolens.nuclei import write_nuclei
     from histolens.slide import Slide
-    from histolens.training.nuclei_cli import write_nuclei
 
     huge = Slide.from_array(da.zeros((60000, 60000, 3), np.uint8, chunks=4096), mpp=0.5)
     with pytest.raises(ValueError, match="more than histolens nuclei holds"):

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from histolens.models.probe import fit_logistic, grouped_folds
+from histolens.training.config import TrainNucleiConfig
 from histolens.training.datasets import (
     NUCLEUS_TYPES,
     NucleiSample,
@@ -21,7 +23,6 @@ from histolens.training.datasets import (
     mosaic,
     resample_labels,
 )
-from histolens.training.probe import fit_logistic, grouped_folds
 from histolens.training.targets import AugmentConfig, hv_targets, make_example
 
 
@@ -201,13 +202,17 @@ def test_losses_are_finite_and_mask_unknown_parts():
     terms["total"].backward()
 
 
-def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
-    from histolens.training.train import add_arguments
+def _parse(*argv: str) -> argparse.Namespace:
+    from histolens.training.cli import train
 
     p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(
-        [
+    train.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def _args(tmp_path: Path, *extra: str) -> TrainNucleiConfig:
+    return TrainNucleiConfig.from_args(
+        _parse(
             "nuclei",
             "--out",
             str(tmp_path),
@@ -222,7 +227,7 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
             "--precision",
             "fp32",
             *extra,
-        ]
+        )
     )
 
 
@@ -267,9 +272,9 @@ def test_training_loop_learns_checkpoints_and_resumes(tmp_path):
 def test_training_refuses_weights_that_exclude_every_source_with_data(tmp_path):
     from histolens.training.train import train_nuclei
 
-    args = _args(tmp_path, "--max-steps", "1", "--source-weights", "monuseg=0")
+    cfg = _args(tmp_path, "--max-steps", "1", "--source-weights", "monuseg=0")
     with pytest.raises(ValueError, match="every source with training data has weight 0"):
-        train_nuclei(args, model=_Tiny.make(), data=_tiny_data())
+        train_nuclei(cfg, model=_Tiny.make(), data=_tiny_data())
 
 
 def test_colour_grouping_joins_arbitrary_rotations_within_a_class():
@@ -350,7 +355,7 @@ def test_decoder_refine_adds_capacity_and_keeps_output_shapes() -> None:
 
 
 def test_weight_options_parse_over_defaults_and_reject_typos():
-    from histolens.training.train import SOURCE_WEIGHTS, parse_weights
+    from histolens.training.config import SOURCE_WEIGHTS, parse_weights
 
     w = parse_weights("monuseg=0.5, consep=0", SOURCE_WEIGHTS, "--source-weights")
     assert w["monuseg"] == 0.5 and w["consep"] == 0.0 and w["pannuke"] == SOURCE_WEIGHTS["pannuke"]
@@ -421,18 +426,14 @@ def test_training_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
 
 def test_training_cli_defaults_to_auto_precision_and_exposes_stain_jitter(tmp_path):
     from histolens.training.targets import AugmentConfig
-    from histolens.training.train import add_arguments
 
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    args = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "0.2"])
+    args = _parse("nuclei", "--out", str(tmp_path), "--hed-sigma", "0.2")
     assert args.precision == "auto"
     assert args.hed_sigma == 0.2 and args.hed_bias == AugmentConfig.hed_bias
-    bad = p.parse_args(["nuclei", "--out", str(tmp_path), "--hed-sigma", "-0.1"])
-    from histolens.training.train import train_nuclei
-
+    bad = _parse("nuclei", "--out", str(tmp_path), "--hed-sigma", "-0.1")
+    # The config refuses it when built, before any model or data is loaded.
     with pytest.raises(ValueError, match="hed_sigma -0.1: stain jitter must be in"):
-        train_nuclei(bad, model=_Tiny.make(), data=_tiny_data())
+        TrainNucleiConfig.from_args(bad)
 
 
 def test_release_carries_the_history_of_shipped_weights_a_phase_started_from(tmp_path):

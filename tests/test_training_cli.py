@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import tifffile
 
+from histolens.nuclei import NUCLEI_TABLE_COLUMNS, labels_to_input_grid
 from histolens.training.evaluate import classical_nuclei, score_pair
-from histolens.training.nuclei_cli import NUCLEI_TABLE_COLUMNS, labels_to_input_grid
 
 
 def _disk_image(shape=(200, 200), n=12, seed=0):
@@ -99,7 +99,7 @@ def test_evaluate_cli_scores_predictions_and_baseline(tmp_path, capsys):
 
 def test_evaluate_on_a_real_monuseg_tile_baseline(shared_data):
     """The baseline on one real labelled tile: plausible, far from perfect (a sanity anchor)."""
-    from histolens.training.nuclei_cli import read_rgb
+    from histolens.nuclei import read_rgb
 
     mon = shared_data / "monuseg" / "train"
     if not mon.is_dir():
@@ -238,3 +238,39 @@ def test_evaluate_runs_the_model_with_tta_like_histolens_nuclei(tmp_path, capsys
     assert main([*args, "--no-tta"]) == 0
     out = capsys.readouterr().out
     assert "# model test-tiny on 1 images" in out and "mean  dice" in out
+
+
+def test_nuclei_cli_with_the_default_model_on_real_consep_patches(shared_data, tmp_path):
+    """``histolens nuclei`` (the real default model, TTA on as shipped) on held-out CoNSeP
+    patches, then ``histolens evaluate nuclei --pred`` on its files: the model's instances
+    score above the classical baseline's on the same patches."""
+    import json
+
+    from histolens.cli import main
+
+    consep = shared_data / "consep"
+    stems = ("train_13_000", "train_13_003", "train_13_006")  # source tile 13 is held out
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for stem in stems:
+        src = consep / "images" / "train" / f"{stem}.jpg"
+        if not src.is_file():
+            pytest.skip(f"{src} is absent")
+        (images / src.name).symlink_to(src)
+        (labels / f"{stem}.png").symlink_to(consep / "inst" / "train" / f"{stem}.png")
+    out = tmp_path / "out"
+    paths = [str(images / f"{s}.jpg") for s in stems]
+    assert main(["nuclei", *paths, "--mpp", "0.25", "--out", str(out), "--threads", "1"]) == 0
+    for stem in stems:
+        written = tifffile.imread(out / f"{stem}.tif")
+        table = pd.read_csv(out / f"{stem}.csv")
+        assert written.shape == (256, 256) and len(table) > 10
+        assert set(table["label"]) == set(np.unique(written)) - {0}
+        assert set(table["type"]) <= {"other", "inflammatory", "epithelial", "spindle-shaped"}
+    evaluate = ["evaluate", "nuclei", "--images", str(images), "--labels", str(labels)]
+    evaluate += ["--mpp", "0.25"]
+    assert main([*evaluate, "--pred", str(out), "--json", str(tmp_path / "model.json")]) == 0
+    assert main([*evaluate, "--baseline", "--json", str(tmp_path / "base.json")]) == 0
+    model = json.loads((tmp_path / "model.json").read_text())["mean"]
+    base = json.loads((tmp_path / "base.json").read_text())["mean"]
+    assert model["pq"] > base["pq"] and model["dice"] > 0.6, (model, base)

@@ -68,7 +68,7 @@ def test_an_equivariant_model_is_unchanged_and_a_biased_one_is_averaged() -> Non
 
 
 def test_wrapper_has_its_own_cache_name_and_runs_in_the_engine() -> None:
-    from histolens.training.nuclei_cli import segment_nuclei
+    from histolens.nuclei import segment_nuclei
 
     model = create_model("test-tiny", pretrained=False)
     tta = TestTimeAugmented(model)

@@ -1,12 +1,16 @@
-"""Joining a running dask scheduler: fail fast, in one line, when it is not there."""
+"""The dask cluster a run works on: a loopback ``LocalCluster`` it starts, a running scheduler
+it joins (failing fast, in one line, when nothing is there) or a caller's client, and each
+closed again by whoever opened it (:func:`dask_client`)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["SCHEDULER_TIMEOUT_S", "check_scheduler", "connect_scheduler"]
+__all__ = ["SCHEDULER_TIMEOUT_S", "check_scheduler", "connect_scheduler", "dask_client"]
 
 #: Seconds to wait for a scheduler to answer before giving up.
 SCHEDULER_TIMEOUT_S = 5.0
@@ -45,6 +49,50 @@ def connect_scheduler(address: str, *, timeout: float = SCHEDULER_TIMEOUT_S) -> 
     except Exception as exc:
         msg = f"cannot join the dask scheduler at {address} ({type(exc).__name__}: {exc}); {_HINT}"
         raise ValueError(msg) from None
+
+
+@contextmanager
+def dask_client(
+    *, workers: int = 0, scheduler: str | None = None, client: Any = None
+) -> Iterator[Any]:
+    """The ``distributed.Client`` to run on, or None to run in this process.
+
+    ``client`` (a caller's own) is used as it is and left open; otherwise ``scheduler`` is
+    joined (:func:`connect_scheduler`), or ``workers`` > 0 starts a loopback ``LocalCluster`` of
+    that many single-threaded processes. A client or cluster made here is closed on the way out,
+    also when the body raises or is interrupted (Ctrl-C), so no worker process outlives the run.
+    """
+    if client is not None or not (workers or scheduler is not None):
+        yield client
+        return
+    cluster = None
+    if scheduler is not None:
+        client = connect_scheduler(scheduler)
+    else:
+        cluster, client = _local_cluster(workers)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _local_cluster(workers: int) -> tuple[Any, Any]:
+    """A loopback ``LocalCluster`` of ``workers`` single-threaded processes and its client."""
+    from distributed import Client, LocalCluster
+
+    # Loopback only, one thread per process: torch and the GIL make threads useless for
+    # model work, and no port is opened beyond this machine.
+    cluster = LocalCluster(
+        n_workers=int(workers), threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address=None,
+    )  # fmt: skip
+    try:
+        return cluster, Client(cluster, set_as_default=False)
+    except BaseException:
+        cluster.close()
+        raise
 
 
 async def _probe(address: str, timeout: float) -> str:

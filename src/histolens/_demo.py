@@ -52,6 +52,7 @@ def _run_headless(args: argparse.Namespace) -> int:
     from .cpu import configure_cpu
     from .export import render_overview_png, write_result
     from .inference import analyze
+    from .progress import ProgressPrinter
     from .region import Region
     from .slide import open_slide, sample_slide_path
 
@@ -62,19 +63,13 @@ def _run_headless(args: argparse.Namespace) -> int:
     print(f"region  {region.as_tuple()} (level-0 px)")
     start = time.perf_counter()
     result = None
-    tty = sys.stdout.isatty()
-    last_print = 0.0
+    progress = ProgressPrinter(stream=sys.stdout, every=5.0)
     for partial in analyze(slide, region, model=args.model, device=args.device):
         result = partial
-        done, total = partial.tiles_done, partial.tiles_total
-        if tty:
-            print(f"\rtiles   {done}/{total}", end="", flush=True)
-        elif time.perf_counter() - last_print > 5 or partial.complete:
-            # redirected to a log: a line every few seconds, not a carriage-return stream
-            last_print = time.perf_counter()
-            print(f"tiles   {done}/{total}", flush=True)
-    if tty:
-        print()
+        if partial.tiles_total != progress.total:
+            progress.set_total(partial.tiles_total)
+        progress.update(partial.tiles_done - progress.done)
+    progress.close()
     assert result is not None
     seconds = time.perf_counter() - start
     paths = write_result(result, args.out, slide=slide)

@@ -9,7 +9,7 @@ pixels while the model runs), post-process nuclei once per block and split every
 the tiles' :class:`TileOutput`, timing each stage. :class:`ResultAssembly` pastes tile
 outputs into region-sized canvases and builds the :class:`~histolens.result.RegionResult`.
 
-``analyze`` (one region, cached, partial results) and the batch runner (work units, maybe on
+``analyze`` (one region, cached, partial results) and the batch runner (shards, maybe on
 dask workers) are thin loops over these, so a tile's output is the same whichever ran it.
 Private: users call :mod:`histolens.inference`. Coordinates are global analysis pixels
 (level-0 px divided by ``plan.f``), ``(y, x)``, half-open boxes. Nothing here imports torch
@@ -750,7 +750,7 @@ def _nuclei_area(tile: Tile, view: Region | None) -> Region | None:
 class BlockRunner:
     """Read -> predict -> post-process for the model blocks of one plan, batch by batch.
 
-    One object per run (one region, or one batch work unit): it keeps the model-call size,
+    One object per run (one region, or one shard of `histolens analyze`): it keeps the model-call size,
     halved for good on an out-of-memory error (``oom_retries`` counts those), and adds the
     seconds per stage to ``timings`` (``read``, ``preprocess``, ``model``, ``postprocess``)
     with the pixels the model saw (``model_input_px``, halo included) and decoded nuclei on

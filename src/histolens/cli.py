@@ -1,7 +1,8 @@
 """The ``histolens`` command: one sub-command per job, each defined next to the code it runs.
 
 A sub-command lives in its own module as two functions, ``add_arguments(parser)`` and
-``run(args) -> int``; this file only lists them, so ``histolens --help`` stays fast (no
+``run(args) -> int`` (or in an object of that module with both, named ``module:object``);
+this file only lists them, so ``histolens --help`` stays fast (no
 torch, no Qt) and each job's options sit beside its implementation.
 """
 
@@ -27,18 +28,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "the main job: napari with the sample slide, or headless: analyse it and write files + a PNG",
     ),
     "analyze": (
-        "histolens.batch",
+        "histolens.batch._cli",
         "analyse whole slides or regions and write GeoJSON, CSV, masks and a summary",
     ),
     "nuclei": (
-        "histolens.training.nuclei_cli",
+        "histolens.nuclei",
         "segment nuclei in plain images; write label TIFFs and CSVs",
     ),
     "evaluate": (
-        "histolens.training.evaluate",
+        "histolens.training.cli:evaluate",
         "score nuclei predictions against ground truth (Dice, AJI, PQ)",
     ),
-    "train": ("histolens.training.train", "train the default model's heads (the project's recipe)"),
+    "train": (
+        "histolens.training.cli:train",
+        "train the default model's heads (the project's recipe)",
+    ),
     "models": ("histolens.models._cli", "list the registered models and their cards"),
 }
 
@@ -59,12 +63,14 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     # Import only the module of the sub-command being run, so --help of one job never
     # pays for another job's heavy imports.
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (target, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:
-            mod = importlib.import_module(module)
-            mod.add_arguments(p)
-            p.set_defaults(_run=mod.run)
+            module, _, attr = target.partition(":")
+            command = importlib.import_module(module)
+            command = getattr(command, attr) if attr else command
+            command.add_arguments(p)
+            p.set_defaults(_run=command.run)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 A :class:`~histolens.result.TileClassResult` keeps one backbone embedding per tile-class cell
 (``embeddings``, (gh, gw, D)). The user marks cells with their own classes; a multinomial
-logistic regression (:func:`histolens.training.probe.fit_logistic`) fitted on those cells'
+logistic regression (:func:`histolens.models.probe.fit_logistic`) fitted on those cells'
 embeddings re-classifies every analysed cell without running the backbone again.
 
 Cells are addressed on the slide's global cell grid: cell ``(row, col)`` covers level-0
@@ -342,7 +342,7 @@ def spatial_groups(cells: np.ndarray, size: int = GROUP_CELLS) -> np.ndarray:
 def grouped_cv_accuracy(examples: TrainingSet, n_classes: int, *, l2: float = L2) -> float | None:
     """Accuracy pooled over grouped CV folds (:func:`spatial_groups`), or None while a class
     has fewer than :data:`CV_MIN_EXAMPLES` examples or all examples lie in one neighbourhood."""
-    from .training.probe import cross_validate
+    from .models.probe import cross_validate
 
     counts = np.bincount(examples.labels, minlength=n_classes)[:n_classes]
     groups = spatial_groups(examples.cells)
@@ -369,7 +369,7 @@ def train_tile_classifier(
     Raises ValueError (for the user to read) with fewer than 2 classes or a class without
     example cells.
     """
-    from .training.probe import fit_logistic
+    from .models.probe import fit_logistic
 
     n = len(class_names)
     if n < 2:

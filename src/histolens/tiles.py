@@ -40,6 +40,7 @@ __all__ = [
     "split_instances",
     "read_analysis_box",
     "tissue_fraction",
+    "stain_saturation",
 ]
 
 
@@ -252,22 +253,32 @@ def read_analysis_box(level, box: Region, step: float, *, fill: int = 255) -> np
 
 
 def tissue_fraction(rgb: np.ndarray, *, saturation: float = 0.08, darkness: float = 0.88) -> float:
-    """Fraction of pixels that look like stained tissue in an RGB uint8 image.
+    """Fraction of pixels that look like stained tissue in an RGB uint8 image (one tile).
 
-    A pixel is tissue when its HSV-style saturation ``(max - min) / max`` exceeds
-    ``saturation`` or its brightness ``max / 255`` is below ``darkness``: glass is bright and
-    grey, H&E is coloured, pen marks and folds are dark. Cheap enough to run on every tile.
+    A pixel is tissue when its :func:`stain_saturation` exceeds ``saturation`` or its
+    brightness ``max / 255`` is below ``darkness``: glass is bright and grey, H&E is coloured,
+    pen marks and folds are dark. Cheap enough to run on every tile. This is the engine's
+    "is this tile worth a model call" test, read at the analysis resolution: its fixed, lenient
+    thresholds (anything not bright glass counts) never skip faint tissue, since a skipped tile
+    loses its nuclei while a needless one costs a model call. Where on a whole slide the
+    section lies is a different question, answered on a low pyramid level by
+    :func:`histolens.batch.tissue_mask` with the same saturation measure.
     """
     if rgb.size == 0:
         return 0.0
     # Subsample: a tile of 512^2 needs no more than ~16k pixels to decide.
     stride = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 16384)))
-    px = rgb[::stride, ::stride, :3].astype(np.int16)
-    mx = px.max(axis=2)
-    mn = px.min(axis=2)
-    sat = (mx - mn) / np.maximum(mx, 1)
-    tissue = (sat > saturation) | (mx < darkness * 255)
+    sat, brightest = stain_saturation(rgb[::stride, ::stride])
+    tissue = (sat > saturation) | (brightest < darkness * 255)
     return float(tissue.mean())
+
+
+def stain_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of an ``(..., 3+)`` uint8 RGB image: the stain saturation
+    ``(max - min) / max`` in [0, 1] (0 for grey glass, high for H&E) and ``max`` (0..255)."""
+    px = rgb[..., :3].astype(np.int16)
+    mx = px.max(axis=-1)
+    return (mx - px.min(axis=-1)) / np.maximum(mx, 1), mx
 
 
 @dataclass

@@ -88,13 +88,16 @@ def test_teach_three_classes_undo_save_load_and_batch(make_napari_viewer, qtbot,
     np.testing.assert_array_equal(_map(dock), taught_map)
 
     # The command line's batch with --tile-classifier gives the same classes on that region.
-    from histolens.batch import run_batch
+    from histolens.batch import BatchOptions, run_batch
 
     base = panel.base
     got = {}
+    options = BatchOptions(
+        region=base.region, tasks=("tiles",), tile_classifier=saved, formats=("csv",),
+        progress=False,
+    )  # fmt: skip
     outcomes = run_batch(
-        [base.provenance.slide_path], tmp_path / "batch", region=base.region,
-        tasks=("tiles",), tile_classifier=saved, formats=("csv",), progress=False,
+        [base.provenance.slide_path], tmp_path / "batch", options,
         on_result=lambda _p, r: got.setdefault("r", r),
     )  # fmt: skip
     assert outcomes[0].ok, outcomes[0].error

@@ -307,21 +307,12 @@ class HistoLensModel(nn.Module):
                 maps = net.backbone.attention_maps(feats, b) if want_attention else {}
         finally:
             self.train(was_training)
-        out: dict[str, Any] = {}
         if "nuclei_logits" in raw and nuclei_box is not None:
-            y0, x0, y1, x1 = (int(v) for v in nuclei_box)
+            # The box in the frame of the decoded maps, which start at the decoder crop's corner.
             cy, cx = (crop[0], crop[1]) if crop is not None else (0, 0)
-            for key in ("nuclei_logits", "hv", "type_logits"):
-                raw[key] = raw[key][..., y0 - cy : y1 - cy, x0 - cx : x1 - cx]
-        if "nuclei_logits" in raw:
-            out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
-            out["hv"] = _np(raw["hv"].float().clamp(-1, 1))
-            out["type_prob"] = _np(torch.softmax(raw["type_logits"].float(), 1))
-        if "tile_logits" in raw:
-            out["tile_probs"] = _np(
-                torch.softmax(raw["tile_logits"].float(), 1).permute(0, 2, 3, 1)
-            )
-            out["embeddings"] = _np(raw["embeddings"].float().permute(0, 2, 3, 1))
+            y0, x0, y1, x1 = (int(v) for v in nuclei_box)
+            raw = _cropped_nuclei(raw, (y0 - cy, x0 - cx, y1 - cy, x1 - cx))
+        out = _head_outputs(raw)
         if want_attention:
             out["attention"] = self._attention_out(maps, h, w)
         if probe is not None:
@@ -379,6 +370,27 @@ class HistoLensModel(nn.Module):
                 raise ValueError(msg)
             att[s] = _np(m.float()[:, : h // stride, : w // stride])
         return att
+
+
+def _cropped_nuclei(raw: dict[str, Any], box: tuple[int, int, int, int]) -> dict[str, Any]:
+    """``raw`` with its nuclei maps (logits, HV, type logits) cut to ``box`` (their own px)."""
+    y0, x0, y1, x1 = box
+    nuclei_keys = ("nuclei_logits", "hv", "type_logits")
+    return {k: v[..., y0:y1, x0:x1] if k in nuclei_keys else v for k, v in raw.items()}
+
+
+def _head_outputs(raw: dict[str, Any]) -> dict[str, Any]:
+    """The heads' logits as numpy float32: probabilities, HV maps in [-1, 1], channels last
+    for the tile maps (the layout :meth:`HistoLensModel.predict_tiles` documents)."""
+    out: dict[str, Any] = {}
+    if "nuclei_logits" in raw:
+        out["nuclei_prob"] = _np(torch.sigmoid(raw["nuclei_logits"].float())[:, 0])
+        out["hv"] = _np(raw["hv"].float().clamp(-1, 1))
+        out["type_prob"] = _np(torch.softmax(raw["type_logits"].float(), 1))
+    if "tile_logits" in raw:
+        out["tile_probs"] = _np(torch.softmax(raw["tile_logits"].float(), 1).permute(0, 2, 3, 1))
+        out["embeddings"] = _np(raw["embeddings"].float().permute(0, 2, 3, 1))
+    return out
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

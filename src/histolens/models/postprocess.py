@@ -147,6 +147,24 @@ def hover_instances(
     type_probs : (N,) float32, mean probability of the voted type over the instance's pixels
         (NaN without ``type_prob``).
     """
+    prob, hv = _checked_maps(nuclei_prob, hv, type_prob, markers)
+    p = hover_parameters(mpp)
+    blb_lab, _ = ndi.label(prob >= threshold)
+    if markers == "distance":
+        min_px = max(p["min_size"], math.ceil(MIN_NUCLEUS_UM2 / (mpp * mpp)))
+        blb = _remove_small(blb_lab, min_px) > 0
+        labels = _distance_watershed(blb, hv, mpp=mpp, min_px=min_px)
+    else:
+        blb = _remove_small(blb_lab, p["min_size"]) > 0
+        k = sobel_size or p["sobel_size"]
+        labels = _hv_watershed(blb, hv, k=k, core_threshold=core_threshold, min_px=p["min_size"])
+    return _type_vote(labels, type_prob)
+
+
+def _checked_maps(
+    nuclei_prob: np.ndarray, hv: np.ndarray, type_prob: np.ndarray | None, markers: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hover_instances`' maps as float32, after checking their shapes and ``markers``."""
     prob = np.asarray(nuclei_prob, dtype=np.float32)
     hv = np.asarray(hv, dtype=np.float32)
     if prob.ndim != 2 or hv.shape != (2, *prob.shape):
@@ -160,16 +178,14 @@ def hover_instances(
     if markers not in ("distance", "hv"):
         msg = f"markers must be 'distance' or 'hv', got {markers!r}"
         raise ValueError(msg)
-    p = hover_parameters(mpp)
-    blb_lab, _ = ndi.label(prob >= threshold)
-    if markers == "distance":
-        min_px = max(p["min_size"], math.ceil(MIN_NUCLEUS_UM2 / (mpp * mpp)))
-        blb = _remove_small(blb_lab, min_px) > 0
-        labels = _distance_watershed(blb, hv, mpp=mpp, min_px=min_px)
-        return _type_vote(labels, type_prob)
-    blb = _remove_small(blb_lab, p["min_size"]) > 0
+    return prob, hv
 
-    k = sobel_size or p["sobel_size"]
+
+def _hv_watershed(
+    blb: np.ndarray, hv: np.ndarray, *, k: int, core_threshold: float, min_px: int
+) -> np.ndarray:
+    """Labels of the foreground ``blb``: HV cores flooded over the Sobel energy of the HV maps
+    (``markers="hv"``); ``k`` is the Sobel size, ``min_px`` the nucleus size floor."""
     # Sobel responses divided by the response to the largest possible jump (+1 -> -1): s in
     # [-1, 1]. Inside a nucleus both maps rise (s > 0); at its rim and between touching nuclei
     # they fall. energy = (1 - s) / 2 maps this to [0, 1] (rising 0, flat 0.5, falling 1) --
@@ -184,10 +200,10 @@ def hover_instances(
     core = blb & (np.hypot(hv[0], hv[1]) < core_threshold)
     marker_lab, _ = ndi.label(core)
     # Cores are ~1/4 of a nucleus's area, so their size floor is a third of the nucleus floor.
-    marker_lab = _remove_small(marker_lab, max(1, p["min_size"] // 3))
+    marker_lab = _remove_small(marker_lab, max(1, min_px // 3))
     labels = watershed(dist, markers=marker_lab, mask=blb)
     labels, _, _ = _relabel(labels)
-    return _type_vote(labels, type_prob)
+    return labels
 
 
 def _distance_watershed(blb: np.ndarray, hv: np.ndarray, *, mpp: float, min_px: int) -> np.ndarray:

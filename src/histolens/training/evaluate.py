@@ -8,7 +8,6 @@ model and the baseline are scored by the same code on the same tiles.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,20 +16,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histolens._args import mpp_value, positive_int
-
+from .config import EvaluateConfig
 from .metrics import aji, dice, match_instances, panoptic_quality, type_scores
-from .nuclei_cli import TTA_DEFAULT
 
 __all__ = [
-    "add_arguments",
     "classical_nuclei",
     "error_decomposition",
     "evaluate_images",
+    "evaluate_nuclei",
     "evaluate_types",
     "find_pairs",
     "read_aperio_xml",
-    "run",
     "score_pair",
 ]
 
@@ -227,7 +223,7 @@ def evaluate_images(
     pred_dir: Path | None = None,
 ) -> pd.DataFrame:
     """Per-image scores; predictions from ``predict(image, stem)`` or ``pred_dir/<stem>.tif``."""
-    from .nuclei_cli import read_rgb
+    from histolens.nuclei import read_rgb
 
     rows = []
     for img_path, lab_path in pairs:
@@ -283,84 +279,48 @@ def _summarise(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``histolens evaluate nuclei``."""
-    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    n = sub.add_parser("nuclei", help="Dice, AJI and PQ of nuclei instances against label images")
-    n.add_argument("--images", type=Path, required=True, help="folder of RGB images")
-    n.add_argument(
-        "--labels",
-        type=Path,
-        required=True,
-        help="folder of instance labels (<stem>.png/.tif, 0 = background) or of MoNuSeg's Aperio XML outlines (<stem>.xml)",
-    )
-    n.add_argument("--mpp", type=mpp_value, required=True, help="um/px of the images")
-    src = n.add_mutually_exclusive_group()
-    src.add_argument(
-        "--pred",
-        type=Path,
-        default=None,
-        help="score these predictions (<stem>.tif) instead of running a model",
-    )
-    src.add_argument(
-        "--baseline",
-        action="store_true",
-        help="score the classical baseline (H channel + Otsu + watershed)",
-    )
-    n.add_argument("--model", default=None, help="registered model (default: histolens-default)")
-    n.add_argument("--weights", type=Path, default=None, help="weights file for --model")
-    n.add_argument(
-        "--only", default=None, help="comma-separated image stems or 12-char patient ids to score"
-    )
-    n.add_argument(
-        "--json", type=Path, default=None, help="also write per-image and mean scores here"
-    )
-    n.add_argument("--threads", type=positive_int, default=2)
-    n.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        default=TTA_DEFAULT,
-        help="when running the model: average 8 flips/transposes, as `histolens nuclei` does (default: %(default)s)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Score and print per-image and mean Dice, AJI, PQ."""
-    pairs = find_pairs(args.images, args.labels)
-    if args.only:
-        wanted = set(args.only.split(","))
+def evaluate_nuclei(cfg: EvaluateConfig) -> int:
+    """``histolens evaluate nuclei``: score and print per-image and mean Dice, AJI, PQ."""
+    pairs = find_pairs(cfg.images, cfg.labels)
+    if cfg.only:
+        wanted = set(cfg.only)
         pairs = [p for p in pairs if p[0].stem in wanted or p[0].stem[:12] in wanted]
         if not pairs:
-            msg = f"--only {args.only} matches none of the images in {args.images}"
+            msg = f"--only {','.join(cfg.only)} matches none of the images in {cfg.images}"
             raise ValueError(msg)
-    if args.pred is not None:
-        df = evaluate_images(pairs, pred_dir=args.pred)
-        what = f"predictions in {args.pred}"
-    elif args.baseline:
-        df = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=args.mpp))
+    if cfg.pred is not None:
+        df = evaluate_images(pairs, pred_dir=cfg.pred)
+        what = f"predictions in {cfg.pred}"
+    elif cfg.baseline:
+        df = evaluate_images(pairs, lambda img, _: classical_nuclei(img, mpp=cfg.mpp))
         what = "classical baseline (rgb2hed + Otsu + distance watershed)"
     else:
-        import torch
-
-        from histolens.models import create_model
-
-        from .nuclei_cli import segment_nuclei
-
-        torch.set_num_threads(args.threads)
-        model = create_model(args.model, weights=args.weights)
-        tta = bool(getattr(args, "tta", TTA_DEFAULT))
-        df = evaluate_images(
-            pairs,
-            lambda img, stem: segment_nuclei(img, mpp=args.mpp, model=model, name=stem, tta=tta)[0],
-        )
-        what = f"model {model.card.name}" + (" with TTA" if tta else "")
-    print(f"# {what} on {len(df)} images at {args.mpp} um/px")
+        df, what = _evaluate_model(pairs, cfg)
+    print(f"# {what} on {len(df)} images at {cfg.mpp} um/px")
     print(_summarise(df))
-    if args.json:
+    if cfg.json:
         means = {c: float(df[c].mean()) for c in ("dice", "aji", "pq", "dq", "sq")}
-        args.json.write_text(
+        cfg.json.write_text(
             json.dumps(
                 {"source": what, "per_image": df.to_dict("records"), "mean": means}, indent=1
             )
         )
     return 0
+
+
+def _evaluate_model(
+    pairs: Sequence[tuple[Path, Path]], cfg: EvaluateConfig
+) -> tuple[pd.DataFrame, str]:
+    """Scores of the model's nuclei (``histolens nuclei``'s path) and what was scored."""
+    import torch
+
+    from histolens.models import create_model
+    from histolens.nuclei import segment_nuclei
+
+    torch.set_num_threads(cfg.threads)
+    model = create_model(cfg.model, weights=cfg.weights)
+    df = evaluate_images(
+        pairs,
+        lambda img, stem: segment_nuclei(img, mpp=cfg.mpp, model=model, name=stem, tta=cfg.tta)[0],
+    )
+    return df, f"model {model.card.name}" + (" with TTA" if cfg.tta else "")

@@ -3,7 +3,7 @@
 From a run folder of ``histolens train nuclei`` (``final.safetensors``, ``checkpoint.json``):
 
 1. nuclei on the held-out MoNuSeg patients (native 0.25 um/px tiles through the same
-   :func:`~histolens.training.nuclei_cli.segment_nuclei` path users run), model *and* classical
+   :func:`~histolens.nuclei.segment_nuclei` path users run), model *and* classical
    baseline, scored by :func:`~histolens.training.evaluate.evaluate_images`;
 2. nucleus types on the held-out CoNSeP source tiles (instance accuracy and per-type F1 over
    IoU > 0.5 matches);
@@ -15,7 +15,6 @@ From a run folder of ``histolens train nuclei`` (``final.safetensors``, ``checkp
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -24,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from .config import DEFAULT_VAL_CONSEP_TILES, DEFAULT_VAL_PATIENTS, ReleaseConfig
 from .targets import AugmentConfig
-from .train import DEFAULT_VAL_CONSEP_TILES, DEFAULT_VAL_PATIENTS, default_data_root, setup_logging
+from .train import setup_logging
 
-__all__ = ["KATHER_EFFECTIVE_MPP", "add_release_arguments", "release"]
+__all__ = ["KATHER_EFFECTIVE_MPP", "release"]
 
 log = logging.getLogger("histolens.train")
 
@@ -42,33 +42,6 @@ LICENCE = (
     "training labels; also trained on CoNSeP (research use, cite HoVer-Net) and a Kather 2016 tile "
     "head (CC BY 4.0). Code: BSD-3-Clause."
 )
-
-
-def add_release_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``histolens train release``."""
-    parser.add_argument(
-        "--run",
-        type=Path,
-        required=True,
-        help="run folder of `histolens train nuclei` (final.safetensors)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="weights file to write (.safetensors); card beside it",
-    )
-    parser.add_argument("--data", type=Path, default=default_data_root())
-    parser.add_argument("--model", default="histolens-default")
-    parser.add_argument(
-        "--lc25000-tiles",
-        type=int,
-        default=600,
-        help="LC25000 tiles (whole dHash groups) used for the probe CV",
-    )
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _load_run_model(run: Path, name: str) -> Any:
@@ -89,8 +62,9 @@ def _nuclei_validation(
     model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]
 ) -> None:
     """MoNuSeg held-out patients through ``histolens nuclei``'s path, with and without TTA."""
+    from histolens.nuclei import segment_nuclei
+
     from .evaluate import classical_nuclei, evaluate_images, find_pairs
-    from .nuclei_cli import segment_nuclei
 
     mon = data / "monuseg" / "train"
     pairs = [
@@ -184,10 +158,11 @@ def _diagnostics(model: Any, data: Path, report: dict[str, Any], min_px: int = 2
 def _type_validation(
     model: Any, data: Path, report: dict[str, Any], metrics: dict[str, float]
 ) -> None:
+    from histolens.nuclei import segment_nuclei
+
     from .datasets import NUCLEUS_TYPES, load_consep
     from .evaluate import classical_nuclei, evaluate_types
     from .metrics import panoptic_quality
-    from .nuclei_cli import segment_nuclei
 
     names = list(model.card.nucleus_types)
     samples = [s for s in load_consep(data, mpp=0.25) if s.group in DEFAULT_VAL_CONSEP_TILES]
@@ -223,31 +198,33 @@ def _type_validation(
 def _probes(
     model: Any,
     data: Path,
-    args: argparse.Namespace,
+    cfg: ReleaseConfig,
     report: dict[str, Any],
     metrics: dict[str, float],
 ) -> Any:
+    from histolens.models.probe import cross_validate, fit_logistic
+
     from .datasets import load_kather, load_lc25000
-    from .probe import cross_validate, fit_logistic, tile_embeddings
+    from .probe import tile_embeddings
 
     kather = load_kather(data)
     xk = tile_embeddings(model, kather.images, image_mpp=KATHER_EFFECTIVE_MPP)
     cv_k = cross_validate(
-        xk, kather.labels, kather.groups, len(kather.classes), k=args.folds, seed=args.seed
+        xk, kather.labels, kather.groups, len(kather.classes), k=cfg.folds, seed=cfg.seed
     )
     report["kather_probe"] = cv_k
     metrics["kather_probe_grouped_cv_accuracy"] = round(cv_k["accuracy_mean"], 4)
     metrics["kather_probe_grouped_cv_balanced_accuracy"] = round(cv_k["balanced_accuracy_mean"], 4)
-    log.info("Kather probe grouped %d-fold CV: %s", args.folds, cv_k)
+    log.info("Kather probe grouped %d-fold CV: %s", cfg.folds, cv_k)
 
     lc = load_lc25000(data)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(cfg.seed)
     groups = np.unique(lc.groups)
     rng.shuffle(groups)
     # Whole dHash families only, so the subsample keeps every near-duplicate with its family.
     chosen, n = [], 0
     for g in groups:
-        if n >= args.lc25000_tiles:
+        if n >= cfg.lc25000_tiles:
             break
         chosen.append(g)
         n += int((lc.groups == g).sum())
@@ -262,10 +239,8 @@ def _probes(
     }
     xl = tile_embeddings(model, lc.images[idx])  # mpp unknown: run at the tiles' own scale
     yl, gl = lc.labels[idx], lc.groups[idx]
-    cv_l = cross_validate(xl, yl, gl, len(lc.classes), k=args.folds, seed=args.seed)
-    leaky = cross_validate(
-        xl, yl, np.arange(len(yl)), len(lc.classes), k=args.folds, seed=args.seed
-    )
+    cv_l = cross_validate(xl, yl, gl, len(lc.classes), k=cfg.folds, seed=cfg.seed)
+    leaky = cross_validate(xl, yl, np.arange(len(yl)), len(lc.classes), k=cfg.folds, seed=cfg.seed)
     report["lc25000_probe_grouped"] = cv_l
     report["lc25000_probe_ungrouped_leaky"] = leaky
     metrics["lc25000_probe_grouped_cv_accuracy"] = round(cv_l["accuracy_mean"], 4)
@@ -345,27 +320,12 @@ def _phase_command(p: dict[str, Any]) -> str:
     )
 
 
-def release(args: argparse.Namespace) -> int:
-    """See the module docstring."""
-    import torch
+def _release_card(card: Any, run: Path, report: dict[str, Any], metrics: dict[str, float]) -> Any:
+    """``card`` with the release's licence, data, recipe (every phase of ``run``) and metrics.
 
-    from histolens.models._model import save_model_weights
-
-    from .probe import install_linear_head
-
-    torch.set_num_threads(args.threads)
-    setup_logging(args.run / "release.log")
-    t0 = time.time()
-    model = _load_run_model(args.run, args.model)
-    report: dict[str, Any] = {"run": str(args.run)}
-    metrics: dict[str, float] = {}
-    _nuclei_validation(model, args.data, report, metrics)
-    _diagnostics(model, args.data, report)
-    _type_validation(model, args.data, report, metrics)
-    probe, kather = _probes(model, args.data, args, report, metrics)
-    card = model.card
-    install_linear_head(model, probe, card.tissue_classes, card.tissue_colors)
-    phases = _phases(args.run)
+    Adds the training steps and minutes of all phases to ``metrics`` and the phases to ``report``.
+    """
+    phases = _phases(run)
     prior = _released_history(phases[0])
     total_steps = sum(p["step"] for p in phases) + (prior["steps"] if prior else 0)
     total_min = sum(p["elapsed_s"] for p in phases) / 60 + (prior["minutes"] if prior else 0.0)
@@ -398,16 +358,38 @@ def release(args: argparse.Namespace) -> int:
         description=card.description
         + f"; trained by the project's recipe (release {time.strftime('%Y-%m-%d')})",
     )
-    card = save_model_weights(model, args.out, card=card)
-    size_mb = args.out.stat().st_size / 1e6
+    return card
+
+
+def release(cfg: ReleaseConfig) -> int:
+    """See the module docstring."""
+    import torch
+
+    from histolens.models._model import save_model_weights
+    from histolens.models.probe import install_linear_head
+
+    torch.set_num_threads(cfg.threads)
+    setup_logging(cfg.run / "release.log")
+    t0 = time.time()
+    model = _load_run_model(cfg.run, cfg.model)
+    report: dict[str, Any] = {"run": str(cfg.run)}
+    metrics: dict[str, float] = {}
+    _nuclei_validation(model, cfg.data, report, metrics)
+    _diagnostics(model, cfg.data, report)
+    _type_validation(model, cfg.data, report, metrics)
+    probe, kather = _probes(model, cfg.data, cfg, report, metrics)
+    install_linear_head(model, probe, model.card.tissue_classes, model.card.tissue_colors)
+    card = _release_card(model.card, cfg.run, report, metrics)
+    card = save_model_weights(model, cfg.out, card=card)
+    size_mb = cfg.out.stat().st_size / 1e6
     report.update(
         metrics=metrics,
-        weights=str(args.out),
+        weights=str(cfg.out),
         weights_mb=size_mb,
         sha256=card.weights_sha256,
         release_minutes=(time.time() - t0) / 60,
     )
-    (args.run / "release_report.json").write_text(json.dumps(report, indent=1, default=float))
+    (cfg.run / "release_report.json").write_text(json.dumps(report, indent=1, default=float))
     from histolens.models._zoo import DEFAULT_WEIGHTS_SHA256
 
     if card.name == "histolens-default" and card.weights_sha256 != DEFAULT_WEIGHTS_SHA256:
@@ -418,7 +400,7 @@ def release(args: argparse.Namespace) -> int:
         )
     log.info(
         "wrote %s (%.2f MB, sha256 %s) and its card; metrics %s",
-        args.out,
+        cfg.out,
         size_mb,
         card.weights_sha256,
         metrics,

@@ -1,65 +1,50 @@
-"""``histolens train nuclei|tiles``: the project's training recipe.
+"""``histolens train nuclei``: the project's training recipe, the loop and what it needs.
 
-``train nuclei`` trains the whole default model (backbone + nuclei decoder) from random init on
+It trains the whole default model (backbone + nuclei decoder) from random init on
 MoNuSeg + CoNSeP + PanNuke at the model card's mpp, for a wall-time budget (``--minutes``), on
 CPU with bf16 autocast. The run is deterministic given ``--seed``: the augmentation of step
 ``i`` draws from ``default_rng([seed, i])``, so ``--resume`` continues the same stream.
 Everything goes to ``--out``: ``train.log`` (also stdout), ``checkpoint.safetensors`` (model +
 optimizer, every ``--checkpoint-minutes``), ``checkpoint.json`` (step, schedule, elapsed time)
-and ``final.safetensors`` (model weights).
-
-``train tiles`` fits a new tile-class head on the backbone's tile embeddings of your own tiles
-(folder-per-class, or ``--labels CSV`` with ``image,label``) and writes a new weights file and
-card; see :mod:`histolens.training.probe`.
+and ``final.safetensors`` (model weights). The options are a
+:class:`~histolens.training.config.TrainNucleiConfig` (:mod:`histolens.training.cli` parses them).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import (
+    DEFAULT_VAL_CONSEP_TILES,
+    DEFAULT_VAL_PATIENTS,
+    SOURCE_WEIGHTS,
+    TrainNucleiConfig,
+)
 from .datasets import NUCLEUS_TYPES, NucleiSample, load_consep, load_monuseg, load_pannuke, mosaic
 from .targets import AugmentConfig, Example, make_example
 
 __all__ = [
-    "DEFAULT_VAL_CONSEP_TILES",
-    "DEFAULT_VAL_PATIENTS",
     "NucleiData",
-    "add_arguments",
-    "default_data_root",
+    "create_trainable_model",
+    "load_checkpoint",
     "load_nuclei_data",
-    "run",
+    "save_checkpoint",
     "setup_logging",
+    "train_nuclei",
     "training_precision",
 ]
 
 log = logging.getLogger("histolens.train")
-
-#: Held-out MoNuSeg patients, one per organ: lung, kidney, breast (none of them has a tile in
-#: the binary-mask set, so they are fully unseen).
-DEFAULT_VAL_PATIENTS = ("TCGA-21-5786", "TCGA-B0-5710", "TCGA-E2-A1B5")
-#: Held-out CoNSeP source tiles (16 patches each) for nucleus-type validation.
-DEFAULT_VAL_CONSEP_TILES = ("train_3", "train_13", "train_22")
-#: Share of each source in a training batch (sampled per example).
-SOURCE_WEIGHTS = {"monuseg": 0.35, "monuseg-binary": 0.15, "consep": 0.38, "pannuke": 0.12}
-
-
-def default_data_root() -> Path:
-    """``$HISTOLENS_SHARED_DATA`` or ``../shared/data`` beside the repository (the checkout's parent)."""
-    env = os.environ.get("HISTOLENS_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def setup_logging(path: Path | None) -> None:
@@ -172,26 +157,6 @@ def make_batch(
         make_example(_draw_sample(data, rng, cfg.size, source_weights), rng, cfg)
         for _ in range(batch_size)
     ]
-
-
-def parse_weights(text: str | None, defaults: Mapping[str, float], what: str) -> dict[str, float]:
-    """``"a=0.5,b=2"`` over ``defaults``: names must be known, values finite and >= 0."""
-    out = dict(defaults)
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        try:
-            v = float(value) if sep else float("nan")
-        except ValueError:
-            v = float("nan")
-        if name not in defaults or not np.isfinite(v) or v < 0:
-            msg = f"bad {what} {item!r}: write NAME=VALUE with NAME one of {', '.join(defaults)} and VALUE >= 0"
-            raise ValueError(msg)
-        out[name] = v
-    if not any(out.values()):
-        msg = f"{what}: at least one weight must be > 0"
-        raise ValueError(msg)
-    return out
 
 
 def _fixed_val_batch(data: NucleiData, cfg: AugmentConfig, seed: int, n: int = 8) -> list[Example]:
@@ -331,84 +296,131 @@ def load_matching_weights(model: Any, path: Path) -> tuple[int, list[str]]:
 
 
 def train_nuclei(
-    args: argparse.Namespace, *, model: Any = None, data: NucleiData | None = None
+    cfg: TrainNucleiConfig, *, model: Any = None, data: NucleiData | None = None
 ) -> int:
     """The nuclei training loop; see the module docstring.
 
-    ``model`` and ``data`` default to ``create_model(args.model)`` (random init) and
+    ``model`` and ``data`` default to ``create_model(cfg.model)`` (random init) and
     :func:`load_nuclei_data` at the card's mpp; tests inject small ones.
     """
     import torch
 
-    from .losses import LossWeights, nuclei_losses
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    setup_logging(cfg.out / "train.log")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    trainer = _start(cfg, _prepare_model(cfg, model), data)
+    step, elapsed = _loop(trainer)
+    trainer.checkpoint(step, elapsed, finished=True)
+    from safetensors.torch import save_file
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "train.log")
-    # Built first so a bad option fails before minutes of model and data loading.
-    cfg = AugmentConfig(
-        size=args.crop,
-        hed_sigma=getattr(args, "hed_sigma", AugmentConfig.hed_sigma),
-        hed_bias=getattr(args, "hed_bias", AugmentConfig.hed_bias),
+    final = cfg.out / "final.safetensors"
+    save_file(
+        {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}, str(final)
     )
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    ckpt_path = out / "checkpoint.safetensors"
+    log.info("done: %d steps in %.1f min; weights %s", step, elapsed / 60, final)
+    return 0
 
+
+@dataclass
+class _Trainer:
+    """One nuclei run's moving parts: model, optimiser, data, losses and the checkpointed state."""
+
+    cfg: TrainNucleiConfig
+    model: Any
+    optimizer: Any
+    data: NucleiData
+    augment: AugmentConfig
+    sources: dict[str, float]
+    loss_weights: Any
+    val_batch: dict[str, Any] | None
+    use_bf16: bool
+    state: dict[str, Any]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.cfg.out / "checkpoint.safetensors"
+
+    def step(self, step: int, lr: float) -> dict[str, float]:
+        """One optimiser step at learning rate ``lr`` on step ``step``'s batch; its loss terms."""
+        import torch
+
+        from .losses import nuclei_losses
+
+        cfg, card = self.cfg, self.model.card
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step])
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        batch = make_batch(self.data, rng, cfg.batch_size, self.augment, self.sources)
+        b = batch_tensors(batch, card.mean, card.std)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+            pred = self.model(b["x"])
+        terms = nuclei_losses(
+            pred, b["foreground"], b["hv"], b["hv_valid"], b["types"], weights=self.loss_weights
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def checkpoint(self, step: int, elapsed_s: float, **extra: Any) -> None:
+        """Log the validation loss and save model, optimiser and state at ``step``."""
+        self.state.update(step=step, elapsed_s=elapsed_s, **extra)
+        _validate(self.model, self.val_batch, self.use_bf16, step)
+        save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.state)
+
+
+def _prepare_model(cfg: TrainNucleiConfig, model: Any) -> Any:
+    """The model to train: given, or ``cfg.model`` (random or ``--init-weights``), plus ``--init-partial``."""
     if model is None:
-        model = create_trainable_model(args.model, weights=args.init_weights)
-    if getattr(args, "init_partial", None) is not None:
-        copied, skipped = load_matching_weights(model, args.init_partial)
+        model = create_trainable_model(cfg.model, weights=cfg.init_weights)
+    if cfg.init_partial is not None:
+        copied, skipped = load_matching_weights(model, cfg.init_partial)
         log.info(
             "init from %s: %d tensors copied, %d kept fresh (absent or reshaped): %s",
-            args.init_partial,
+            cfg.init_partial,
             copied,
             len(skipped),
             ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""),
         )
     card = model.card
     if len(card.nucleus_types) != len(NUCLEUS_TYPES):
-        msg = f"model {args.model!r} has nucleus types {card.nucleus_types}; this recipe trains the CoNSeP 4 {NUCLEUS_TYPES}"
+        msg = f"model {cfg.model!r} has nucleus types {card.nucleus_types}; this recipe trains the CoNSeP 4 {NUCLEUS_TYPES}"
         raise ValueError(msg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: mpp %.3f um/px, %d params", cfg.model, float(card.mpp), n_params)
+    return model
+
+
+def _start(cfg: TrainNucleiConfig, model: Any, data: NucleiData | None) -> _Trainer:
+    """Data, weights, optimiser and state (resumed from the run's checkpoint with ``--resume``)."""
+    import torch
+
+    from .losses import LossWeights
+
+    card = model.card
     mpp = float(card.mpp)
-    log.info(
-        "model %s: mpp %.3f um/px, %d params",
-        args.model,
-        mpp,
-        sum(p.numel() for p in model.parameters()),
-    )
     t0 = time.time()
     if data is None:
         data = load_nuclei_data(
-            args.data,
-            mpp=mpp,
-            val_patients=args.val_patients.split(","),
-            val_consep_tiles=args.val_consep_tiles.split(","),
+            cfg.data, mpp=mpp, val_patients=cfg.val_patients, val_consep_tiles=cfg.val_consep_tiles
         )
     log.info("data at %.2f um/px loaded in %.0f s: %s", mpp, time.time() - t0, data.summary())
-    source_weights = parse_weights(
-        getattr(args, "source_weights", None), SOURCE_WEIGHTS, "--source-weights"
-    )
-    loss_weights = LossWeights(
-        **parse_weights(
-            getattr(args, "loss_weights", None), asdict(LossWeights()), "--loss-weights"
-        )
-    )
-    if not any(w > 0 and data.train.get(k) for k, w in source_weights.items()):
-        msg = f"--source-weights {source_weights}: every source with training data has weight 0"
+    sources = cfg.source_weight_map()
+    loss_weights = LossWeights(**cfg.loss_weight_map())
+    if not any(w > 0 and data.train.get(k) for k, w in sources.items()):
+        msg = f"--source-weights {sources}: every source with training data has weight 0"
         raise ValueError(msg)
-    log.info("sources %s; loss weights %s", source_weights, asdict(loss_weights))
-    val_examples = _fixed_val_batch(data, cfg, args.seed)
+    log.info("sources %s; loss weights %s", sources, cfg.loss_weight_map())
+    augment = cfg.augment()
+    val_examples = _fixed_val_batch(data, augment, cfg.seed)
     val_batch = batch_tensors(val_examples, card.mean, card.std) if val_examples else None
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state: dict[str, Any] = {
-        "step": 0,
-        "elapsed_s": 0.0,
-        "seed": args.seed,
-        "args": _jsonable(vars(args)),
-    }
-    if args.resume and ckpt_path.exists():
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "seed": cfg.seed, "args": cfg.as_json()}
+    ckpt_path = cfg.out / "checkpoint.safetensors"
+    if cfg.resume and ckpt_path.exists():
         state.update(load_checkpoint(ckpt_path, model, optimizer))
         log.info(
             "resumed from %s at step %d (%.1f min trained)",
@@ -416,71 +428,47 @@ def train_nuclei(
             state["step"],
             state["elapsed_s"] / 60,
         )
-    budget = args.minutes * 60.0
-    precision = training_precision(args.precision)
-    use_bf16 = precision == "bf16"
+    precision = training_precision(cfg.precision)
     state["precision"] = precision  # what "auto" became on this CPU, for the release's recipe
-    log.info("precision %s (asked: %s); augmentation %s", precision, args.precision, cfg)
+    log.info("precision %s (asked: %s); augmentation %s", precision, cfg.precision, augment)
     model.train()
+    return _Trainer(
+        cfg, model, optimizer, data, augment, sources, loss_weights, val_batch,
+        precision == "bf16", state,
+    )  # fmt: skip
+
+
+def _loop(t: _Trainer) -> tuple[int, float]:
+    """Steps until the time budget or ``--max-steps``, logging and checkpointing on the way;
+    returns the last step and the training seconds (including earlier runs when resumed)."""
+    cfg = t.cfg
+    budget = cfg.minutes * 60.0
     last_ckpt = time.time()
-    start_wall = time.time() - state["elapsed_s"]
+    start_wall = time.time() - t.state["elapsed_s"]
     running: dict[str, float] = {}
-    step = state["step"]
+    step = t.state["step"]
     while True:
         elapsed = time.time() - start_wall
-        if elapsed >= budget or (args.max_steps and step >= args.max_steps):
+        if elapsed >= budget or (cfg.max_steps and step >= cfg.max_steps):
             break
         # The cosine follows the *time* budget (a shared CPU's speed varies too much to fix a
         # step count in advance); with --max-steps it follows the steps instead. The data
         # stream stays deterministic per step either way.
-        progress = step / args.max_steps if args.max_steps else elapsed / budget
-        lr = _lr_at(step, progress, args.lr, args.warmup)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        rng = np.random.default_rng([args.seed, step])
-        torch.manual_seed(args.seed * 1_000_003 + step)
-        batch = make_batch(data, rng, args.batch_size, cfg, source_weights)
-        b = batch_tensors(batch, card.mean, card.std)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            pred = model(b["x"])
-        terms = nuclei_losses(
-            pred, b["foreground"], b["hv"], b["hv_valid"], b["types"], weights=loss_weights
-        )
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        progress = step / cfg.max_steps if cfg.max_steps else elapsed / budget
+        lr = _lr_at(step, progress, cfg.lr, cfg.warmup)
+        for k, v in t.step(step, lr).items():
+            running[k] = running.get(k, 0.0) + v
         step += 1
-        for k, v in terms.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
-        if step % args.log_every == 0:
-            msg = " ".join(f"{k} {v / args.log_every:.4f}" for k, v in running.items())
-            log.info(
-                "step %d  %.1f min  lr %.2e  %s", step, (time.time() - start_wall) / 60, lr, msg
-            )
+        if step % cfg.log_every == 0:
+            msg = " ".join(f"{k} {v / cfg.log_every:.4f}" for k, v in running.items())
+            minutes = (time.time() - start_wall) / 60
+            log.info("step %d  %.1f min  lr %.2e  %s", step, minutes, lr, msg)
             running.clear()
-        if time.time() - last_ckpt >= args.checkpoint_minutes * 60:
-            state.update(step=step, elapsed_s=time.time() - start_wall)
-            _validate(model, val_batch, use_bf16, step)
-            save_checkpoint(ckpt_path, model, optimizer, state)
-            log.info("checkpoint %s at step %d", ckpt_path, step)
+        if time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+            t.checkpoint(step, time.time() - start_wall)
+            log.info("checkpoint %s at step %d", t.checkpoint_path, step)
             last_ckpt = time.time()
-    state.update(step=step, elapsed_s=time.time() - start_wall, finished=True)
-    _validate(model, val_batch, use_bf16, step)
-    save_checkpoint(ckpt_path, model, optimizer, state)
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-        str(out / "final.safetensors"),
-    )
-    log.info(
-        "done: %d steps in %.1f min; weights %s",
-        step,
-        state["elapsed_s"] / 60,
-        out / "final.safetensors",
-    )
-    return 0
+    return step, time.time() - start_wall
 
 
 def _validate(model: Any, b: dict[str, Any] | None, use_bf16: bool, step: int) -> None:
@@ -496,128 +484,3 @@ def _validate(model: Any, b: dict[str, Any] | None, use_bf16: bool, step: int) -
     terms = nuclei_losses(pred, b["foreground"], b["hv"], b["hv_valid"], b["types"])
     model.train()
     log.info("val step %d  %s", step, " ".join(f"{k} {float(v):.4f}" for k, v in terms.items()))
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in d.items()
-        if not callable(v) and not k.startswith("_")
-    }
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``histolens train nuclei`` and ``histolens train tiles``."""
-    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    n = sub.add_parser(
-        "nuclei", help="train backbone + nuclei heads (HoVer-style) from random init"
-    )
-    n.add_argument(
-        "--data",
-        type=Path,
-        default=default_data_root(),
-        help="shared data root (default: %(default)s)",
-    )
-    n.add_argument(
-        "--out", type=Path, required=True, help="run folder: train.log, checkpoints, final weights"
-    )
-    n.add_argument("--model", default="histolens-default", help="registered model to train")
-    n.add_argument(
-        "--init-weights",
-        type=Path,
-        default=None,
-        help="start from these weights instead of random init",
-    )
-    n.add_argument(
-        "--init-partial",
-        type=Path,
-        default=None,
-        help="copy the tensors of this weights file that match by name and shape (e.g. a trained backbone under a new decoder)",
-    )
-    n.add_argument(
-        "--minutes",
-        type=float,
-        default=60.0,
-        help="wall-time budget in minutes (default %(default)s)",
-    )
-    n.add_argument("--batch-size", type=int, default=8)
-    n.add_argument(
-        "--crop", type=int, default=256, help="training crop side in px at the model's mpp"
-    )
-    n.add_argument("--lr", type=float, default=1e-3)
-    n.add_argument("--weight-decay", type=float, default=1e-4)
-    n.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
-    n.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip")
-    n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    n.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp32"),
-        default="auto",
-        help="autocast dtype on CPU; auto = bf16 where the CPU runs it natively (AMX/AVX-512 BF16), else fp32",
-    )
-    n.add_argument(
-        "--hed-sigma",
-        type=float,
-        default=AugmentConfig.hed_sigma,
-        help="stain jitter: haematoxylin/eosin/DAB optical densities scaled by 1 +- this (default %(default)s)",
-    )
-    n.add_argument(
-        "--hed-bias",
-        type=float,
-        default=AugmentConfig.hed_bias,
-        help="stain jitter: optical-density offset range +- this (default %(default)s)",
-    )
-    n.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop (and end the cosine) at this step, if before the time budget",
-    )
-    n.add_argument(
-        "--source-weights",
-        default=None,
-        help=f"share of each data source per batch, e.g. monuseg=0.5,consep=0.25 (defaults: {SOURCE_WEIGHTS})",
-    )
-    n.add_argument(
-        "--loss-weights",
-        default=None,
-        help="loss term weights, e.g. hv_mse=2,hv_msge=2 (default: all 1, as HoVer-Net)",
-    )
-    n.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    n.add_argument("--log-every", type=int, default=10)
-    n.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    n.add_argument(
-        "--val-patients",
-        default=",".join(DEFAULT_VAL_PATIENTS),
-        help="held-out MoNuSeg patients (comma-separated)",
-    )
-    n.add_argument(
-        "--val-consep-tiles",
-        default=",".join(DEFAULT_VAL_CONSEP_TILES),
-        help="held-out CoNSeP source tiles",
-    )
-    n.set_defaults(_task=train_nuclei)
-    t = sub.add_parser(
-        "tiles", help="fit a tile-class head on your own labelled tiles; write new weights + card"
-    )
-    from .probe import add_tile_arguments, train_tiles
-
-    add_tile_arguments(t)
-    t.set_defaults(_task=train_tiles)
-    r = sub.add_parser(
-        "release",
-        help="evaluate a finished nuclei run, fit the Kather tile head, write weights + card",
-    )
-    from .release import add_release_arguments, release
-
-    add_release_arguments(r)
-    r.set_defaults(_task=release)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Dispatch to the chosen training task."""
-    return int(args._task(args) or 0)
