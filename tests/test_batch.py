@@ -279,6 +279,24 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log():
     assert "10/10" in tty.getvalue() and "tile/s" in tty.getvalue() and "\r" in tty.getvalue()
 
 
+def test_a_revised_total_does_not_restart_the_rate_clock(monkeypatch):
+    """Regression: the demo revised the total on its last partial result, which restarted the
+    clock, and printed millions of tiles/s."""
+    import io
+
+    from histolens import progress
+
+    clock = iter([0.0, 1.0, 4.0, 4.0, 4.0])  # start, set_total, update, revise, update
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    p = progress.ProgressPrinter(stream=log, every=0.0)
+    p.set_total(10)
+    p.update(6)
+    p.set_total(9)
+    p.update(3)
+    assert log.getvalue().splitlines()[-1].split("histolens: ")[1] == "tiles 9/9 (3.0 tiles/s)"
+
+
 def test_a_slide_failing_during_analysis_does_not_stop_the_others(
     synthetic_slide: Path, tmp_path: Path, monkeypatch
 ):

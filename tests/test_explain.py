@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import histolens
+from histolens.layers import explanation_to_layer_data
 from histolens.region import Region
 from histolens.tiles import read_level_box
 
@@ -131,15 +132,17 @@ def test_sample_point_predictions_and_fields_of_view(explained):
     assert fov[0] == pytest.approx(256 * 0.499) and fov[2] == pytest.approx(1024 * 0.499)
     assert e.tissue_class in e.tissue_probabilities
     assert sum(e.tissue_probabilities.values()) == pytest.approx(1.0, abs=1e-4)
-    names = [m["name"] for _, m, _ in e.to_layer_data()]
+    names = [m["name"] for _, m, _ in explanation_to_layer_data(e)]
     assert names == [
         "looked at (scale 2)",
         "looked at (scale 1)",
         "same scale",
         "explain windows",
     ]
-    one_head = e.to_layer_data(head=1)[2][0]
-    assert one_head.shape == (16, 16) and not np.allclose(one_head, e.to_layer_data()[2][0])
+    one_head = explanation_to_layer_data(e, head=1)[2][0]
+    assert one_head.shape == (16, 16) and not np.allclose(
+        one_head, explanation_to_layer_data(e)[2][0]
+    )
 
 
 def test_predictions_come_from_the_result_when_given(sample, default_model):
@@ -220,7 +223,7 @@ def test_painted_coarse_box_lands_on_the_bright_patch(bright_seeking_model):
     slide = Slide.from_array(img, mpp=0.5, name="bright patch")
     e = histolens.explain_point(slide, (800, 800), model=bright_seeking_model)
     assert e.input_box == Region(384, 384, 1408, 1408)
-    layers = {m["name"]: (d, m) for d, m, _ in e.to_layer_data()}
+    layers = {m["name"]: (d, m) for d, m, _ in explanation_to_layer_data(e)}
     heat, meta = layers["looked at (scale 2)"]
     i, j = np.unravel_index(np.argmax(heat), heat.shape)
     assert heat[i, j] > 0.99  # nearly all of the token's attention on the patch's token

@@ -12,6 +12,7 @@ from skimage.draw import disk
 
 from histolens import export
 from histolens.colors import parse_color
+from histolens.layers import geojson_to_layer_data
 from histolens.region import Region, layer_transform
 
 
@@ -271,7 +272,7 @@ def test_geojson_round_trip_keeps_every_polygon(tmp_path: Path, make_result):
     result = make_result()
     path = export.save_geojson(tmp_path / "n.geojson", export.nuclei_feature_collection(result))
     written = json.loads(path.read_text())["features"]
-    ((data, meta, kind),) = export.geojson_to_layer_data(path)
+    ((data, meta, kind),) = geojson_to_layer_data(path)
     assert kind == "shapes" and len(data) == len(written) == 6
     for poly, feature in zip(data, written, strict=True):
         ring = np.asarray(feature["geometry"]["coordinates"][0])[:-1]
@@ -290,7 +291,7 @@ def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path, make_result
         nuc.labels, origin=nuc.origin, features=nuc.features, tolerance=0
     )
     path = export.save_geojson(tmp_path / "n.geojson", fc)
-    ((labels, meta, kind),) = export.geojson_to_layer_data(path, as_labels=True, mpp=0.25)
+    ((labels, meta, kind),) = geojson_to_layer_data(path, as_labels=True, mpp=0.25)
     assert kind == "labels"
     oy, ox = meta["metadata"]["origin"]
     # the layer lines up with the slide through the one alignment rule

@@ -10,6 +10,7 @@ import pytest
 
 from histolens import export
 from histolens._writer import level0_geometry, write_geojson
+from histolens.layers import geojson_to_layer_data
 from histolens.region import layer_transform
 
 
@@ -97,12 +98,12 @@ def test_napari_accepts_the_imported_layers(tmp_path: Path, make_result):
     layers = pytest.importorskip("napari.layers")
     result = make_result()
     path = export.save_geojson(tmp_path / "n.geojson", export.nuclei_feature_collection(result))
-    ((data, meta, kind),) = export.geojson_to_layer_data(path)
+    ((data, meta, kind),) = geojson_to_layer_data(path)
     shapes = layers.Shapes(data, **meta)
     assert shapes.nshapes == 6 and list(shapes.features["class_name"]) == list(
         meta["features"]["class_name"]
     )
-    ((labels, lmeta, _),) = export.geojson_to_layer_data(path, as_labels=True, downsample=2.0)
+    ((labels, lmeta, _),) = geojson_to_layer_data(path, as_labels=True, downsample=2.0)
     layer = layers.Labels(labels, **lmeta)
     assert layer.data.max() == 6
     # the re-imported labels sit on the same slide pixels as the original (same rule, same frame)

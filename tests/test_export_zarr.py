@@ -79,8 +79,8 @@ def test_real_model_masks_open_in_napari_on_the_slide(wsi_dir: Path, tmp_path: P
     import torch
     from napari.layers import Image, Labels
 
-    from histolens._reader import slide_to_layer_data
     from histolens.inference import analyze_region
+    from histolens.layers import slide_to_layer_data
     from histolens.slide import open_slide
 
     torch.set_num_threads(1)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histolens import export
 from histolens._reader import read_slides
-from histolens.export._geojson_read import GeoJSONError, fill_polygon
+from histolens.export import GeoJSONError
+from histolens.export._geojson_read import fill_polygon
+from histolens.layers import geojson_to_layer_data
 
 
 def _square(x: float, y: float, s: float = 10.0) -> list[list[float]]:
@@ -76,7 +77,7 @@ def test_hostile_geojson_gives_one_clear_error(tmp_path: Path, name: str):
     path.write_text(text)
     for as_labels in (False, True):
         with pytest.raises(GeoJSONError) as err:
-            export.geojson_to_layer_data(path, as_labels=as_labels)
+            geojson_to_layer_data(path, as_labels=as_labels)
         message = str(err.value)
         assert str(path) in message and words in message, message
     with pytest.raises(GeoJSONError):  # the napari reader path too
@@ -87,7 +88,7 @@ def test_binary_files_are_refused_by_name(tmp_path: Path):
     path = tmp_path / "slide.geojson"
     path.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
     with pytest.raises(GeoJSONError, match="not UTF-8") as err:
-        export.geojson_to_layer_data(path)
+        geojson_to_layer_data(path)
     assert str(path) in str(err.value)
 
 
@@ -96,17 +97,17 @@ def test_labels_far_apart_are_refused_before_allocating(tmp_path: Path):
     path.write_text(json.dumps(_fc(GOOD, _poly([_square(1e5, 1e5)]))))
     t0 = time.perf_counter()
     with pytest.raises(GeoJSONError, match="larger downsample"):
-        export.geojson_to_layer_data(path, as_labels=True)
+        geojson_to_layer_data(path, as_labels=True)
     assert time.perf_counter() - t0 < 5
-    ((data, _, kind),) = export.geojson_to_layer_data(path)  # as shapes it is fine
+    ((data, _, kind),) = geojson_to_layer_data(path)  # as shapes it is fine
     assert kind == "shapes" and len(data) == 2
-    ((labels, _, _),) = export.geojson_to_layer_data(path, as_labels=True, downsample=64)
+    ((labels, _, _),) = geojson_to_layer_data(path, as_labels=True, downsample=64)
     assert labels.max() == 2
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(GeoJSONError, match="downsample"):
-            export.geojson_to_layer_data(path, as_labels=True, downsample=bad)
+            geojson_to_layer_data(path, as_labels=True, downsample=bad)
         with pytest.raises(GeoJSONError, match="mpp"):
-            export.geojson_to_layer_data(path, mpp=bad)
+            geojson_to_layer_data(path, mpp=bad)
 
 
 def test_decorations_that_are_not_objects_are_ignored(tmp_path: Path):
@@ -120,7 +121,7 @@ def test_decorations_that_are_not_objects_are_ignored(tmp_path: Path):
     ]
     path = tmp_path / "loose.geojson"
     path.write_text(json.dumps(_fc(*features, histolens={"mpp": 0.5})))
-    ((data, meta, _),) = export.geojson_to_layer_data(path)
+    ((data, meta, _),) = geojson_to_layer_data(path)
     assert len(data) == 4 and meta["scale"] == (0.5, 0.5)
     assert list(meta["features"]["class_name"])[1:3] == ["Tumor", "Stroma"]
     assert meta["features"]["a"].iloc[3] == 2
@@ -148,6 +149,6 @@ def test_the_polygon_fill_equals_scikit_image_and_is_linear(tmp_path: Path):
     ring = np.stack([1000 + 900 * np.cos(ang), 1000 + 900 * np.sin(ang)], 1)
     path = tmp_path / "big.geojson"
     path.write_text(json.dumps(_fc(_poly([ring.tolist()]))))
-    ((labels, _, _),) = export.geojson_to_layer_data(path, as_labels=True)
+    ((labels, _, _),) = geojson_to_layer_data(path, as_labels=True)
     assert labels.shape == (1800, 1800)
     assert (labels > 0).sum() == pytest.approx(np.pi * 900**2, rel=1e-3)

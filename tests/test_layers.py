@@ -100,7 +100,6 @@ def test_nuclei_layer_colours_features_and_legend():
     np.testing.assert_allclose(layer.colormap.map(np.array([1]))[0], rgba("#0000ff"))
     np.testing.assert_allclose(layer.colormap.map(np.array([2]))[0], rgba("#ff0000"))
     assert layer.colormap.map(np.array([0]))[0][3] == 0
-    assert meta["metadata"]["counts"] == {"a": 1, "b": 1}
 
 
 def test_tile_class_layer_is_direct_and_transparent_where_unknown():

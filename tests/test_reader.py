@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from histolens._reader import napari_get_reader, slide_to_layer_data
+from histolens._reader import napari_get_reader
 from histolens._sample_data import make_sample_slide
+from histolens.layers import slide_to_layer_data
 from histolens.slide import Slide, SlideError
 
 napari = pytest.importorskip("napari")
@@ -95,10 +96,7 @@ def test_reader_accepts_lists_and_reports_bad_files(tmp_path: Path, wsi_dir: Pat
         napari_get_reader(str(bad))(str(bad))
 
 
-def test_geojson_is_delegated_to_export(tmp_path: Path) -> None:
-    export = pytest.importorskip("histolens.export")
-    if not hasattr(export, "geojson_to_layer_data"):
-        pytest.skip("histolens.export.geojson_to_layer_data is not written yet")
+def test_geojson_opens_as_a_shapes_layer(tmp_path: Path) -> None:
     path = tmp_path / "cells.geojson"
     feature = {
         "type": "Feature",

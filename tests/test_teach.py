@@ -245,15 +245,16 @@ def test_lookup_cells_and_their_region_on_the_global_grid():
 
 
 def test_review_counts_unsure_cells_as_tissue_and_lists_them():
-    from histolens._qt._summary import summarize
-
     result, _truth, clf = taught()
-    sure = summarize(classify_result(result, clf, min_confidence=0.0))
-    strict = summarize(classify_result(result, clf, min_confidence=0.999))
+    sure = classify_result(result, clf, min_confidence=0.0).summary()
+    strict = classify_result(result, clf, min_confidence=0.999).summary()
     assert strict.tissue_mm2 == pytest.approx(sure.tissue_mm2)
-    assert [r.name for r in sure.tiles_by_class] == list(NAMES)
-    assert [r.name for r in strict.tiles_by_class] == [*NAMES, "unsure"]
-    assert sum(r.count for r in strict.tiles_by_class) == sum(r.count for r in sure.tiles_by_class)
+    assert strict.analysed_cells == sure.analysed_cells
+    assert [r.name for r in sure.tiles_by_class] == list(NAMES) and sure.tiles_unsure is None
+    assert [r.name for r in strict.tiles_by_class] == list(NAMES)
+    assert strict.tiles_unsure is not None and strict.tiles_unsure.name == "unsure"
+    n_strict = sum(r.count for r in strict.tiles_by_class) + strict.tiles_unsure.count
+    assert n_strict == sum(r.count for r in sure.tiles_by_class) == sure.analysed_cells
 
 
 def test_a_foundation_vit_from_local_weights_is_taught_the_same_way(tmp_path: Path, wsi_dir):

@@ -196,15 +196,16 @@ def _result(origin=(100, 200), shape=(64, 96), mpp=0.5, n_classes=2, attention=(
 
 
 def test_update_overlays_updates_in_place_and_prunes():
-    from histolens._qt._overlays import OVERLAY_TAG, overlay_mpp, update_overlays
+    from histolens._qt._overlays import OVERLAY_TAG, update_overlays
+    from histolens.layers import result_to_layer_data
 
     viewer, slide_layer = _viewer(scale=(0.5, 0.5))
     frame = LayerFrame.from_layer(slide_layer)
     first = _result()
     layers = update_overlays(
         viewer,
-        first.to_layer_data(),
-        mpp=overlay_mpp(first),
+        result_to_layer_data(first),
+        mpp=first.slide_mpp,
         frame=frame,
         opacity={"nuclei": 0.3, "attention": 0.2},
         prune=True,
@@ -222,7 +223,7 @@ def test_update_overlays_updates_in_place_and_prunes():
 
     nuclei.opacity = 0.8  # a user choice survives re-analysis
     second = _result(origin=(400, 40), attention=(0,))
-    again = update_overlays(viewer, second.to_layer_data(), mpp=0.5, frame=frame, prune=True)
+    again = update_overlays(viewer, result_to_layer_data(second), mpp=0.5, frame=frame, prune=True)
     names = [lyr.name for lyr in viewer.layers]
     assert names == ["slide", "nuclei", "tile classes", "attention s0"]
     assert again[0] is layers[0] and again[0].opacity == pytest.approx(0.8)
@@ -235,13 +236,14 @@ def test_update_overlays_updates_in_place_and_prunes():
 
 def test_update_overlays_on_uncalibrated_layer_and_name_clash():
     from histolens._qt._overlays import update_overlays
+    from histolens.layers import result_to_layer_data
 
     viewer, slide_layer = _viewer(scale=(1.0, 1.0), translate=(10.0, 20.0))
     viewer.add_points([[0, 0]], name="nuclei")  # a user layer holding the name
     frame = LayerFrame.from_layer(slide_layer)
     res = _result(mpp=0.25)
     for _ in range(2):  # twice: the second call must find our layer, not add another
-        update_overlays(viewer, res.to_layer_data(), mpp=0.25, frame=frame)
+        update_overlays(viewer, result_to_layer_data(res), mpp=0.25, frame=frame)
     names = [lyr.name for lyr in viewer.layers]
     assert names.count("nuclei (HistoLens)") == 1 and "nuclei" in names
     ours = viewer.layers["nuclei (HistoLens)"]
@@ -251,9 +253,7 @@ def test_update_overlays_on_uncalibrated_layer_and_name_clash():
 
 
 def test_summary_counts_density_and_tile_shares():
-    from histolens._qt._summary import summarize
-
-    s = summarize(_result(mpp=0.5))
+    s = _result(mpp=0.5).summary()
     assert s.n_nuclei == 2
     assert [(c.name, c.count, c.color) for c in s.nuclei_by_class] == [
         ("tumour", 1, "#ff0000"),
@@ -264,13 +264,27 @@ def test_summary_counts_density_and_tile_shares():
     assert s.density_per_mm2 == pytest.approx(2 / 1280e-6)
     assert [(c.name, c.count) for c in s.tiles_by_class] == [("epithelium", 2), ("stroma", 3)]
     assert s.tiles_by_class[1].fraction == pytest.approx(0.6)
-    assert np.allclose(np.sort(s.areas_um2), [4.0, 16.0])
+    assert np.allclose(np.sort(s.nucleus_areas_um2), [4.0, 16.0])
+
+
+def test_summary_without_level0_mpp_counts_but_gives_no_areas():
+    """No level-0 mpp: counts and shares stay, areas and densities are unknown (None), never
+    computed with the analysis mpp instead."""
+    import dataclasses
+
+    res = _result(mpp=0.5)
+    res = dataclasses.replace(res, provenance=dataclasses.replace(res.provenance, slide_mpp=None))
+    s = res.summary()
+    assert s.n_nuclei == 2 and s.analysed_cells == 5
+    assert s.tissue_mm2 is None and s.density_per_mm2 is None and s.region_mm2 is None
+    assert all(c.per_mm2 is None for c in s.nuclei_by_class)
+    assert all(c.area_mm2 is None for c in s.tiles_by_class)
+    assert s.tiles_by_class[1].fraction == pytest.approx(0.6)
 
 
 def test_summary_density_uses_level0_mpp_when_analysed_at_a_downsample():
     """Regression: a 0.25 um/px slide analysed at 0.5 um/px (f = 2) gave a tissue area 4x too
     large (level-0 cell sizes times the analysis mpp), so densities were 4x too small."""
-    from histolens._qt._summary import summarize
     from histolens.inference import analyze_region
     from histolens.slide import Slide
 
@@ -284,4 +298,4 @@ def test_summary_density_uses_level0_mpp_when_analysed_at_a_downsample():
         0.5
     ) and result.provenance.slide_mpp == pytest.approx(0.25)
     # 512 x 512 level-0 px at 0.25 um/px = 128 um x 128 um
-    assert summarize(result).tissue_mm2 == pytest.approx(128 * 128 / 1e6)
+    assert result.summary().tissue_mm2 == pytest.approx(128 * 128 / 1e6)

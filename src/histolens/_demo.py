@@ -12,6 +12,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .result import ResultSummary
 
 __all__ = ["add_arguments", "run"]
 
@@ -74,8 +78,18 @@ def _run_headless(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     paths = write_result(result, args.out, slide=slide)
     png = render_overview_png(slide, result, args.out / "overview.png")
-    n = result.nuclei.count if result.nuclei is not None else 0
-    print(f"done    {n} nuclei in {seconds:.1f} s on {result.provenance.device}")
+    print(
+        f"done    {_counts_line(result.summary())} in {seconds:.1f} s on {result.provenance.device}"
+    )
     for _name, path in sorted({**paths, "overview": png}.items()):
         print(f"wrote   {path}")
     return 0
+
+
+def _counts_line(s: ResultSummary) -> str:
+    """``N nuclei (D per mm^2 of A mm^2 tissue)``; ASCII, for any terminal or log."""
+    if s.density_per_mm2 is None:
+        return f"{s.n_nuclei} nuclei"
+    return (
+        f"{s.n_nuclei} nuclei ({s.density_per_mm2:.0f} per mm^2 of {s.tissue_mm2:.3f} mm^2 tissue)"
+    )

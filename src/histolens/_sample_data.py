@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._reader import slide_to_layer_data
+from .layers import slide_to_layer_data
 from .slide import open_slide, sample_slide_path
 
 __all__ = ["make_sample_slide"]

@@ -5,8 +5,8 @@ block, tiles and pixels :func:`histolens.inference.analyze` runs for that region
 top-down attention of the one finest-scale backbone token holding the point captured per head
 (the fused attention kernel stays in use for every other token and for normal runs). The
 :class:`PointExplanation` holds, per scale, the token's attention over the window of that scale
-it read and the level-0 box that window covers; :meth:`PointExplanation.to_layer_data` turns it
-into napari layers aligned by :func:`histolens.region.layer_transform`.
+it read and the level-0 box that window covers; :func:`histolens.layers.explanation_to_layer_data`
+turns it into napari layers aligned by :func:`histolens.region.layer_transform`.
 
 Attention is not attribution: the weights say which tokens the query *read*, averaged over the
 backbone's MSA blocks, not which pixels changed a prediction.
@@ -27,24 +27,11 @@ from typing import Any
 import numpy as np
 
 from ._engine import AnalysisPlan, level0_mpp, order_blocks, plan_analysis, resolve_model
-from .region import Region, layer_transform
+from .region import Region
 from .result import RegionResult
 from .tiles import Block, group_tiles, read_analysis_box
 
-__all__ = [
-    "EXPLAIN_TAG",
-    "SCALE_COLORS",
-    "PointExplanation",
-    "ScaleWindow",
-    "explain_point",
-    "explanation_layers",
-    "layer_name",
-]
-
-#: ``layer.metadata`` key marking the layers of an explanation (value: the layer's role).
-EXPLAIN_TAG = "histolens_explain"
-#: Outline colour per scale (finest first), also used by the dock's bar chart.
-SCALE_COLORS = ("#00e5ff", "#ffd400", "#ff4fd8", "#7cff4f", "#ff8c1a")
+__all__ = ["PointExplanation", "ScaleWindow", "explain_point"]
 
 
 @dataclass(frozen=True)
@@ -120,13 +107,6 @@ class PointExplanation:
             b = w.box
             out[w.scale] = max(b.height, b.width) * self.slide_mpp
         return out
-
-    def to_layer_data(self, head: int | None = None) -> list[tuple]:
-        """napari ``(data, meta, layer_type)`` tuples in micrometres, aligned on the slide layer:
-        one heat image per scale (``"same scale"``, ``"looked at (scale k)"``) and
-        ``"explain windows"``: the explained token's outline (white, first) and the outline of
-        each window it read."""
-        return explanation_layers(self, head)
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -216,7 +196,7 @@ def explain_point(
     y, x = _check_point(slide, point)
     if result is not None:
         region = region if region is not None else result.region
-        mpp = mpp if mpp is not None else result.provenance.slide_mpp
+        mpp = mpp if mpp is not None else result.slide_mpp
         model = model if model is not None else result.provenance.model_name
         precision = precision if precision is not None else result.provenance.precision
     if region is not None and not isinstance(region, Region):
@@ -358,68 +338,3 @@ def _predictions_from_heads(out: dict[str, Any], card: Any, qy: int, qx: int) ->
         preds["tissue_class"] = names[int(np.argmax(probs))]
         preds["tissue_probabilities"] = {n: float(p) for n, p in zip(names, probs, strict=True)}
     return preds
-
-
-# -- layers --------------------------------------------------------------------------------
-
-
-def layer_name(scale: int) -> str:
-    """Layer name of one scale's heat: ``"same scale"`` or ``"looked at (scale k)"``."""
-    return "same scale" if scale == 0 else f"looked at (scale {scale})"
-
-
-def explanation_layers(expl: PointExplanation, head: int | None = None) -> list[tuple]:
-    """See :meth:`PointExplanation.to_layer_data`."""
-    from .layers import ATTENTION_COLORMAP
-
-    mpp = expl.slide_mpp
-    out: list[tuple] = []
-    for w in sorted(expl.scales, key=lambda w: -w.scale):  # coarsest at the bottom
-        heat = w.heat(head).astype(np.float32)
-        scale, translate = layer_transform(mpp, w.downsample, w.origin)
-        meta = {
-            "name": layer_name(w.scale),
-            "colormap": dict(ATTENTION_COLORMAP),
-            "blending": "translucent",
-            "opacity": 0.7,
-            # Each map uses its own range: coarse weights are spread over many tokens; the
-            # share per scale (in the metadata and the dock) says how much each map weighs.
-            "contrast_limits": (0.0, max(float(heat.max()), 1e-12)),
-            "scale": scale,
-            "translate": translate,
-            "units": ("um", "um"),
-            "metadata": {EXPLAIN_TAG: layer_name(w.scale), "share": w.share(head)},
-        }
-        out.append((heat, meta, "image"))
-    out.append(_windows_layer(expl))
-    return out
-
-
-def _corners(box: Region) -> np.ndarray:
-    # napari puts level-0 pixel k's centre at k: the box's edges are at y0 - 0.5 and y1 - 0.5.
-    return np.array([[box.y0 - 0.5, box.x0 - 0.5], [box.y1 - 0.5, box.x1 - 0.5]])
-
-
-def _windows_layer(expl: PointExplanation) -> tuple:
-    """Rectangles: the explained token (white) and the window it read at each scale."""
-    fov = expl.field_of_view_um()
-    token_um = max(expl.token_box.shape) * expl.slide_mpp
-    boxes = [_corners(expl.token_box)] + [_corners(w.box) for w in expl.scales]
-    colors = ["#ffffff"] + [SCALE_COLORS[w.scale % len(SCALE_COLORS)] for w in expl.scales]
-    labels = [""] + [f"scale {w.scale}: {fov[w.scale]:.0f} µm" for w in expl.scales]
-    scale, translate = layer_transform(expl.slide_mpp, 1.0)
-    meta = {
-        "name": "explain windows",
-        "shape_type": "rectangle",
-        "edge_color": colors,
-        "face_color": "transparent",
-        "edge_width": 3,
-        # no text on the canvas: nested windows share corners, so labels would overlap; the
-        # dock's bars carry the same colours and sizes (and hovering a rectangle shows it)
-        "features": {"label": labels},
-        "scale": scale,
-        "translate": translate,
-        "units": ("um", "um"),
-        "metadata": {EXPLAIN_TAG: "explain windows", "token_um": token_um},
-    }
-    return (boxes, meta, "shapes")

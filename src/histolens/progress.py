@@ -72,9 +72,13 @@ class ProgressPrinter:
             )  # fmt: skip
 
     def set_total(self, total: int) -> None:
-        """The number of tiles to expect, once known; the rate is timed from here on."""
+        """The number of tiles to expect, once known (it may be revised as a run goes on).
+
+        The rate is timed from the first call made before any tile is done, so the time spent
+        planning is left out but a revised total does not restart the clock."""
         self.total = int(total)
-        self._t0 = time.perf_counter()
+        if self.done == 0:
+            self._t0 = time.perf_counter()
         if self._bar is not None:
             self._bar.reset(total=self.total)
             self._bar.update(self.done)

@@ -242,9 +242,9 @@ def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
     viewer, widget = dock
     layer = widget.slide_layer()
     _look_at(viewer, layer, (800, 800), 256)
-    stamp0 = widget._stamp
+    stamp0 = widget.runner.stamp
     widget.live_box.setChecked(True)  # analyses the current view at once
-    assert widget._stamp == stamp0 + 1
+    assert widget.runner.stamp == stamp0 + 1
     # A burst of camera moves inside the debounce window -> a single new request. (Moves
     # are back to back: on a loaded 2-core machine a worker can stall the event loop past
     # the debounce between spaced-out moves, which would rightly count as two views.)
@@ -254,14 +254,55 @@ def test_live_mode_debounces_and_latest_view_wins(dock, qtbot, notes):
         viewer.scene.camera.center = level0_to_world((900 + 40 * i, 1200), frame)
     assert time.perf_counter() - start < widget_module.LIVE_DEBOUNCE_MS / 1000
     final_view = view_region(CameraState.from_viewer(viewer), LayerFrame.from_layer(layer))
-    qtbot.waitUntil(lambda: widget._stamp == stamp0 + 2, timeout=5_000)
+    qtbot.waitUntil(lambda: widget.runner.stamp == stamp0 + 2, timeout=5_000)
     qtbot.wait(widget_module.LIVE_DEBOUNCE_MS + 200)
-    assert widget._stamp == stamp0 + 2
+    assert widget.runner.stamp == stamp0 + 2
     assert widget.region() == final_view
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
     assert not notes["error"], notes["error"]
     assert widget.result is not None and widget.result.region == final_view
     widget.live_box.setChecked(False)
+
+
+def test_form_changes_during_a_run_do_not_reach_the_running_request(dock, qtbot, notes):
+    viewer, widget = dock
+    widget._models._models[("test-tiny", "cpu")].delay = 0.3
+    _look_at(viewer, widget.slide_layer(), (1100, 1500), 256)
+    request = widget.analyze_view()
+    assert request is not None and widget.running
+    # edits that would fail (no CUDA here) or drop the nuclei if the worker read the form
+    widget.device_combo.setCurrentText("cuda")
+    widget.controls.task_boxes["nuclei"].setChecked(False)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert not notes["error"], notes["error"]
+    assert widget.runner.request is request
+    assert (request.device, request.tasks) == ("cpu", ("nuclei", "tiles", "attention"))
+    result = widget.result
+    assert result.complete and result.region == request.region
+    assert result.provenance.device == "cpu" and result.nuclei is not None
+    widget.device_combo.setCurrentText("cpu")
+
+
+def test_a_new_view_supersedes_the_running_one_through_the_runner(dock, qtbot, notes):
+    viewer, widget = dock
+    widget._models._models[("test-tiny", "cpu")].delay = 0.3
+    shown = []
+    widget.runner.result_ready.connect(lambda result, _final: shown.append(result.region))
+    first = widget.analyze_view()  # the view at open: the whole sample, many tiles
+    qtbot.waitUntil(lambda: widget.progress.value() >= 1, timeout=TIMEOUT_MS)
+    second_view = _look_at(viewer, widget.slide_layer(), (1100, 1500), 256)
+    second = widget.analyze_view()
+    assert first.cancel.is_set() and second.stamp == first.stamp + 1
+    shown.clear()  # from here on, nothing of the first request may arrive
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    qtbot.wait(500)  # the first worker's last signals, had they not been dropped
+    assert not notes["error"], notes["error"]
+    assert shown and set(shown) == {second_view}
+    assert widget.result.region == second_view and widget.result.complete
+    assert widget.status.text().startswith("complete")
+    mpp = float(widget.slide_layer().scale[-1])
+    for name in ("nuclei", "tile classes"):
+        _check_on_region(viewer.layers[name], second_view, mpp)
 
 
 def test_errors_become_notifications(dock, qtbot, notes):

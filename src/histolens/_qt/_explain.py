@@ -28,7 +28,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from histolens.explain import EXPLAIN_TAG, SCALE_COLORS, PointExplanation
+from histolens.explain import PointExplanation
+from histolens.layers import EXPLAIN_TAG, SCALE_COLORS, explanation_to_layer_data
 from histolens.result import RegionResult
 
 from ._overlays import update_overlays
@@ -246,7 +247,7 @@ class ExplainPanel(QWidget):
     def _paint_layers(self, expl: PointExplanation, frame: LayerFrame) -> None:
         """Update the explanation layers in place (napari runs a full garbage collection per
         removed layer, about 1 s here); only a scale the new click lacks is removed."""
-        items = expl.to_layer_data(self.head())
+        items = explanation_to_layer_data(expl, self.head())
         layers = update_overlays(self.viewer, items, mpp=expl.slide_mpp, frame=frame)
         for layer, (_data, meta, layer_type) in zip(layers, items, strict=True):
             if layer_type == "shapes":  # per-shape colours do not follow new data

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._viewport import LayerFrame, rebase_transform
 
-__all__ = ["OVERLAY_TAG", "is_overlay", "overlay_group", "overlay_mpp", "update_overlays"]
+__all__ = ["OVERLAY_TAG", "is_overlay", "overlay_group", "update_overlays"]
 
 #: ``layer.metadata`` key that marks a layer as a HistoLens overlay; its value is the
 #: overlay's name in the result (``"nuclei"``, ...), even if napari had to rename the layer.
@@ -34,13 +34,6 @@ def _find(viewer: Any, name: str, layer_type: str) -> Any | None:
         if layer.metadata.get(OVERLAY_TAG) == name and layer._type_string == layer_type:
             return layer
     return None
-
-
-def overlay_mpp(result: Any) -> float:
-    """The level-0 um/px that ``result.to_layer_data()`` used for ``scale``/``translate``."""
-    from histolens.layers import slide_mpp
-
-    return slide_mpp(result)
 
 
 def overlay_group(name: str) -> str:

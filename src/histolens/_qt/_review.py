@@ -1,6 +1,7 @@
 """The review panel: counts per class, density, an area histogram, tile shares, a nuclei table.
 
-It only draws a :class:`~histolens._qt._summary.ReviewSummary`; clicking a table row emits
+It only draws a result's :class:`~histolens.result.ResultSummary` (the numbers summary.json
+holds too) and its nuclei table; clicking a table row emits
 ``nucleus_selected(y, x)`` with the nucleus centroid in level-0 pixels.
 """
 
@@ -20,11 +21,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from histolens.result import RegionResult
+from histolens.result import ClassCount, RegionResult, ResultSummary
 
-from ._summary import ClassCount, ReviewSummary, summarize
-
-__all__ = ["AreaHistogram", "ReviewPanel"]
+__all__ = ["AreaHistogram", "ReviewPanel", "summary_header"]
 
 #: Rows shown in the nuclei table; the full table goes to the Export files.
 MAX_TABLE_ROWS = 5000
@@ -137,6 +136,17 @@ class _ClassList(QWidget):
         self.setVisible(bool(rows))
 
 
+def summary_header(s: ResultSummary) -> str:
+    """The panel's first line (rich text): nuclei, density, analysed tissue, progress."""
+    state = "complete" if s.complete else ("cancelled" if s.cancelled else "running")
+    density = f"{s.density_per_mm2:.0f}" if s.density_per_mm2 is not None else "n/a"
+    tissue = f"{s.tissue_mm2:.3f} mm²" if s.tissue_mm2 is not None else "n/a mm² (no mpp)"
+    return (
+        f"<b>{s.n_nuclei}</b> nuclei, <b>{density}</b>/mm² over {tissue} "
+        f"({s.tissue_source}); tiles {s.tiles_done}/{s.tiles_total}, {state}"
+    )
+
+
 class ReviewPanel(QWidget):
     """Summary of the last result; click a nucleus row to centre the view on it."""
 
@@ -144,7 +154,7 @@ class ReviewPanel(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.summary: ReviewSummary | None = None
+        self.summary: ResultSummary | None = None
         self.header = QLabel("No analysis yet: click “Analyze view”.")
         self.header.setWordWrap(True)
         self.nuclei_classes = _ClassList("Nuclei per class")
@@ -179,17 +189,13 @@ class ReviewPanel(QWidget):
             self.histogram.set_areas(np.zeros(0))
             self.table.setRowCount(0)
             return
-        s = summarize(result)
+        s = result.summary()
         self.summary = s
-        state = "complete" if s.complete else ("cancelled" if s.cancelled else "running")
-        density = f"{s.density_per_mm2:.0f}" if s.density_per_mm2 is not None else "n/a"
-        self.header.setText(
-            f"<b>{s.n_nuclei}</b> nuclei, <b>{density}</b>/mm² over {s.tissue_mm2:.3f} mm² "
-            f"({s.area_source}); tiles {s.tiles_done}/{s.tiles_total}, {state}"
-        )
+        self.header.setText(summary_header(s))
         self.nuclei_classes.set_rows(s.nuclei_by_class, with_density=True)
-        self.tile_legend.set_rows(s.tiles_by_class, with_density=False)
-        self.histogram.set_areas(s.areas_um2)
+        unsure = () if s.tiles_unsure is None else (s.tiles_unsure,)
+        self.tile_legend.set_rows((*s.tiles_by_class, *unsure), with_density=False)
+        self.histogram.set_areas(s.nucleus_areas_um2)
         if fill_table:
             self._fill_table(result)
 

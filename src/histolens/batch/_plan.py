@@ -159,15 +159,17 @@ def _plan_slide(path: str, out_dir: Path, options: BatchOptions, settings: Any) 
 
 def _checked_slide(path: str, slide: Any, options: BatchOptions) -> tuple[float, Region]:
     """The level-0 mpp the slide is analysed at and the region of it (clipped to the slide)."""
+    from histolens._engine import level0_mpp
     from histolens.slide import SlideError
 
-    slide_mpp = options.mpp if options.mpp is not None else slide.mpp
-    if slide_mpp is None:
+    try:
+        slide_mpp = level0_mpp(slide, options.mpp)
+    except ValueError:  # said here with the command line's flag, and naming the file
         raise SlideError(
             path,
             "the slide records no pixel size (mpp)",
             "rerun with --mpp <um per level-0 px>, e.g. --mpp 0.25 for 40x or 0.5 for 20x",
-        )
+        ) from None
     shape = tuple(int(v) for v in slide.shape[:2])
     region = options.region
     reg = Region.full(shape) if region is None else region.clip(shape)
@@ -177,4 +179,4 @@ def _checked_slide(path: str, slide: Any, options: BatchOptions) -> tuple[float,
             f"{shape} (level-0 px); give y0,x0,y1,x1 inside (0, 0, {shape[0]}, {shape[1]})"
         )
         raise ValueError(msg)
-    return float(slide_mpp), reg
+    return slide_mpp, reg

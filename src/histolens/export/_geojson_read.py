@@ -1,9 +1,10 @@
-"""GeoJSON in: a (QuPath or HistoLens) file back as napari LayerDataTuples.
+"""GeoJSON in: a (QuPath or HistoLens) file read back as plain polygons, a table and an mpp.
 
 Reading what someone else wrote: a schema check with errors naming the file and the feature,
 limits that keep a hostile file from taking the machine, and a polygon fill that costs
 O(pixels + vertices), not O(pixels x vertices). Coordinates are QuPath's: level-0 pixel
-*edges*, ``[x, y]`` per vertex. No napari import: plain LayerDataTuples.
+*edges*, ``[x, y]`` per vertex. Plain data only: :func:`histolens.layers.geojson_to_layer_data`
+turns a :class:`GeoJSONShapes` into napari layers.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ import numpy as np
 import pandas as pd
 
 from histolens.colors import parse_color
-from histolens.region import layer_transform
 
-__all__ = ["MAX_LABEL_PX", "MAX_VERTICES", "GeoJSONError", "fill_polygon", "geojson_to_layer_data"]
-
-LayerData = tuple[Any, dict[str, Any], str]
+__all__ = [
+    "MAX_LABEL_PX",
+    "MAX_VERTICES",
+    "GeoJSONError",
+    "GeoJSONShapes",
+    "fill_polygon",
+    "read_geojson",
+]
 
 #: Most vertices in one file (all rings): far above a whole slide's nuclei outlines.
 MAX_VERTICES = 50_000_000
@@ -196,7 +201,7 @@ def fill_polygon(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, value: 
         labels[y0 : y0 + len(inside), x0:x1][inside] = value
 
 
-# --------------------------------------------------------------------------- to napari layers
+# --------------------------------------------------------------------------- plain shapes
 def _feature_record(feature: Mapping[str, Any]) -> tuple[dict[str, Any], list[int]]:
     """A feature's table row (id, object type, class, measurements) and its class colour.
 
@@ -228,35 +233,58 @@ def _feature_record(feature: Mapping[str, Any]) -> tuple[dict[str, Any], list[in
 
 
 @dataclass
-class _Shapes:
-    """The polygons of a file: rings as ``(n, 2)`` ``(y, x)`` level-0 edge coordinates (closure
-    dropped), the feature each ring belongs to, one table row and one colour per feature."""
+class GeoJSONShapes:
+    """The polygons of a GeoJSON file, in level-0 pixels.
 
+    ``polygons``: exterior rings as ``(n, 2)`` float64 ``(y, x)`` level-0 *edge* coordinates
+    (closing vertex dropped); ``owner[i]``: the feature ring ``i`` belongs to; one table row
+    (:meth:`table`: id, objectType, class_name, measurements) and one RGB colour per feature.
+    ``mpp``: um per level-0 px (the caller's, else the file's ``histolens.mpp``), None when
+    unknown; ``name``: the layer name the file asks for (else its stem); ``extra``: the file's
+    ``histolens`` metadata.
+    """
+
+    source: Path
+    name: str
+    mpp: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
     polygons: list[np.ndarray] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     colors: list[list[int]] = field(default_factory=list)
 
     def table(self) -> pd.DataFrame:
+        """One row per feature with polygons (id, objectType, class_name, measurements)."""
         if self.records:
             return pd.DataFrame.from_records(self.records)
         return pd.DataFrame(columns=["id", "objectType", "class_name"])
 
+    def rasterise(self, downsample: float = 1.0) -> tuple[np.ndarray, tuple[int, int]]:
+        """Feature ``i`` filled with label ``i + 1`` (uint32) over the rings' bounding box at
+        ``downsample`` level-0 px per pixel, and the box's level-0 origin ``(y0, x0)``.
 
-def _read_shapes(src: Path, features: list[dict[str, Any]]) -> _Shapes:
-    shapes = _Shapes()
-    for i, feature in enumerate(features):
-        parts = polygon_parts(feature, i, src)
-        if parts is None:
-            continue  # points and lines have no area to show as a nucleus or a tile
-        rec, color = _feature_record(feature)
-        index = len(shapes.records)
-        shapes.records.append(rec)
-        shapes.colors.append(color)
-        shapes.polygons.extend(parts)
-        shapes.owner.extend([index] * len(parts))
-    check_sizes(src, shapes.polygons)
-    return shapes
+        Raises :class:`GeoJSONError` when that image would exceed :data:`MAX_LABEL_PX`.
+        """
+        f = positive_number(downsample, "downsample (level-0 px per label pixel)")
+        if not self.polygons:
+            return np.zeros((0, 0), np.uint32), (0, 0)
+        allpts = np.vstack(self.polygons)
+        y0, x0 = (int(math.floor(v)) for v in allpts.min(axis=0))
+        y1, x1 = (int(math.ceil(v)) for v in allpts.max(axis=0))
+        shape = (max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f)))
+        if shape[0] * shape[1] > MAX_LABEL_PX:
+            msg = (
+                f"{self.source}: its shapes span {y1 - y0} x {x1 - x0} level-0 px, a {shape[0]} "
+                f"x {shape[1]} labels layer at downsample {f:g} (more than {MAX_LABEL_PX:.3g} "
+                "px); import it as shapes, or with a larger downsample"
+            )
+            raise GeoJSONError(msg)
+        labels = np.zeros(shape, np.uint32)
+        for poly, index in zip(self.polygons, self.owner, strict=True):
+            # Array pixel (r, c) has its centre at level-0 edge coordinate y0 + (r + 0.5) f.
+            rows, cols = (poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5
+            fill_polygon(labels, rows, cols, index + 1)
+        return labels, (y0, x0)
 
 
 def _file_mpp(src: Path, mpp: float | None, meta_extra: Mapping[str, Any]) -> float | None:
@@ -268,104 +296,29 @@ def _file_mpp(src: Path, mpp: float | None, meta_extra: Mapping[str, Any]) -> fl
     return positive_number(meta_extra["mpp"], f"{src}: 'histolens.mpp' (um per level-0 px)")
 
 
-def geojson_to_layer_data(
-    path: str | os.PathLike[str],
-    *,
-    as_labels: bool = False,
-    mpp: float | None = None,
-    downsample: float = 1.0,
-) -> list[LayerData]:
-    """Read a (QuPath or HistoLens) GeoJSON file back as napari LayerDataTuples.
+def read_geojson(path: str | os.PathLike[str], *, mpp: float | None = None) -> GeoJSONShapes:
+    """The polygon features of a (QuPath or HistoLens) GeoJSON file; points and lines, which
+    have no area, are left out. ``mpp`` (um per level-0 px) overrides the file's own.
 
-    Default: one ``"shapes"`` layer of polygons (every ring kept, vertices ``(y, x)``), edge
-    colours from each feature's classification, a ``features`` table of class + measurements.
-    ``as_labels=True`` rasterises the polygons instead into a ``"labels"`` layer at
-    ``downsample`` level-0 px per pixel covering their bounding box. Both are aligned on the
-    slide layer through :func:`histolens.region.layer_transform`, using ``mpp`` (um/px) from
-    the argument, else the file's ``histolens.mpp``, else 1 (world units = level-0 px).
+    Raises :class:`GeoJSONError` naming the file (and feature) for anything malformed or too big.
     """
     src = Path(path)
-    features, meta_extra = load_features(src)
-    mpp = _file_mpp(src, mpp, meta_extra)
-    shapes = _read_shapes(src, features)
-    common = {
-        "name": str(meta_extra.get("layer") or src.name.split(".")[0]),
-        "metadata": {
-            "histolens": {
-                "source": os.fspath(src),
-                "mpp": mpp,
-                "frame": "level-0 pixels",
-                **meta_extra,
-            }
-        },
-    }
-    if as_labels:
-        f = positive_number(downsample, "downsample (level-0 px per label pixel)")
-        return [_labels_layer(src, shapes, mpp, f, common)]
-    return [_shapes_layer(shapes, mpp, common)]
-
-
-def _shapes_layer(shapes: _Shapes, mpp: float | None, common: dict[str, Any]) -> LayerData:
-    world = float(mpp) if mpp else 1.0
-    scale, translate = layer_transform(world, 1.0, (0.0, 0.0))
-    # GeoJSON vertices are pixel-edge coordinates; napari data coordinates put pixel
-    # centres at integers, so an edge coordinate e is data coordinate e - 0.5.
-    data = [p - 0.5 for p in shapes.polygons]
-    table = shapes.table()
-    owner = shapes.owner
-    shape_features = table.iloc[owner].reset_index(drop=True) if owner else table.iloc[:0]
-    edge = [np.array(shapes.colors[i] + [255], np.float32) / 255.0 for i in owner]
-    meta = {
-        "name": common["name"],
-        "shape_type": "polygon",
-        "scale": scale,
-        "translate": translate,
-        "edge_color": np.array(edge) if edge else "yellow",
-        "face_color": "transparent",
-        "edge_width": 1.0,
-        "features": shape_features,
-        "metadata": common["metadata"],
-    }
-    if mpp:
-        meta["units"] = "um"
-    return (data, meta, "shapes")
-
-
-def _labels_layer(
-    src: Path, shapes: _Shapes, mpp: float | None, f: float, common: dict[str, Any]
-) -> LayerData:
-    labels, (y0, x0) = _rasterise(src, shapes, f)
-    scale, translate = layer_transform(float(mpp) if mpp else 1.0, f, (y0, x0))
-    label_table = shapes.table()
-    label_table.insert(0, "index", np.arange(1, len(label_table) + 1))
-    meta = {
-        "name": common["name"],
-        "scale": scale,
-        "translate": translate,
-        "features": label_table,
-        "metadata": {**common["metadata"], "downsample": f, "origin": (y0, x0)},
-    }
-    return (labels, meta, "labels")
-
-
-def _rasterise(src: Path, shapes: _Shapes, f: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """Feature ``i`` filled with label ``i + 1`` over the rings' bounding box at ``f`` level-0
-    px per pixel; the box's level-0 origin ``(y0, x0)``."""
-    if not shapes.polygons:
-        return np.zeros((0, 0), np.uint32), (0, 0)
-    allpts = np.vstack(shapes.polygons)
-    y0, x0 = (int(math.floor(v)) for v in allpts.min(axis=0))
-    y1, x1 = (int(math.ceil(v)) for v in allpts.max(axis=0))
-    shape = (max(1, math.ceil((y1 - y0) / f)), max(1, math.ceil((x1 - x0) / f)))
-    if shape[0] * shape[1] > MAX_LABEL_PX:
-        msg = (
-            f"{src}: its shapes span {y1 - y0} x {x1 - x0} level-0 px, a {shape[0]} x "
-            f"{shape[1]} labels layer at downsample {f:g} (more than {MAX_LABEL_PX:.3g} px); "
-            "import it as shapes, or with a larger downsample"
-        )
-        raise GeoJSONError(msg)
-    labels = np.zeros(shape, np.uint32)
-    for poly, index in zip(shapes.polygons, shapes.owner, strict=True):
-        # Array pixel (r, c) has its centre at level-0 edge coordinate y0 + (r + 0.5) f.
-        fill_polygon(labels, (poly[:, 0] - y0) / f - 0.5, (poly[:, 1] - x0) / f - 0.5, index + 1)
-    return labels, (y0, x0)
+    features, extra = load_features(src)
+    shapes = GeoJSONShapes(
+        source=src,
+        name=str(extra.get("layer") or src.name.split(".")[0]),
+        mpp=_file_mpp(src, mpp, extra),
+        extra=extra,
+    )
+    for i, feature in enumerate(features):
+        parts = polygon_parts(feature, i, src)
+        if parts is None:
+            continue
+        rec, color = _feature_record(feature)
+        index = len(shapes.records)
+        shapes.records.append(rec)
+        shapes.colors.append(color)
+        shapes.polygons.extend(parts)
+        shapes.owner.extend([index] * len(parts))
+    check_sizes(src, shapes.polygons)
+    return shapes

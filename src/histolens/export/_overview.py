@@ -54,9 +54,8 @@ def render_overview_png(
     s = min(1.0, float(max_side) / max(region.height, region.width))  # output px per level-0 px
     out_hw = (max(1, round(region.height * s)), max(1, round(region.width * s)))
     base = _read_background(slide, region, out_hw).astype(np.float32)
-    legend: Legend = []
     if result.tiles is not None:
-        legend += _tint_tiles(base, result, s, tile_alpha)
+        _tint_tiles(base, result, s, tile_alpha)
     nuc = result.nuclei if result.nuclei is not None and result.nuclei.count else None
     dots = nuc is not None and _nucleus_diameter_px(result, s) < _MIN_OUTLINE_PX
     if dots:
@@ -65,8 +64,7 @@ def render_overview_png(
     if nuc is not None:
         if not dots:
             _outline_nuclei(img, nuc, region, s)
-        legend = _nuclei_legend(nuc) + legend
-    _draw_legend(img, legend, result)
+    _draw_legend(img, _legend(result), result)
     target = Path(path)
     with atomic_path(target) as tmp:
         img.save(tmp, format="PNG")
@@ -94,8 +92,8 @@ def _read_background(slide: Any, region: Region, out_hw: tuple[int, int]) -> np.
     return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR))
 
 
-def _tint_tiles(base: np.ndarray, result: RegionResult, s: float, alpha: float) -> Legend:
-    """Blend each analysed tile cell's class colour into ``base`` (in place); legend entries."""
+def _tint_tiles(base: np.ndarray, result: RegionResult, s: float, alpha: float) -> None:
+    """Blend each analysed tile cell's class colour into ``base`` (in place)."""
     region, tiles = result.region, result.tiles
     out_h, out_w = base.shape[:2]
     classes = np.asarray(tiles.classes)
@@ -112,14 +110,6 @@ def _tint_tiles(base: np.ndarray, result: RegionResult, s: float, alpha: float) 
     tinted = grid > 0
     paint = colors[grid[tinted].clip(0, len(colors) - 1)]
     base[tinted] = (1 - alpha) * base[tinted] + alpha * paint
-    legend: Legend = []
-    for k in np.unique(classes[classes > 0]):
-        name = tiles.class_names[int(k) - 1]
-        cells = int(np.count_nonzero(classes == k))
-        legend.append(
-            (f"{name} ({cells} cells)", parse_color(tiles.class_colors[int(k) - 1]), "fill")
-        )
-    return legend
 
 
 def _dot_nuclei(base: np.ndarray, nuc: NucleiResult, region: Region, s: float) -> None:
@@ -160,14 +150,21 @@ def _outline_nuclei(img: Any, nuc: NucleiResult, region: Region, s: float) -> No
                 draw.line(pts, fill=color, width=width)
 
 
-def _nuclei_legend(nuc: NucleiResult) -> Legend:
-    cmap = class_color_map(nuc.class_names, nuc.class_colors)
-    counts = nuc.features["class_name"].value_counts()
-    return [
-        (f"{name} nuclei ({int(counts[name])})", cmap[name], "outline")
-        for name in reversed(nuc.class_names)
-        if counts.get(name, 0)
+def _legend(result: RegionResult) -> Legend:
+    """Nuclei classes (last class first), then tile classes, with their counts; empty ones left
+    out. The counts are the result's :meth:`~histolens.result.RegionResult.summary`."""
+    summary = result.summary()
+    nuclei = [
+        (f"{row.name} nuclei ({row.count})", parse_color(row.color), "outline")
+        for row in reversed(summary.nuclei_by_class)
+        if row.count
     ]
+    tiles = [
+        (f"{row.name} ({row.count} cells)", parse_color(row.color), "fill")
+        for row in summary.tiles_by_class
+        if row.count
+    ]
+    return nuclei + tiles
 
 
 def _nucleus_diameter_px(result: RegionResult, scale: float) -> float:

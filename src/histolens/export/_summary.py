@@ -1,4 +1,6 @@
-"""``summary.json``: what a run produced (counts per class, region, pixel size, model, times)."""
+"""``summary.json``: what a run produced (counts per class, areas, region, pixel size, model,
+times). The numbers come from :meth:`~histolens.result.RegionResult.summary`; this module only
+lays them out as JSON."""
 
 from __future__ import annotations
 
@@ -6,11 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-
 if TYPE_CHECKING:  # the result stage sits above this one; only its types are needed here
-    from histolens.result import RegionResult
+    from histolens.result import RegionResult, ResultSummary
 
 __all__ = ["summary_dict"]
 
@@ -18,9 +17,12 @@ __all__ = ["summary_dict"]
 def summary_dict(
     result: RegionResult, *, files: Mapping[str, Path] | None = None
 ) -> dict[str, Any]:
-    """What a run produced, for ``summary.json``: counts per class, region, mpp, model, times."""
+    """What a run produced, for ``summary.json``: counts per class, region, mpp, model, times.
+
+    Areas in mm², densities in nuclei per mm² of analysed tissue, lengths in level-0 px.
+    """
     p = result.provenance
-    mpp0 = result.slide_mpp
+    s = result.summary()
     out: dict[str, Any] = {
         "slide": {
             "name": p.slide_name,
@@ -34,8 +36,10 @@ def summary_dict(
             "y1": result.region.y1,
             "x1": result.region.x1,
         },
-        "region_mm2": (result.region.area * mpp0**2 / 1e6) if mpp0 else None,
-        "mpp": mpp0,
+        "region_mm2": s.region_mm2,
+        "tissue_mm2": s.tissue_mm2,
+        "tissue_source": s.tissue_source,
+        "mpp": result.slide_mpp,
         "analysis_mpp": p.analysis_mpp,
         "level": p.level,
         "level_downsample": p.level_downsample,
@@ -55,36 +59,26 @@ def summary_dict(
         },
     }
     if result.nuclei is not None:
-        nuc = result.nuclei
-        counts = (
-            nuc.features["class_name"].value_counts() if len(nuc.features) else pd.Series(dtype=int)
-        )
         out["nuclei"] = {
-            "count": int(nuc.count),
-            "per_class": {str(n): int(counts.get(n, 0)) for n in nuc.class_names},
-            "mean_area_um2": float(nuc.features["area_um2"].mean()) if len(nuc.features) else None,
-            "downsample": float(nuc.downsample),
-            "origin_level0_px": list(nuc.origin),
+            "count": s.n_nuclei,
+            "per_class": {str(c.name): c.count for c in s.nuclei_by_class},
+            "per_mm2": s.density_per_mm2,
+            "mean_area_um2": s.mean_nucleus_area_um2,
+            "downsample": float(result.nuclei.downsample),
+            "origin_level0_px": list(result.nuclei.origin),
         }
     if result.tiles is not None:
-        tiles = result.tiles
-        classes = np.asarray(tiles.classes)
-        cell_mm2 = (float(tiles.cell) * mpp0) ** 2 / 1e6 if mpp0 else None
-        per_class = {}
-        for k, name in enumerate(tiles.class_names):
-            n = int(np.count_nonzero(classes == k + 1))
-            per_class[str(name)] = {
-                "cells": n,
-                "mm2": n * cell_mm2 if cell_mm2 is not None else None,
-            }
-        out["tiles"].update(
-            {
-                "cell_px": float(tiles.cell),
-                "analysed_cells": int(np.count_nonzero(classes)),
-                "per_class": per_class,
-            }
-        )
+        out["tiles"].update(_tile_classes(s, float(result.tiles.cell)))
     out["attention_scales"] = [a.scale for a in result.attention]
     if files:
         out["files"] = {k: Path(v).name for k, v in files.items()}
     return out
+
+
+def _tile_classes(s: ResultSummary, cell_px: float) -> dict[str, Any]:
+    return {
+        "cell_px": cell_px,
+        "analysed_cells": s.analysed_cells,
+        "unsure_cells": s.tiles_unsure.count if s.tiles_unsure is not None else 0,
+        "per_class": {str(c.name): {"cells": c.count, "mm2": c.area_mm2} for c in s.tiles_by_class},
+    }
