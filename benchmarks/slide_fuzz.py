@@ -15,6 +15,7 @@ IFD pointers, tile offset tables, DICOM element and frame-item changes, and hand
     python benchmarks/slide_fuzz.py --cases 3000          # the large run
     python benchmarks/slide_fuzz.py --cases 300 --keep /tmp/bad   # write bad cases out
     python benchmarks/slide_fuzz.py --replay 17 --seed 0  # run one case in this process
+    python benchmarks/slide_fuzz.py --classes dicom_element,dicom_frames  # some classes only
 
 ``tests/test_slide_fuzz.py`` runs a few hundred cases by default and more under ``-m slow``.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import selectors
@@ -702,12 +704,21 @@ def _run_worker(
 
 def run_fuzz(
     n_cases: int, seed: int = 0, *, start: int = 0, workers: int = 1, cap: int = MEMORY_CAP,
-    timeout: float = TIMEOUT_S, cache: Path | None = None,
+    timeout: float = TIMEOUT_S, cache: Path | None = None, classes: tuple[str, ...] = CLASSES,
 ) -> list[dict]:  # fmt: skip
-    """Run cases ``start .. start + n_cases``; return one result dict per case."""
+    """Run ``n_cases`` cases from ``start`` on, of ``classes`` only; one result dict per case.
+
+    Case ``i`` is of class ``CLASSES[i % len(CLASSES)]`` whatever ``classes`` holds, so a
+    filtered run repeats exactly the cases of those classes in an unfiltered one.
+    """
+    unknown = sorted(set(classes) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"unknown mutation classes {unknown}; choose among {list(CLASSES)}")
     cache = cache or Path(tempfile.gettempdir()) / "histolens-slide-fuzz-cache"
     cache.mkdir(exist_ok=True)
-    todo = list(range(start, start + n_cases))
+    wanted = itertools.count(start)
+    todo = list(itertools.islice((i for i in wanted if CLASSES[i % len(CLASSES)] in classes),
+                                 n_cases))  # fmt: skip
     chunks = [todo[i::workers] for i in range(workers)]
     results: dict[int, dict] = {}
     from concurrent.futures import ThreadPoolExecutor
@@ -755,6 +766,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=300)
     parser.add_argument("--start", type=int, default=0)
+    parser.add_argument(
+        "--classes", default=",".join(CLASSES),
+        help="comma-separated mutation classes to run (e.g. dicom_element,dicom_frames)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S)
@@ -780,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_fuzz(
         args.cases, args.seed, start=args.start, workers=args.workers,
         cap=int(args.memory_gb * 2**30), timeout=args.timeout, cache=cache,
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()),
     )  # fmt: skip
     elapsed = time.perf_counter() - t0
     print(summarize(results))

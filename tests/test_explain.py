@@ -11,7 +11,7 @@ import pytest
 import histolens
 from histolens.layers import explanation_to_layer_data
 from histolens.region import Region
-from histolens.tiles import read_level_box
+from histolens.slide._read import read_level_box
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -12,7 +12,7 @@ import tifffile
 
 from histolens.region import Region
 from histolens.slide import Slide, SlideError, open_slide, sample_slide_path
-from histolens.tiles import DIRECT_READ_ATTR
+from histolens.slide._read import DIRECT_READ_ATTR
 
 SVS = "CMU-1-Small-Region.svs"
 OME = "OS-1-detail.ome.tif"

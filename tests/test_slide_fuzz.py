@@ -16,7 +16,7 @@ import pytest
 
 from histolens.region import Region
 from histolens.slide import SlideError, open_slide
-from histolens.tiles import DIRECT_READ_ATTR
+from histolens.slide._read import DIRECT_READ_ATTR
 
 
 def _check(slide_fuzz: ModuleType, results: list[dict]) -> None:

@@ -46,6 +46,7 @@ from .result import (
     RegionResult,
     TileClassResult,
 )
+from .slide._read import read_analysis_box
 from .tiles import (
     Block,
     CellCanvas,
@@ -56,7 +57,6 @@ from .tiles import (
     cells_covering,
     group_tiles,
     plan_grid,
-    read_analysis_box,
     split_instances,
     tissue_fraction,
 )

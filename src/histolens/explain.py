@@ -29,7 +29,8 @@ import numpy as np
 from ._engine import AnalysisPlan, level0_mpp, order_blocks, plan_analysis, resolve_model
 from .region import Region
 from .result import RegionResult
-from .tiles import Block, group_tiles, read_analysis_box
+from .slide._read import read_analysis_box
+from .tiles import Block, group_tiles
 
 __all__ = ["PointExplanation", "ScaleWindow", "explain_point"]
 

@@ -12,8 +12,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from histolens.tiles import DIRECT_READ_ATTR
-
+from ._read import DIRECT_READ_ATTR
 from ._tilesource import lazy_level
 
 __all__ = ["MIN_LEVEL_SIDE", "derive_levels"]

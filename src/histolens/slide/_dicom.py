@@ -3,12 +3,14 @@
 Primary path: ``wsidicom`` (multi-file series, pyramids, labels, overviews). Single files
 that wsidicom rejects because optional attributes are missing (``ImageType``,
 ``DimensionOrganizationType``, as written by some converters) are read directly: a
-``TILED_FULL`` frame grid whose encapsulated JPEG / JPEG 2000 frames are located once and
-decoded per tile on demand with imagecodecs.
+``TILED_FULL`` frame grid whose encapsulated JPEG / JPEG 2000 frames are located once with
+pydicom's encapsulation parser (``pydicom.encaps``: offset tables, fragment items), read
+per tile on demand and decoded with imagecodecs.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from pathlib import Path
@@ -22,9 +24,6 @@ from ._slide import LazyImages, SlideError
 from ._tilesource import tiled_dask_array
 
 __all__ = ["open_dicom"]
-
-_ITEM = 0xE000FFFE  # (FFFE,E000) little-endian as uint32 of group|element<<16
-_SEQ_END = 0xE0DDFFFE
 
 
 def open_dicom(path: Path) -> dict[str, Any]:
@@ -95,86 +94,137 @@ def _open_wsidicom(path: Path) -> dict[str, Any]:
     }
 
 
-def _frame_offsets(fh: Any, start: int, size: int, nframes: int) -> list[list[tuple[int, int]]]:
-    """``(offset, length)`` of the fragments of each frame of encapsulated pixel data.
+class _EncapsulatedFrames:
+    """The frames of encapsulated Pixel Data in an open file, read one at a time on demand.
 
-    Reads only the 8-byte item headers. Frames are one fragment each unless the Basic Offset
-    Table groups several fragments into a frame.
+    Frame ``k`` is ``counts[k]`` fragment items starting at file offset ``starts[k]`` (its
+    first item tag). Reads go through :func:`pydicom.encaps.generate_fragments` (which checks
+    each item tag and length) under a lock, as dask may read tiles from several threads.
     """
-    fh.seek(start)
-    tag, length = struct.unpack("<II", fh.read(8))
-    if tag != _ITEM:
-        raise ValueError("pixel data is not encapsulated (no Basic Offset Table item)")
-    bot = np.frombuffer(fh.read(length), dtype="<u4").astype(np.int64) if length else None
-    first = fh.tell()
-    fragments: list[tuple[int, int]] = []
-    while True:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError("pixel data ends before its sequence delimiter")
-        tag, length = struct.unpack("<II", head)
-        if tag == _SEQ_END:
-            break
-        if tag != _ITEM:
-            raise ValueError(f"unexpected tag {tag:#010x} inside encapsulated pixel data")
-        pos = fh.tell()
-        if pos + length > size:
-            raise ValueError(f"frame data ends at byte {pos + length}, past the file end ({size})")
-        fragments.append((pos, length))
-        fh.seek(length, 1)
-    if len(fragments) == nframes:
-        return [[f] for f in fragments]
-    if bot is None or len(bot) != nframes:
-        msg = f"{len(fragments)} fragments for {nframes} frames and no usable Basic Offset Table"
+
+    def __init__(self, fh: Any, starts: np.ndarray, counts: np.ndarray) -> None:
+        self._fh = fh
+        self._starts = starts
+        self._counts = counts
+        self._lock = threading.Lock()
+
+    def read(self, index: int) -> bytes:
+        from pydicom.encaps import generate_fragments
+
+        start, count = int(self._starts[index]), int(self._counts[index])
+        try:
+            with self._lock:
+                self._fh.seek(start)
+                parts = list(itertools.islice(generate_fragments(self._fh), count))
+            if len(parts) != count:
+                raise ValueError(f"{len(parts)} of its {count} fragments are present")
+        except Exception as exc:  # pydicom raises ValueError and struct.error on damage
+            raise ValueError(f"DICOM frame {index} at byte {start}: {exc}") from None
+        return b"".join(parts)
+
+
+def _locate_frames(fh: Any, ds: Any, nframes: int, size: int) -> _EncapsulatedFrames:
+    """Find each frame's fragments once, from the offset tables; no frame data is read.
+
+    ``fh`` is positioned at the top-level Pixel Data element (after ``dcmread(...,
+    stop_before_pixels=True)``). Frame boundaries come from the Extended Offset Table when
+    present (one fragment per frame: nothing else is read), else from the fragment item
+    headers (:func:`pydicom.encaps.parse_fragments`, 8 bytes per item), grouped by the Basic
+    Offset Table when there are more fragments than frames. Raises ``ValueError``.
+    """
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+    tag, vr, length = struct.unpack("<I2s2xI", fh.read(12).ljust(12, b"\0"))
+    if tag != _PIXEL_DATA_TAG or vr not in (b"OB", b"OW") or length != 0xFFFFFFFF:
+        raise ValueError("no encapsulated Pixel Data element follows the header")
+    basic = np.asarray(parse_basic_offsets(fh), np.int64)
+    first = fh.tell()  # item tag of the first fragment: the origin of both offset tables
+    extended = _extended_offsets(ds)
+    if extended is not None:
+        offsets, lengths = extended
+        if len(offsets) != nframes or len(lengths) != nframes:
+            msg = f"the Extended Offset Table lists {len(offsets)} frames, {nframes} declared"
+            raise ValueError(msg)
+        starts = first + offsets
+        _check_inside(int((starts + 8 + lengths).max(initial=first)), size)
+        return _EncapsulatedFrames(fh, starts, np.ones(nframes, np.int64))
+    n_items, items_list = parse_fragments(fh)
+    if n_items == 0:
+        raise ValueError("the encapsulated pixel data holds no fragments")
+    items = np.asarray(items_list, np.int64)
+    fh.seek(int(items[-1]) + 4)
+    _check_inside(int(items[-1]) + 8 + struct.unpack("<I", fh.read(4))[0], size)
+    if n_items == nframes:
+        return _EncapsulatedFrames(fh, items, np.ones(nframes, np.int64))
+    if len(basic) != nframes:
+        msg = f"{n_items} fragments for {nframes} frames and no usable Basic Offset Table"
         raise ValueError(msg)
-    # Group fragments by the Basic Offset Table (offsets of each frame's first item).
-    starts = {int(o) + first: k for k, o in enumerate(bot)}
-    frames: list[list[tuple[int, int]]] = []
-    for pos, length in fragments:
-        if pos - 8 in starts:
-            frames.append([])
-        frames[-1].append((pos, length))
-    return frames
+    # Several fragments per frame: each Basic Offset Table entry must be a fragment's item.
+    firsts = np.searchsorted(items - first, basic)
+    if (firsts >= n_items).any() or (items[firsts.clip(max=n_items - 1)] != first + basic).any():
+        raise ValueError("the Basic Offset Table points between fragment items")
+    counts = np.diff(np.append(firsts, n_items))
+    if (counts <= 0).any():
+        raise ValueError("the Basic Offset Table is not increasing")
+    return _EncapsulatedFrames(fh, items[firsts], counts)
 
 
-#: (7FE0,0010) Pixel Data, explicit VR OB, undefined length: how encapsulated frames begin.
-_PIXEL_DATA = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+def _extended_offsets(ds: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(offsets, lengths) of the Extended Offset Table (7FE0,0001/0002), or None if absent.
+
+    Offsets are bytes from the first fragment's item tag; both are 64-bit little-endian.
+    """
+    raw = (ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths"))
+    if raw[0] is None or raw[1] is None:
+        return None
+    tables = []
+    for value in raw:
+        data = bytes(value)
+        if len(data) % 8:
+            raise ValueError(
+                f"an Extended Offset Table element has {len(data)} bytes, not 8 per frame"
+            )
+        table = np.frombuffer(data, "<u8")
+        if (table >= 2**62).any():
+            raise ValueError("the Extended Offset Table points beyond any file")
+        tables.append(table.astype(np.int64))
+    return tables[0], tables[1]
 
 
-def _pixel_data_start(fh: Any, step: int = 1 << 20) -> int:
-    """File offset of the first item after the Pixel Data header (headers are small: scan)."""
-    fh.seek(0)
-    pos, tail = 0, b""
-    while True:
-        block = fh.read(step)
-        if not block:
-            raise ValueError("no encapsulated Pixel Data element found")
-        data = tail + block
-        hit = data.find(_PIXEL_DATA)
-        if hit >= 0:
-            return pos - len(tail) + hit + len(_PIXEL_DATA)
-        tail = data[-(len(_PIXEL_DATA) - 1) :]
-        pos += len(block)
+def _check_inside(end: int, size: int) -> None:
+    if end > size:
+        raise ValueError(f"frame data ends at byte {end}, past the file end ({size})")
 
 
-def _open_frames(path: Path) -> dict[str, Any]:
-    import imagecodecs
+#: (7FE0,0010) Pixel Data as a little-endian uint32 of group | element << 16.
+_PIXEL_DATA_TAG = 0x00107FE0
+#: Decoders of the transfer syntaxes the direct reader handles (imagecodecs function names).
+_DECODERS = {
+    "1.2.840.10008.1.2.4.50": "jpeg8_decode",  # JPEG baseline
+    "1.2.840.10008.1.2.4.91": "jpeg2k_decode",  # JPEG 2000
+    "1.2.840.10008.1.2.4.90": "jpeg2k_decode",  # JPEG 2000 lossless
+}
+#: SOP class of VL Whole Slide Microscopy Image Storage.
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def _read_header(fh: Any, path: Path) -> Any:
+    """The dataset up to the Pixel Data (``fh`` is left there), checked to be a TILED_FULL WSI."""
     import pydicom
 
     try:
-        # Header only: the frames are located and decoded lazily below.
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
     except Exception as exc:
         raise SlideError(
             path, f"pydicom cannot read it ({exc})", "check that it is a DICOM file"
         ) from None
     sop = str(getattr(ds, "SOPClassUID", ""))
-    if sop != "1.2.840.10008.5.1.4.1.1.77.1.6":
+    if sop != _WSI_SOP_CLASS:
         raise SlideError(
             path,
             "it is a DICOM file but not a VL Whole Slide Microscopy image "
             f"(SOP class {sop or 'missing'})",
-            "open whole-slide DICOM instances (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6)",
+            f"open whole-slide DICOM instances (SOP class {_WSI_SOP_CLASS})",
         )
     organisation = str(getattr(ds, "DimensionOrganizationType", "TILED_FULL"))
     if organisation not in ("TILED_FULL", "") or "PerFrameFunctionalGroupsSequence" in ds:
@@ -184,54 +234,51 @@ def _open_frames(path: Path) -> dict[str, Any]:
             "wsidicom reads, and wsidicom rejected the file",
             "convert it with wsidicomizer or open the full series folder",
         )
+    return ds
+
+
+def _frame_grid(ds: Any, path: Path) -> tuple[int, int, tuple[int, int], int]:
+    """``(height, width, tile, frames)`` of the TILED_FULL matrix, checked to agree."""
     width = _int_element(ds, "TotalPixelMatrixColumns", path)
     height = _int_element(ds, "TotalPixelMatrixRows", path)
     tile = (_int_element(ds, "Rows", path), _int_element(ds, "Columns", path))
     nframes = _int_element(ds, "NumberOfFrames", path, default=1)
     check_level_size(path, "its pixel matrix", height, width, tile)
-    across, down = -(-width // tile[1]), -(-height // tile[0])
-    if across * down != nframes:
+    if -(-width // tile[1]) * -(-height // tile[0]) != nframes:
         raise SlideError(
             path,
             f"{nframes} frames do not tile a {width} x {height} matrix "
             f"in {tile[1]} x {tile[0]} tiles",
             "the file is incomplete; export the slide again",
         )
+    return height, width, tile, nframes
+
+
+def _decoder(ds: Any, path: Path) -> tuple[str, Any]:
+    import imagecodecs
+
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    decoders = {
-        "1.2.840.10008.1.2.4.50": imagecodecs.jpeg8_decode,  # JPEG baseline
-        "1.2.840.10008.1.2.4.91": imagecodecs.jpeg2k_decode,  # JPEG 2000
-        "1.2.840.10008.1.2.4.90": imagecodecs.jpeg2k_decode,  # JPEG 2000 lossless
-    }
-    if syntax not in decoders:
+    if syntax not in _DECODERS:
         raise SlideError(
             path,
             f"its transfer syntax {syntax} is not supported by the direct DICOM reader",
             "convert it to JPEG or JPEG 2000 tiles, or make it readable by wsidicom",
         )
-    decode = decoders[syntax]
-    size = path.stat().st_size
-    fh = open(path, "rb")  # noqa: SIM115 - closed by Slide.close()
-    try:
-        frames = _frame_offsets(fh, _pixel_data_start(fh), size, nframes)
-        if len(frames) != nframes:
-            msg = f"{len(frames)} frames found, {nframes} declared"
-            raise ValueError(msg)
-    except (ValueError, IndexError, struct.error, MemoryError) as exc:
-        fh.close()
-        raise SlideError(
-            path, f"its encapsulated pixel data is damaged: {exc}", "re-copy the file"
-        ) from None
-    lock = threading.Lock()
+    return syntax, getattr(imagecodecs, _DECODERS[syntax])
+
+
+def _tile_reader(
+    frames: _EncapsulatedFrames, decode: Any, tile: tuple[int, int], across: int
+) -> Any:
+    """``read(y0, x0, y1, x1)`` of level-0 pixels, decoding only the frames under the box."""
 
     def frame(index: int) -> np.ndarray:
-        parts = []
-        with lock:
-            for pos, length in frames[index]:
-                fh.seek(pos)
-                parts.append(fh.read(length))
-        data = b"".join(parts)
-        arr = np.asarray(decode(data))
+        data = frames.read(index)  # its errors name the frame and its byte offset
+        try:
+            arr = np.asarray(decode(data))
+        except Exception as exc:  # imagecodecs raises its own types per codec
+            msg = f"DICOM frame {index} cannot be decoded: {type(exc).__name__}: {exc}"
+            raise ValueError(msg) from None
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         return arr[: tile[0], : tile[1], :3]
@@ -249,15 +296,49 @@ def _open_frames(path: Path) -> dict[str, Any]:
                 ]
         return out
 
+    return read
+
+
+def _open_frames(path: Path) -> dict[str, Any]:
+    """The direct reader: a TILED_FULL single-file WSI whose JPEG / JPEG 2000 frames are
+    located once (offset tables, item headers) and decoded per tile on demand."""
+    fh = open(path, "rb")  # noqa: SIM115 - closed by Slide.close()
     try:
-        read(0, 0, min(tile[0], height), min(tile[1], width))
-    except Exception as exc:
+        ds = _read_header(fh, path)
+        height, width, tile, nframes = _frame_grid(ds, path)
+        syntax, decode = _decoder(ds, path)
+        try:
+            frames = _locate_frames(fh, ds, nframes, path.stat().st_size)
+        except (ValueError, IndexError, struct.error, MemoryError) as exc:
+            raise SlideError(
+                path, f"its encapsulated pixel data is damaged: {exc}", "re-copy the file"
+            ) from None
+        read = _tile_reader(frames, decode, tile, across=-(-width // tile[1]))
+        try:
+            read(0, 0, min(tile[0], height), min(tile[1], width))
+        except Exception as exc:
+            raise SlideError(
+                path, f"its first frame cannot be decoded ({exc})", "re-copy the file"
+            ) from None
+    except BaseException:
         fh.close()
-        raise SlideError(
-            path, f"its first frame cannot be decoded ({exc})", "re-copy the file"
-        ) from None
+        raise
     level0 = tiled_dask_array(read, height, width, tile, name="dicom", path=path)
     mpp = _dicom_mpp(ds)
+    return {
+        "levels": (level0,),
+        "downsamples": (1.0,),
+        "mpp": mpp,
+        "mpp_source": "dicom" if mpp is not None else "none",
+        "vendor": "dicom",
+        "metadata": _frames_metadata(ds, syntax),
+        "associated": LazyImages(),
+        "closers": (fh.close,),
+        "derive": True,
+    }
+
+
+def _frames_metadata(ds: Any, syntax: str) -> dict[str, str]:
     meta = {"format": "dicom", "reader": "histolens-frames", "dicom.TransferSyntaxUID": syntax}
     for key in ("SeriesDescription", "Manufacturer", "ContainerIdentifier", "StudyDate"):
         try:
@@ -265,17 +346,7 @@ def _open_frames(path: Path) -> dict[str, Any]:
                 meta[f"dicom.{key}"] = str(ds.get(key))
         except Exception:  # noqa: S112 - a damaged descriptive element is only left out
             continue
-    return {
-        "levels": (level0,),
-        "downsamples": (1.0,),
-        "mpp": mpp,
-        "mpp_source": "dicom" if mpp is not None else "none",
-        "vendor": "dicom",
-        "metadata": meta,
-        "associated": LazyImages(),
-        "closers": (fh.close,),
-        "derive": True,
-    }
+    return meta
 
 
 def _int_element(ds: Any, keyword: str, path: Path, default: int | None = None) -> int:

@@ -18,7 +18,8 @@ import dask.array as da
 import numpy as np
 
 from histolens.region import Region
-from histolens.tiles import read_level_box
+
+from ._read import read_level_box
 
 __all__ = ["LazyImages", "Slide", "SlideError", "as_rgb_uint8"]
 

@@ -17,8 +17,6 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from histolens.tiles import DIRECT_READ_ATTR
-
 from ._guard import GuardedArray
 from ._mpp import (
     aperio_properties,
@@ -28,6 +26,7 @@ from ._mpp import (
     mpp_from_resolution,
     mpp_from_ventana,
 )
+from ._read import DIRECT_READ_ATTR
 from ._slide import LazyImages, SlideError, as_rgb_uint8
 from ._tiffcheck import check_series_structure
 

@@ -15,9 +15,8 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from histolens.tiles import DIRECT_READ_ATTR
-
 from ._guard import read_failure
+from ._read import DIRECT_READ_ATTR
 from ._slide import SlideError
 
 __all__ = ["BoxReader", "lazy_level", "tiled_dask_array"]
