@@ -112,10 +112,6 @@ class Block:
     inner: Region
     outer: Region
 
-    def tile_in_block(self, tile: Tile) -> Tile:
-        """``tile`` with ``outer`` replaced by the block's outer box (for ownership tests)."""
-        return Tile(tile.row, tile.col, tile.inner, self.outer)
-
 
 def group_tiles(tiles: Sequence[Tile], grid: TileGrid, max_cells: int) -> list[Block]:
     """Greedy row-major grouping of ``tiles`` into rectangles of at most ``max_cells`` per side.
