@@ -478,16 +478,29 @@ def default_model():
     return create_model(None, device="cpu")
 
 
+def _benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module, so tests build inputs with the benchmarks' code."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def slide_fuzz(wsi_dir: Path) -> ModuleType:
     """``benchmarks/slide_fuzz.py`` as a module: its mutations, handmade files and runner."""
     pytest.importorskip("pydicom")
-    spec = importlib.util.spec_from_file_location(
-        "slide_fuzz", REPO / "benchmarks" / "slide_fuzz.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["slide_fuzz"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    module = _benchmark_module("slide_fuzz")
     assert module.WSI == wsi_dir  # the workers find the slides where the fixtures do
+    return module
+
+
+@pytest.fixture(scope="session")
+def dicom_open(wsi_dir: Path) -> ModuleType:
+    """``benchmarks/dicom_open.py`` as a module: its WSI DICOM writer (``write_frames``)."""
+    pytest.importorskip("pydicom")
+    module = _benchmark_module("dicom_open")
+    assert module.WSI == wsi_dir
     return module
