@@ -33,29 +33,40 @@ CLOCK = time.perf_counter
 
 
 def write_synthetic(path: Path, frames: int, layout: str) -> None:
-    """A TILED_FULL WSI DICOM of ``frames`` JPEG frames, built on the real file's header."""
+    """A TILED_FULL WSI DICOM of ``frames`` equal JPEG frames, built on the real file's header."""
     import imagecodecs
+
+    across = int(np.ceil(np.sqrt(frames)))
+    down = frames // across
+    rng = np.random.default_rng(0)
+    encoded = imagecodecs.jpeg8_encode(rng.integers(0, 256, (TILE, TILE, 3), np.uint8), level=80)
+    write_frames(path, [bytes(encoded)] * (across * down), (down, across), TILE, layout)
+
+
+def write_frames(
+    path: Path, encoded: list[bytes], grid: tuple[int, int], tile: int, layout: str, width=None
+) -> None:
+    """The real DICOM's header over ``encoded`` JPEG frames (row-major on a ``grid`` of
+    (rows, columns) frames of ``tile`` px), encapsulated as ``layout`` says: "bot" (Basic Offset
+    Table), "no-bot", "extended" (Extended Offset Table) or "bot-2-fragments". ``width`` (px)
+    may cut the last frame column short, as scanners do."""
     import pydicom
     from pydicom.encaps import encapsulate, encapsulate_extended
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(WSI / "small_dicom.dcm")
-    across = int(np.ceil(np.sqrt(frames)))
-    down = frames // across
-    rng = np.random.default_rng(0)
-    encoded = imagecodecs.jpeg8_encode(rng.integers(0, 256, (TILE, TILE, 3), np.uint8), level=80)
-    data = [bytes(encoded)] * (across * down)
-    ds.Rows = ds.Columns = TILE
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = across * TILE, down * TILE
-    ds.NumberOfFrames = len(data)
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixColumns = grid[1] * tile if width is None else width
+    ds.TotalPixelMatrixRows = grid[0] * tile
+    ds.NumberOfFrames = len(encoded)
     if layout == "extended":
         ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
-            data
+            encoded
         )
     else:
         parts = 2 if layout == "bot-2-fragments" else 1
-        ds.PixelData = encapsulate(data, fragments_per_frame=parts, has_bot=layout != "no-bot")
+        ds.PixelData = encapsulate(encoded, fragments_per_frame=parts, has_bot=layout != "no-bot")
     ds["PixelData"].VR = "OB"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real file's UIDs are longer than the standard's 64

@@ -170,9 +170,9 @@ def _complete_dicom(tmp: Path) -> Path:
         ds = pydicom.dcmread(WSI / DICOM_SOURCES[0])
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     ds.DimensionOrganizationType = "TILED_FULL"
-    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PhotometricInterpretation = "YBR_FULL_422"  # the frames are JFIF YCbCr, not the RGB it says
     measures = Dataset()
-    measures.PixelSpacing = [0.0005, 0.0005]
+    measures.PixelSpacing = [0.0005, 0.0005]  # mm
     measures.SliceThickness = 0.001
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([measures])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _atlas_fakes import brightness_atlas
 
 from histolens.models import atlas as A
 from histolens.models._model import HistoLensModel
@@ -99,26 +98,15 @@ def test_windows_roundtrip():
 # ------------------------------------------------------------------------------------------
 # A slow per-token reference of one MSA block
 # ------------------------------------------------------------------------------------------
-def _attend_ref(
-    blk: A.ScaleBlock, xq: torch.Tensor, xkv: list[tuple[A.ScaleBlock, torch.Tensor]]
-) -> torch.Tensor:
-    """Attention of one query token (C,) over keys from several (block, tokens (N, C)) sources."""
-    h = blk.heads
-    q = blk.q(blk.norm_q(xq)).reshape(h, -1)
-    ks, vs = [], []
-    for kb, toks in xkv:
-        k, v = kb.kv(kb.norm_kv(toks)).chunk(2, -1)
-        ks.append(k.reshape(len(toks), h, -1))
-        vs.append(v.reshape(len(toks), h, -1))
-    k, v = torch.cat(ks), torch.cat(vs)
-    a = torch.softmax(torch.einsum("hd,nhd->hn", q, k) / q.shape[-1] ** 0.5, -1)
-    return blk.proj(torch.einsum("hn,nhd->hd", a, v).reshape(-1))
-
-
 def _msa_reference(
-    block: A.MSABlock, grids: list[torch.Tensor], window: int, g: int
+    attend, block: A.MSABlock, grids: list[torch.Tensor], window: int, g: int
 ) -> list[torch.Tensor]:
-    """Per-token MSA on spatial grids (C, h_s, w_s), keys found by position."""
+    """Per-token MSA on spatial grids (C, h_s, w_s), keys found by position; ``attend`` is the
+    ``attend_reference`` fixture."""
+
+    def attend_one(blk: A.ScaleBlock, xq: torch.Tensor, keys) -> torch.Tensor:
+        return attend(blk, xq[None], keys)[1][0]
+
     n = len(grids)
     blocks = [block.scales[min(s, len(block.scales) - 1)] for s in range(n)]
     grids = [x.clone() for x in grids]
@@ -148,7 +136,7 @@ def _msa_reference(
                 for t in range(n - 1, s, -1):
                     f = g ** (t - s)
                     keys.append((blocks[t], window_tokens(t, r // f, c // f)))
-                new[:, r, c] = grids[s][:, r, c] + _attend_ref(blocks[s], grids[s][:, r, c], keys)
+                new[:, r, c] = grids[s][:, r, c] + attend_one(blocks[s], grids[s][:, r, c], keys)
         grids[s] = new + blocks[s].mlp(blocks[s].norm2(new.permute(1, 2, 0))).permute(2, 0, 1)
     for s in range(1, n):
         _, h, w = grids[s].shape
@@ -156,13 +144,13 @@ def _msa_reference(
         for r in range(h):
             for c in range(w):
                 keys = [(blocks[s - 1], window_tokens(s - 1, r * g, c * g))]
-                new[:, r, c] = grids[s][:, r, c] + _attend_ref(blocks[s], grids[s][:, r, c], keys)
+                new[:, r, c] = grids[s][:, r, c] + attend_one(blocks[s], grids[s][:, r, c], keys)
         grids[s] = new + blocks[s].mlp(blocks[s].norm2(new.permute(1, 2, 0))).permute(2, 0, 1)
     return grids
 
 
 @pytest.mark.parametrize("want_attention", [False, True])
-def test_msa_block_matches_per_token_reference(want_attention):
+def test_msa_block_matches_per_token_reference(want_attention, attend_reference):
     """16x16 tokens, 4x4 windows, g=2: 3 scales, the middle one 2x2 windows (the pitfall case)."""
     torch.manual_seed(0)
     window, g = 4, 2
@@ -180,7 +168,7 @@ def test_msa_block_matches_per_token_reference(want_attention):
     xs = [A.to_windows(x[None], lay.mh, lay.mw) for x, lay in zip(grids, layouts, strict=True)]
     with torch.no_grad():
         out, attn = block(xs, layouts, 1, want_attention)
-        ref = _msa_reference(block, grids, window, g)
+        ref = _msa_reference(attend_reference, block, grids, window, g)
     for s in range(n):
         got = A.from_windows(out[s], 1, layouts[s].h, layouts[s].w, layouts[s].mh, layouts[s].mw)[0]
         torch.testing.assert_close(got, ref[s], rtol=1e-9, atol=1e-9)
@@ -191,7 +179,7 @@ def test_msa_block_matches_per_token_reference(want_attention):
         assert attn["bottom_up"][1].shape == (16, 4, 16)
 
 
-def test_reference_catches_the_raster_order_bug(monkeypatch):
+def test_reference_catches_the_raster_order_bug(monkeypatch, attend_reference):
     """The per-token reference disagrees with a block that uses the naive parent mapping."""
     torch.manual_seed(1)
     cfg = A.AtlasConfig(
@@ -205,7 +193,7 @@ def test_reference_catches_the_raster_order_bug(monkeypatch):
     monkeypatch.setattr(A, "parent_window_index", _naive_parent)
     with torch.no_grad():
         out, _ = block(xs, layouts, 1)
-        ref = _msa_reference(block, grids, 4, 2)
+        ref = _msa_reference(attend_reference, block, grids, 4, 2)
     got = A.from_windows(out[0], 1, 16, 16, 4, 4)[0]
     assert not torch.allclose(got, ref[0], atol=1e-6)
 
@@ -284,7 +272,8 @@ def test_scale_dropping_keeps_every_scale_output():
 # ------------------------------------------------------------------------------------------
 # Attention heatmaps land on the right pixels
 # ------------------------------------------------------------------------------------------
-def _predictable_model() -> HistoLensModel:
+@pytest.fixture
+def predictable_model(brightness_atlas) -> HistoLensModel:
     """Queries = brightness; keys: coarsest scale +constant, finest scale -constant, S1 zero.
 
     A bright token's query then prefers the coarsest-scale keys (context reliance ~1) and a dark
@@ -302,8 +291,8 @@ def _predictable_model() -> HistoLensModel:
     return brightness_atlas(weights, name="probe", halo=0, description="attention alignment probe")
 
 
-def test_attention_heatmap_is_on_the_bright_patch():
-    model = _predictable_model()
+def test_attention_heatmap_is_on_the_bright_patch(predictable_model):
+    model = predictable_model
     img = np.zeros((1, 1024, 1024, 3), np.uint8)
     y0, x0 = (
         416,

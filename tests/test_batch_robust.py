@@ -15,13 +15,6 @@ from histolens.batch import BatchOptions, run_batch
 REGION = Region(1500, 600, 2012, 1112)
 
 
-@pytest.fixture(scope="module")
-def default_model():
-    from histolens.models import create_model
-
-    return create_model(None, device="cpu")
-
-
 def _crop(wsi_dir: Path, size: int = 256) -> np.ndarray:
     from histolens.slide import open_slide
 

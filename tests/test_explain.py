@@ -17,7 +17,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 nn = torch.nn
 
-from _atlas_fakes import brightness_atlas  # noqa: E402
 
 from histolens.models import atlas as A  # noqa: E402
 from histolens.models import create_model  # noqa: E402
@@ -29,11 +28,6 @@ torch.set_num_threads(2)
 #: A point in the tissue of the sample slide (level-0 y, x). Its scale-0 window is (1, 1) of
 #: the 4 x 4 in its 1024 px input, whose scale-1 parent (0) is not window // 4 (pitfall 1.8-1).
 SAMPLE_POINT = (1040, 1552)
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    return create_model(None, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +43,11 @@ def explained(sample, default_model):
 # -- a float64 per-token reference of the probed MSA blocks ------------------------------------
 
 
-def _attend(blk, xq, sources):
-    """Weights (n, heads, N) and outputs (n, C) of query tokens ``xq`` (n, C) over the keys of
-    (block, tokens (N, C)) sources, every query seeing the same keys."""
-    h = blk.heads
-    q = blk.q(blk.norm_q(xq)).reshape(len(xq), h, -1)
-    ks, vs = [], []
-    for kb, toks in sources:
-        k, v = kb.kv(kb.norm_kv(toks)).chunk(2, -1)
-        ks.append(k.reshape(len(toks), h, -1))
-        vs.append(v.reshape(len(toks), h, -1))
-    k, v = torch.cat(ks), torch.cat(vs)
-    a = torch.softmax(torch.einsum("qhd,nhd->qhn", q, k) / q.shape[-1] ** 0.5, -1)
-    return a, blk.proj(torch.einsum("qhn,nhd->qhd", a, v).reshape(len(xq), -1))
-
-
-def _reference_query_weights(msa, xs, layouts, row, col):
+def _reference_query_weights(attend, msa, xs, layouts, row, col):
     """Top-down weights (heads, keys) of scale-0 token ``(row, col)`` in one MSA block, keys
     found by position (own window, then the window holding the token at each coarser scale,
-    coarsest first); coarser tokens are updated first, one token at a time."""
+    coarsest first); coarser tokens are updated first, one token at a time. ``attend`` is the
+    ``attend_reference`` fixture."""
     n, g = len(xs), msa.g
     blocks = [msa.scales[min(s, len(msa.scales) - 1)] for s in range(n)]
     grids = [
@@ -97,16 +77,18 @@ def _reference_query_weights(msa, xs, layouts, row, col):
         r, c = row // g**s, col // g**s
         r0, c0 = r // lay.mh * lay.mh, c // lay.mw * lay.mw
         x = window(s, r, c)  # its tokens, all reading the same windows as token (r, c)
-        _, o = _attend(blocks[s], x, sources(s, r, c))
+        _, o = attend(blocks[s], x, sources(s, r, c))
         y = x + o
         y = y + blocks[s].mlp(blocks[s].norm2(y))
         grids[s] = grids[s].clone()
         grids[s][:, r0 : r0 + lay.mh, c0 : c0 + lay.mw] = y.T.reshape(-1, lay.mh, lay.mw)
-    a, _ = _attend(blocks[0], grids[0][:, row, col][None], sources(0, row, col))
+    a, _ = attend(blocks[0], grids[0][:, row, col][None], sources(0, row, col))
     return a[0]
 
 
-def test_weights_equal_a_float64_reference_and_sum_to_one(sample, default_model, explained):
+def test_weights_equal_a_float64_reference_and_sum_to_one(
+    sample, default_model, explained, attend_reference
+):
     e = explained
     assert [w.scale for w in e.scales] == [0, 1, 2]
     assert e.blocks == 3 and e.heads == 3  # atlas_tiny: 3 MSA blocks of 3 heads
@@ -133,7 +115,7 @@ def test_weights_equal_a_float64_reference_and_sum_to_one(sample, default_model,
         row = (e.token_box.y0 - b.y0) // 16
         col = (e.token_box.x0 - b.x0) // 16
         for layer, (msa, xs, layouts) in enumerate(captured):
-            ref = _reference_query_weights(msa, xs, layouts, row, col).numpy()
+            ref = _reference_query_weights(attend_reference, msa, xs, layouts, row, col).numpy()
             order = [e.scales[0], *sorted(e.scales[1:], key=lambda w: -w.scale)]
             got = np.concatenate([w.weights[layer].reshape(e.heads, -1) for w in order], -1)
             np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
@@ -219,7 +201,8 @@ def test_model_without_cross_scale_attention_is_refused(sample):
 # -- the painted coarse box lands on a bright patch far from the query -----------------------------
 
 
-def _bright_seeking_model():
+@pytest.fixture
+def bright_seeking_model(brightness_atlas):
     """Every query is the constant channel, every key the brightness: each token attends to
     the brightest keys it can see, at every scale."""
 
@@ -233,12 +216,12 @@ def _bright_seeking_model():
     )
 
 
-def test_painted_coarse_box_lands_on_the_bright_patch():
+def test_painted_coarse_box_lands_on_the_bright_patch(bright_seeking_model):
     img = np.zeros((2048, 2048, 3), np.uint8)
     patch = Region(1280, 1280, 1344, 1344)  # one scale-2 token (64 px), ~700 px from the query
     img[patch.y0 : patch.y1, patch.x0 : patch.x1] = 255
     slide = Slide.from_array(img, mpp=0.5, name="bright patch")
-    e = histolens.explain_point(slide, (800, 800), model=_bright_seeking_model())
+    e = histolens.explain_point(slide, (800, 800), model=bright_seeking_model)
     assert e.input_box == Region(384, 384, 1408, 1408)
     layers = {m["name"]: (d, m) for d, m, _ in explanation_to_layer_data(e)}
     heat, meta = layers["looked at (scale 2)"]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _result_fakes import NUCLEUS_COLORS, NUCLEUS_TYPES, make_result
 from skimage.draw import disk
 
 from histolens import export
@@ -39,7 +38,7 @@ def _ring_area(ring) -> float:
     return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
 
 
-def test_polygons_are_closed_ccw_level0_and_match_area():
+def test_polygons_are_closed_ccw_level0_and_match_area(make_result):
     result = make_result()
     nuc = result.nuclei
     polys = export.labels_to_polygons(
@@ -122,7 +121,7 @@ def test_split_label_becomes_multipolygon_and_sparse_ids_work():
     assert by_label[3]["geometry"]["type"] == "Polygon"
 
 
-def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
+def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path, make_result):
     result = make_result()
     path = export.save_geojson(
         tmp_path / "nuclei.geojson", export.nuclei_feature_collection(result)
@@ -137,8 +136,8 @@ def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
         props = f["properties"]
         assert props["objectType"] == "detection"
         name = props["classification"]["name"]
-        k = NUCLEUS_TYPES.index(name)
-        assert props["classification"]["color"] == parse_color(NUCLEUS_COLORS[k])
+        k = result.nuclei.class_names.index(name)
+        assert props["classification"]["color"] == parse_color(result.nuclei.class_colors[k])
         assert set(props["measurements"]) >= {"area_um2", "probability", "label"}
         ring = f["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) >= 4
@@ -153,7 +152,7 @@ def test_nuclei_geojson_follows_qupath_conventions(tmp_path: Path):
     assert again.read_bytes() == path.read_bytes()
 
 
-def test_tiles_geojson_squares_cover_their_cells():
+def test_tiles_geojson_squares_cover_their_cells(make_result):
     result = make_result()
     fc = export.tiles_feature_collection(result)
     assert len(fc["features"]) == 5  # one of six cells is 0 = not analysed
@@ -169,7 +168,7 @@ def test_tiles_geojson_squares_cover_their_cells():
     assert m["prob_tumour"] == pytest.approx(0.8) and m["probability"] == pytest.approx(0.8)
 
 
-def test_write_result_writes_every_file(tmp_path: Path):
+def test_write_result_writes_every_file(tmp_path: Path, make_result):
     import tifffile
     import zarr
 
@@ -221,7 +220,7 @@ def test_write_result_writes_every_file(tmp_path: Path):
     assert summary["files"]["nuclei.geojson"] == "nuclei.geojson"
 
 
-def test_attention_maps_are_written_as_float_images(tmp_path: Path):
+def test_attention_maps_are_written_as_float_images(tmp_path: Path, make_result):
     import tifffile
     import zarr
 
@@ -239,12 +238,12 @@ def test_attention_maps_are_written_as_float_images(tmp_path: Path):
     assert level0.dtype == np.float32 and "image-label" not in group.attrs["ome"]
 
 
-def test_write_result_rejects_unknown_format(tmp_path: Path):
+def test_write_result_rejects_unknown_format(tmp_path: Path, make_result):
     with pytest.raises(ValueError, match="unknown export format.*'shapefile'"):
         export.write_result(make_result(), tmp_path, formats=("shapefile",))
 
 
-def test_failed_write_keeps_the_previous_file(tmp_path: Path):
+def test_failed_write_keeps_the_previous_file(tmp_path: Path, make_result):
     result = make_result()
     target = tmp_path / "nuclei.geojson"
     good = export.save_geojson(target, export.nuclei_feature_collection(result)).read_bytes()
@@ -269,7 +268,7 @@ def test_cancelled_folder_write_keeps_the_previous_store(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.ome.zarr"]
 
 
-def test_geojson_round_trip_keeps_every_polygon(tmp_path: Path):
+def test_geojson_round_trip_keeps_every_polygon(tmp_path: Path, make_result):
     result = make_result()
     path = export.save_geojson(tmp_path / "n.geojson", export.nuclei_feature_collection(result))
     written = json.loads(path.read_text())["features"]
@@ -285,7 +284,7 @@ def test_geojson_round_trip_keeps_every_polygon(tmp_path: Path):
     ]
 
 
-def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path):
+def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path, make_result):
     result = make_result(downsample=1.0, origin=(300, 400))
     nuc = result.nuclei
     fc = export.labels_feature_collection(
@@ -305,7 +304,7 @@ def test_geojson_round_trip_to_labels_recovers_masks(tmp_path: Path):
         assert len(a & b) / len(a | b) > 0.9
 
 
-def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypatch):
+def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypatch, make_result):
     from PIL import Image
 
     result = make_result()  # nuclei ~10-14 level-0 px across; at max_side 16 about 1 px
@@ -321,11 +320,11 @@ def test_overview_png_dots_nuclei_too_small_to_outline(tmp_path: Path, monkeypat
     for _, row in f.iterrows():
         y = int((row["centroid_y"] + 0.5 - result.region.y0) * s)
         x = int((row["centroid_x"] + 0.5 - result.region.x0) * s)
-        want = parse_color(NUCLEUS_COLORS[int(row["class_id"])])
+        want = parse_color(result.nuclei.class_colors[int(row["class_id"])])
         assert img[y, x].tolist() == list(want), (row["label"], img[y, x], want)
 
 
-def test_overview_png_shows_outlines_tint_and_legend(tmp_path: Path):
+def test_overview_png_shows_outlines_tint_and_legend(tmp_path: Path, make_result):
     from PIL import Image
 
     result = make_result()

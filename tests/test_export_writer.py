@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _result_fakes import NUCLEUS_COLORS, NUCLEUS_TYPES, TISSUE, make_result
 
 from histolens import export
 from histolens._writer import level0_geometry, write_geojson
@@ -20,7 +19,7 @@ def _nuclei_layer(result, *, with_mpp: bool = True):
     scale, translate = layer_transform(result.analysis_mpp, nuc.downsample, nuc.origin)
     features = nuc.features.copy()
     features.insert(0, "index", features["label"])
-    metadata = {"class_names": NUCLEUS_TYPES, "class_colors": NUCLEUS_COLORS}
+    metadata = {"class_names": nuc.class_names, "class_colors": nuc.class_colors}
     if with_mpp:
         metadata["mpp"] = result.analysis_mpp
     meta = {
@@ -33,13 +32,13 @@ def _nuclei_layer(result, *, with_mpp: bool = True):
     return (nuc.labels, meta, "labels")
 
 
-def test_layer_geometry_inverts_the_alignment_rule():
+def test_layer_geometry_inverts_the_alignment_rule(make_result):
     result = make_result(downsample=2.0, origin=(1000, 2000), mpp=0.25)
     f, origin, mpp = level0_geometry(_nuclei_layer(result)[1])
     assert f == pytest.approx(2.0) and origin == pytest.approx((1000, 2000)) and mpp == 0.25
 
 
-def test_writer_matches_the_direct_export(tmp_path: Path):
+def test_writer_matches_the_direct_export(tmp_path: Path, make_result):
     result = make_result(downsample=2.0, origin=(1000, 2000), mpp=0.25)
     (out,) = write_geojson(str(tmp_path / "layers.geojson"), [_nuclei_layer(result)])
     written = json.loads(Path(out).read_text())
@@ -57,7 +56,7 @@ def test_writer_matches_the_direct_export(tmp_path: Path):
         )
 
 
-def test_writer_exports_class_maps_as_annotations(tmp_path: Path):
+def test_writer_exports_class_maps_as_annotations(tmp_path: Path, make_result):
     result = make_result()
     tiles = result.tiles
     scale, translate = layer_transform(result.analysis_mpp, tiles.cell, tiles.origin)
@@ -67,13 +66,13 @@ def test_writer_exports_class_maps_as_annotations(tmp_path: Path):
             "name": "tile classes",
             "scale": scale,
             "translate": translate,
-            "metadata": {"mpp": result.analysis_mpp, "class_names": TISSUE},
+            "metadata": {"mpp": result.analysis_mpp, "class_names": tiles.class_names},
         },
         "labels",
     )
     (out,) = write_geojson(str(tmp_path / "tiles.geojson"), [layer])
     feats = json.loads(Path(out).read_text())["features"]
-    assert [f["properties"]["classification"]["name"] for f in feats] == list(TISSUE)
+    assert [f["properties"]["classification"]["name"] for f in feats] == list(tiles.class_names)
     assert all(f["properties"]["objectType"] == "annotation" for f in feats)
     ys = np.concatenate(
         [
@@ -95,7 +94,7 @@ def test_writer_refuses_other_layer_types(tmp_path: Path):
         write_geojson(str(tmp_path / "x.geojson"), [(np.zeros((3, 2)), {"name": "pts"}, "points")])
 
 
-def test_napari_accepts_the_imported_layers(tmp_path: Path):
+def test_napari_accepts_the_imported_layers(tmp_path: Path, make_result):
     layers = pytest.importorskip("napari.layers")
     result = make_result()
     path = export.save_geojson(tmp_path / "n.geojson", export.nuclei_feature_collection(result))
@@ -113,7 +112,7 @@ def test_napari_accepts_the_imported_layers(tmp_path: Path):
     )
 
 
-def test_writer_takes_the_layers_stage_output(tmp_path: Path):
+def test_writer_takes_the_layers_stage_output(tmp_path: Path, make_result):
     """The tuples histolens.layers makes (what napari hands back) export without loss."""
     from histolens.layers import result_to_layer_data
 
@@ -128,7 +127,9 @@ def test_writer_takes_the_layers_stage_output(tmp_path: Path):
     (out,) = write_geojson(str(tmp_path / "all.geojson"), layers)
     feats = json.loads(Path(out).read_text())["features"]
     kinds = [f["properties"]["objectType"] for f in feats]
-    assert kinds.count("detection") == 6 and kinds.count("annotation") == len(TISSUE)
+    assert kinds.count("detection") == 6 and kinds.count("annotation") == len(
+        result.tiles.class_names
+    )
     direct = export.nuclei_feature_collection(result)["features"]
     for a, b in zip(
         [f for f in feats if f["properties"]["objectType"] == "detection"], direct, strict=True

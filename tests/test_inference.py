@@ -7,17 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _engine_fakes import (
-    RF,
-    FakeModel,
-    fake_card,
-    match_instances,
-    pyramid_slide,
-    simple_instances,
-    synthetic_image,
-)
 
-import histolens._engine as engine
 from histolens._engine import plan_analysis
 from histolens.inference import TileCache, analyze, analyze_region
 from histolens.region import Region
@@ -25,15 +15,15 @@ from histolens.result import NUCLEI_COLUMNS
 
 
 @pytest.fixture(scope="module")
-def image():
+def image(synthetic_image):
     return synthetic_image(768, n=110, glass_cols=160)
 
 
 @pytest.fixture(params=["simple", "hover"])
-def postprocess(request, monkeypatch):
+def postprocess(request):
     """Run each engine test with a plain labeller and with the real HoVer post-processing."""
     if request.param == "simple":
-        monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+        request.getfixturevalue("simple_postprocess")
     else:
         pytest.importorskip("histolens.models.postprocess", reason="hover_instances not landed yet")
     return request.param
@@ -44,11 +34,11 @@ def _run(slide, region, **kw):
     return analyze_region(slide, region, **kw)
 
 
-def test_tiled_equals_whole_region(image, postprocess):
+def test_tiled_equals_whole_region(image, postprocess, fake_model, match_instances, pyramid_slide):
     """The oracle: small tiles with a halo give the one-big-tile result."""
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)  # model mpp 0.5 -> level 0, no resampling
-    model = FakeModel()
+    model = fake_model()
     region = Region(37, 21, 700, 650)
     tiled = _run(slide, region, model=model, tile_size=64, skip_background=False)
     whole = _run(slide, region, model=model, tile_size=768, skip_background=False)
@@ -69,12 +59,13 @@ def test_tiled_equals_whole_region(image, postprocess):
         np.testing.assert_allclose(x.heat, y.heat, atol=1e-6)
 
 
-def test_tiled_equals_whole_when_resampling(image, monkeypatch):
+def test_tiled_equals_whole_when_resampling(
+    image, fake_model, match_instances, pyramid_slide, simple_postprocess
+):
     """Same oracle when no level matches and the engine resamples (0.3 um/px -> 0.5)."""
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.3)
-    model = FakeModel()
+    model = fake_model()
     region = Region(0, 0, 760, 600)
     tiled = _run(slide, region, model=model, tile_size=64, skip_background=False)
     whole = _run(slide, region, model=model, tile_size=512, skip_background=False)
@@ -85,12 +76,13 @@ def test_tiled_equals_whole_when_resampling(image, monkeypatch):
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
-def test_level_choice_and_centroids_in_level0(image, level, monkeypatch):
+def test_level_choice_and_centroids_in_level0(
+    image, level, fake_model, fake_card, pyramid_slide, simple_postprocess, synthetic_image
+):
     """Model mpp = slide mpp * 2^k picks level k; centroids come back in level-0 pixels."""
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, centres = synthetic_image(1024, n=60, radius=16.0, seed=3)
     slide = pyramid_slide(img, mpp=0.25)
-    model = FakeModel(fake_card(mpp=0.25 * 2**level))
+    model = fake_model(fake_card(mpp=0.25 * 2**level))
     res = _run(slide, Region(0, 0, 1024, 1024), model=model, tile_size=64)
     assert res.provenance.level == level and res.nuclei.downsample == 2**level
     feats = res.nuclei.features
@@ -105,12 +97,13 @@ def test_level_choice_and_centroids_in_level0(image, level, monkeypatch):
         assert np.median(feats["area_um2"]) == pytest.approx(area, rel=0.25)
 
 
-def test_partial_results_are_progressive_and_consistent(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_partial_results_are_progressive_and_consistent(
+    image, fake_model, pyramid_slide, simple_postprocess
+):
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     gen = analyze(
-        slide, Region(0, 0, 768, 768), model=FakeModel(), tile_size=128, batch_size=2, cache=False
+        slide, Region(0, 0, 768, 768), model=fake_model(), tile_size=128, batch_size=2, cache=False
     )
     results = list(gen)
     partial, final = results[:-1], results[-1]
@@ -126,11 +119,10 @@ def test_partial_results_are_progressive_and_consistent(image, monkeypatch):
     assert final.provenance.timings["model"] > 0 and "first_partial" in final.provenance.timings
 
 
-def test_cache_reuses_tiles_and_overlaps(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_cache_reuses_tiles_and_overlaps(image, fake_model, pyramid_slide, simple_postprocess):
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    model = FakeModel()
+    model = fake_model()
     cache = TileCache(64 * 2**20)
     first = analyze_region(slide, Region(0, 0, 512, 512), model=model, tile_size=128, cache=cache)
     calls = len(model.calls)
@@ -144,7 +136,7 @@ def test_cache_reuses_tiles_and_overlaps(image, monkeypatch):
     assert 0 < cache.nbytes <= cache.max_bytes
     # A different model object (same name, random weights) must not see these entries.
     other = analyze_region(
-        slide, Region(0, 0, 512, 512), model=FakeModel(), tile_size=128, cache=cache
+        slide, Region(0, 0, 512, 512), model=fake_model(), tile_size=128, cache=cache
     )
     assert other.provenance.tiles_cached == 0
 
@@ -161,8 +153,7 @@ def test_cache_is_bounded_by_bytes():
     assert cache.get(("k", 9)) is not None and cache.get(("k", 0)) is None
 
 
-def test_cancel_stops_between_tiles(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_cancel_stops_between_tiles(image, fake_model, pyramid_slide, simple_postprocess):
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     stop = threading.Event()
@@ -170,7 +161,7 @@ def test_cancel_stops_between_tiles(image, monkeypatch):
     for r in analyze(
         slide,
         Region(0, 0, 768, 768),
-        model=FakeModel(),
+        model=fake_model(),
         tile_size=128,
         batch_size=2,
         cancel=stop,
@@ -185,32 +176,32 @@ def test_cancel_stops_between_tiles(image, monkeypatch):
     assert set(np.unique(last.nuclei.labels)) - {0} == set(last.nuclei.features["label"])
     # A callable works too.
     res = analyze_region(
-        slide, Region(0, 0, 256, 256), model=FakeModel(), cancel=lambda: True, cache=False
+        slide, Region(0, 0, 256, 256), model=fake_model(), cancel=lambda: True, cache=False
     )
     assert res.provenance.cancelled and res.tiles_done == 0
 
 
-class _OOMModel(FakeModel):
-    """Raises the CUDA out-of-memory error for batches larger than 1."""
+def test_out_of_memory_halves_the_batch(
+    image, fake_model, fake_model_class, pyramid_slide, simple_postprocess
+):
+    class OOMModel(fake_model_class):
+        """Raises the CUDA out-of-memory error for batches larger than 1."""
 
-    def predict_tiles(self, tiles, **kw):
-        if len(tiles) > 1:
-            torch = pytest.importorskip("torch")
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().predict_tiles(tiles, **kw)
+        def predict_tiles(self, tiles, **kw):
+            if len(tiles) > 1:
+                torch = pytest.importorskip("torch")
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().predict_tiles(tiles, **kw)
 
-
-def test_out_of_memory_halves_the_batch(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    ref = _run(slide, Region(0, 0, 512, 512), model=FakeModel(), tile_size=128, batch_size=4)
-    oom = _OOMModel()
+    ref = _run(slide, Region(0, 0, 512, 512), model=fake_model(), tile_size=128, batch_size=4)
+    oom = OOMModel()
     res = _run(slide, Region(0, 0, 512, 512), model=oom, tile_size=128, batch_size=4)
     assert set(oom.calls) == {1} and res.provenance.timings["oom_retries"] >= 2
     np.testing.assert_array_equal(ref.nuclei.labels, res.nuclei.labels)
 
-    class Always(FakeModel):
+    class Always(fake_model_class):
         def predict_tiles(self, tiles, **kw):
             raise RuntimeError("CUDA error: out of memory")
 
@@ -218,45 +209,44 @@ def test_out_of_memory_halves_the_batch(image, monkeypatch):
         _run(slide, Region(0, 0, 256, 256), model=Always(), tile_size=128)
 
 
-def test_missing_mpp_needs_an_override(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_missing_mpp_needs_an_override(image, fake_model, pyramid_slide, simple_postprocess):
     img, _ = image
     slide = pyramid_slide(img, mpp=None)
     with pytest.raises(ValueError, match="pass mpp="):
-        _run(slide, Region(0, 0, 128, 128), model=FakeModel())
-    res = _run(slide, Region(0, 0, 128, 128), model=FakeModel(), mpp=0.5)
+        _run(slide, Region(0, 0, 128, 128), model=fake_model())
+    res = _run(slide, Region(0, 0, 128, 128), model=fake_model(), mpp=0.5)
     assert res.provenance.mpp_source == "user" and res.provenance.slide_mpp == 0.5
 
 
-def test_bad_regions(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_bad_regions(image, fake_model, pyramid_slide, simple_postprocess):
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
     with pytest.raises(ValueError, match="outside slide"):
-        _run(slide, Region(900, 900, 1000, 1000), model=FakeModel())
+        _run(slide, Region(900, 900, 1000, 1000), model=fake_model())
     with pytest.warns(UserWarning, match="clipped"):
-        res = _run(slide, Region(700, 700, 900, 900), model=FakeModel())
+        res = _run(slide, Region(700, 700, 900, 900), model=fake_model())
     assert res.region == Region(700, 700, 768, 768) and res.nuclei.labels.shape == (68, 68)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        empty = _run(slide, Region(10, 10, 10, 50), model=FakeModel())
+        empty = _run(slide, Region(10, 10, 10, 50), model=fake_model())
     assert empty.complete and empty.tiles_total == 0 and empty.nuclei.count == 0
     with pytest.raises(ValueError, match="unknown task"):
-        _run(slide, Region(0, 0, 64, 64), model=FakeModel(), tasks=("nuclei", "cells"))
+        _run(slide, Region(0, 0, 64, 64), model=fake_model(), tasks=("nuclei", "cells"))
     with pytest.raises(TypeError, match="predict_tiles"):
         _run(slide, Region(0, 0, 64, 64), model=object())
 
 
-def test_tasks_subset_only_fills_what_was_asked(image, monkeypatch):
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
+def test_tasks_subset_only_fills_what_was_asked(
+    image, fake_model, pyramid_slide, simple_postprocess
+):
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    res = _run(slide, Region(0, 0, 256, 256), model=FakeModel(), tasks=("tiles",))
+    res = _run(slide, Region(0, 0, 256, 256), model=fake_model(), tasks=("tiles",))
     assert res.nuclei is None and res.attention == [] and res.tiles.classes.shape == (8, 8)
     assert res.tiles.embeddings.shape == (8, 8, 3)
 
 
-def test_plan_uses_choose_level():
+def test_plan_uses_choose_level(fake_card):
     card = fake_card(mpp=0.5)
     plan = plan_analysis(Region(10, 10, 1000, 1000), 0.25, (1.0, 4.0), card)
     assert (
@@ -267,26 +257,27 @@ def test_plan_uses_choose_level():
     assert exact.step == 1.0 and exact.analysis_mpp == pytest.approx(0.499)
 
 
-def test_slide_from_array_and_real_svs(wsi_dir, monkeypatch):
+def test_slide_from_array_and_real_svs(wsi_dir, fake_model, simple_postprocess, synthetic_image):
     """The engine runs on the project's own Slide type and on a real Aperio file."""
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     slide_mod = pytest.importorskip("histolens.slide")
     img, _ = synthetic_image(512, n=30)
     mem = slide_mod.Slide.from_array(img, mpp=0.5, name="synthetic")
-    res = _run(mem, Region(0, 0, 512, 512), model=FakeModel())
+    res = _run(mem, Region(0, 0, 512, 512), model=fake_model())
     assert res.nuclei.count >= 25
     svs = slide_mod.open_slide(wsi_dir / "CMU-1-Small-Region.svs")
-    res = _run(svs, Region(600, 800, 1112, 1312), model=FakeModel(), tile_size=128)
+    res = _run(svs, Region(600, 800, 1112, 1312), model=fake_model(), tile_size=128)
     assert res.provenance.analysis_mpp == pytest.approx(0.499, abs=0.01)
     assert res.nuclei.labels.shape == (512, 512) and res.provenance.tiles_skipped < res.tiles_total
 
 
-def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(image, postprocess):
+def test_blocks_of_tiles_equal_single_tiles_and_cache_per_tile(
+    image, postprocess, fake_model, fake_card, match_instances, pyramid_slide
+):
     """Default planning runs uncached tiles in blocks; results equal a one-tile run, and
     the cache keeps per-tile entries, so a shifted region reuses part of a block."""
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    model = FakeModel(fake_card(tile_size=512, halo=32))
+    model = fake_model(fake_card(tile_size=512, halo=32))
     plan = plan_analysis(Region(0, 0, 700, 700), 0.5, slide.downsamples, model.card)
     assert plan.grid.size == 128 and plan.grid.halo == 64 and plan.block_cells == 3
     region = Region(37, 21, 700, 650)
@@ -334,12 +325,13 @@ def test_device_and_precision_resolution(monkeypatch):
         resolve_precision("cpu", "int8")
 
 
-def test_first_model_call_is_one_tile_at_the_centre(image, monkeypatch):
+def test_first_model_call_is_one_tile_at_the_centre(
+    image, fake_model, fake_card, pyramid_slide, simple_postprocess
+):
     """A fresh view paints first where the user looks: the centre tile alone, then blocks."""
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, _ = image
     slide = pyramid_slide(img, mpp=0.5)
-    model = FakeModel(fake_card(tile_size=512, halo=32))  # 128-px tiles, halo 64, 3 x 3 blocks
+    model = fake_model(fake_card(tile_size=512, halo=32))  # 128-px tiles, halo 64, 3 x 3 blocks
     gen = analyze(slide, Region(0, 0, 768, 768), model=model, cache=False, skip_background=False)
     first = next(gen)
     assert model.shapes[0] == (256, 256) and first.tiles_done == 1
@@ -350,23 +342,23 @@ def test_first_model_call_is_one_tile_at_the_centre(image, monkeypatch):
     assert rest[-1].complete and max(s[0] for s in model.shapes) == 512  # then 3 x 3 blocks
 
 
-def test_fake_model_is_local():
+def test_fake_model_is_local(fake_model, synthetic_image):
     """Outputs in the middle do not change when far-away pixels do (receptive field < halo)."""
     img, _ = synthetic_image(256, n=20)
-    model = FakeModel()
+    model = fake_model()
     a = model.predict_tiles(img[None, :128, :128])
     img2 = img.copy()
     img2[:128, 100:128] = 0
     b = model.predict_tiles(img2[None, :128, :128])
-    inner = (slice(None), slice(32, 96), slice(32, 96 - RF - 2 * 4))
+    inner = (slice(None), slice(32, 96), slice(32, 96 - model.receptive_field - 2 * 4))
     np.testing.assert_array_equal(a["nuclei_prob"][inner], b["nuclei_prob"][inner])
 
 
-def test_synthetic_pyramid_levels():
+def test_synthetic_pyramid_levels(fake_model, pyramid_slide, synthetic_image):
     img, centres = synthetic_image(256, n=10)
     slide = pyramid_slide(img, n_levels=3)
     assert slide.shape == (256, 256)
     assert [lv.shape[0] for lv in slide.levels] == [256, 128, 64]
     assert len(centres) == 10
     with pytest.raises(ValueError, match="multiples"):
-        FakeModel().predict_tiles(img[None, :100, :100])
+        fake_model().predict_tiles(img[None, :100, :100])

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from _engine_fakes import match_instances, pyramid_slide, synthetic_image
 
 from histolens.inference import analyze, analyze_region
 from histolens.region import Region
@@ -24,12 +23,12 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def slide():
+def slide(pyramid_slide, synthetic_image):
     img, _ = synthetic_image(512, n=50)
     return pyramid_slide(img, mpp=0.5)
 
 
-def test_tiny_model_tiled_matches_whole(tiny, slide):
+def test_tiny_model_tiled_matches_whole(tiny, slide, match_instances):
     """Tiled vs one-tile runs of the real network: same grids, tile classes agree.
 
     Atlas attends across the whole tile, so outputs are not strictly local; the halo keeps
@@ -95,7 +94,7 @@ def test_tiny_model_partials_then_full(tiny, slide):
 
 
 @pytest.mark.slow
-def test_default_model_nuclei_tiled_vs_whole(wsi_dir):
+def test_default_model_nuclei_tiled_vs_whole(wsi_dir, match_instances, default_model):
     """With trained default weights: the engine's default tiling against 1536 px tiles.
 
     The seams fall in different places (36 cache tiles grouped into 1024 px model inputs, vs
@@ -106,15 +105,9 @@ def test_default_model_nuclei_tiled_vs_whole(wsi_dir):
     git bisect puts the drop from 86 % at that weights commit, the code unchanged); the
     first release's plain decoder gave 88 % (824 of 934).
     """
-    from histolens.models import create_model
     from histolens.slide import open_slide
 
-    torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = create_model(None, device="cpu")
-    if not model.card.weights_sha256:
-        pytest.skip("histolens-default has no trained weights in this checkout yet")
+    model = default_model
     slide = open_slide(wsi_dir / "CMU-1-Small-Region.svs")
     region = Region(700, 600, 1980, 1880)
     tiled = analyze_region(slide, region, model=model, cache=False, precision="fp32")

@@ -8,11 +8,9 @@ results as the old ones.
 from __future__ import annotations
 
 import types
-import warnings
 
 import numpy as np
 import pytest
-from _engine_fakes import FakeModel, fake_card, pyramid_slide, synthetic_image
 
 import histolens._engine as engine
 from histolens._engine import nuclei_box
@@ -23,27 +21,32 @@ from histolens.region import Region
 from histolens.tiles import Block, TileGrid
 
 
-class CroppingFakeModel(FakeModel):
-    """The local fake model, taking ``nuclei_box`` like the real one (full maps, then cut)."""
+@pytest.fixture
+def cropping_model(fake_model_class, fake_card):
+    """A new local fake model (512 px tiles, halo 32) taking ``nuclei_box`` like the real one
+    (full maps, then cut); it records the box of every call in ``boxes``."""
 
-    supports_nuclei_box = True
+    class CroppingFakeModel(fake_model_class):
+        supports_nuclei_box = True
 
-    def __init__(self, card=None) -> None:
-        super().__init__(card)
-        self.boxes: list[tuple[int, int, int, int] | None] = []
+        def __init__(self, card=None) -> None:
+            super().__init__(card)
+            self.boxes: list[tuple[int, int, int, int] | None] = []
 
-    def predict_tiles(self, tiles, *, nuclei_box=None, **kw):
-        out = super().predict_tiles(tiles, **kw)
-        self.boxes.append(nuclei_box)
-        if nuclei_box is not None and "nuclei_prob" in out:
-            y0, x0, y1, x1 = nuclei_box
-            for key in ("nuclei_prob", "hv", "type_prob"):
-                out[key] = out[key][..., y0:y1, x0:x1]
-        return out
+        def predict_tiles(self, tiles, *, nuclei_box=None, **kw):
+            out = super().predict_tiles(tiles, **kw)
+            self.boxes.append(nuclei_box)
+            if nuclei_box is not None and "nuclei_prob" in out:
+                y0, x0, y1, x1 = nuclei_box
+                for key in ("nuclei_prob", "hv", "type_prob"):
+                    out[key] = out[key][..., y0:y1, x0:x1]
+            return out
+
+    return CroppingFakeModel(fake_card(tile_size=512, halo=32))
 
 
 @pytest.fixture(scope="module")
-def slide():
+def slide(pyramid_slide, synthetic_image):
     img, _ = synthetic_image(768, n=110)
     return pyramid_slide(img, mpp=0.5)
 
@@ -54,10 +57,10 @@ def _labels_equal(a, b) -> None:
     np.testing.assert_array_equal(a.tiles.probabilities, b.tiles.probabilities)
 
 
-def test_cropped_decoding_equals_the_old_path(slide, monkeypatch):
+def test_cropped_decoding_equals_the_old_path(slide, monkeypatch, cropping_model):
     """Nuclei decoded over the owned part inside the view + margin == the whole input."""
     monkeypatch.setattr(engine, "NUCLEI_MARGIN_UM", 8.0)  # 16 px: above the fake's reach
-    model = CroppingFakeModel(fake_card(tile_size=512, halo=32))
+    model = cropping_model
     region = Region(37, 21, 700, 650)  # edges off the tile grid: edge tiles decoded in part
     old = analyze_region(slide, region, model=model, cache=False, crop_decoder=False)
     assert set(model.boxes) == {None}
@@ -68,9 +71,9 @@ def test_cropped_decoding_equals_the_old_path(slide, monkeypatch):
     _labels_equal(old, new)
 
 
-def test_edge_tiles_are_recomputed_when_a_later_view_needs_more(slide, monkeypatch):
+def test_edge_tiles_are_recomputed_when_a_later_view_needs_more(slide, monkeypatch, cropping_model):
     monkeypatch.setattr(engine, "NUCLEI_MARGIN_UM", 8.0)
-    model = CroppingFakeModel(fake_card(tile_size=512, halo=32))  # 128 px tiles
+    model = cropping_model  # 128 px tiles
     cache = TileCache()
     analyze_region(slide, Region(0, 0, 320, 320), model=model, cache=cache)
     # Tiles of rows/cols 0-1 are whole; row/col 2 (256..384) was decoded up to 320 only.
@@ -124,20 +127,6 @@ def test_progress_text_estimates_the_time_left():
 
 
 # -- the real default model on the real sample slide -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    torch = pytest.importorskip("torch")
-    from histolens.models import create_model
-
-    torch.set_num_threads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = create_model(None, device="cpu")
-    if not model.card.weights_sha256:
-        pytest.skip("histolens-default has no trained weights in this checkout")
-    return model
 
 
 def test_default_model_nuclei_box_equals_full_maps(default_model, wsi_dir):

@@ -5,15 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _engine_fakes import (
-    FakeModel,
-    fake_card,
-    pyramid_slide,
-    simple_instances,
-    synthetic_image,
-)
 
-import histolens._engine as engine
 import histolens.inference as inference
 from histolens.colors import rgba
 from histolens.layers import result_to_layer_data
@@ -135,16 +127,17 @@ def test_rgba_accepts_the_colour_forms_in_cards():
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
-def test_engine_output_aligns_with_the_slide_at_each_level(level, monkeypatch):
+def test_engine_output_aligns_with_the_slide_at_each_level(
+    level, fake_model, fake_card, pyramid_slide, simple_postprocess, synthetic_image
+):
     """End to end: analyse at pyramid level k (downsample 2^k); every detected nucleus, taken
     from the napari Labels layer, sits on a painted disk of the slide layer in world um."""
-    monkeypatch.setattr(engine, "_hover_instances", simple_instances)
     img, centres = synthetic_image(1024, n=40, radius=16.0, seed=5)
     slide = pyramid_slide(img, mpp=MPP)
     res = inference.analyze_region(
         slide,
         Region(96, 160, 1000, 900),
-        model=FakeModel(fake_card(mpp=MPP * 2**level)),
+        model=fake_model(fake_card(mpp=MPP * 2**level)),
         tile_size=64,
         cache=False,
     )

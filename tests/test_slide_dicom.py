@@ -16,44 +16,14 @@ pytest.importorskip("wsidicom")
 
 
 @pytest.fixture(scope="module")
-def complete_dicom(wsi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``small_dicom.dcm`` plus the attributes wsidicom requires, and a 0.5 um pixel spacing.
+def complete_dicom(slide_fuzz, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_dicom.dcm`` plus the attributes wsidicom requires, and a 0.5 um pixel spacing
+    (the fuzzer's copy, alone in its folder).
 
     The source labels its JPEG frames RGB although they are JFIF YCbCr; the copy says
     YBR_FULL_422 so that wsidicom's decoder converts colours as the frames require.
     """
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import generate_uid
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # over-long UIDs/names in the source header
-        ds = pydicom.dcmread(wsi_dir / "small_dicom.dcm")
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
-    ds.DimensionOrganizationType = "TILED_FULL"
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    measures = Dataset()
-    measures.PixelSpacing = [0.0005, 0.0005]  # mm
-    measures.SliceThickness = 0.001
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    ds.TotalPixelMatrixFocalPlanes = 1
-    ds.NumberOfOpticalPaths = 1
-    illumination = Dataset()
-    illumination.CodeValue, illumination.CodingSchemeDesignator = "414298005", "SCT"
-    illumination.CodeMeaning = "Brightfield illumination"
-    path_item = Dataset()
-    path_item.OpticalPathIdentifier = "1"
-    path_item.IlluminationTypeCodeSequence = Sequence([illumination])
-    ds.OpticalPathSequence = Sequence([path_item])
-    ds.ContainerIdentifier, ds.PatientName, ds.PatientID, ds.StudyID = "slide", "anon", "anon", "1"
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    out = tmp_path_factory.mktemp("dicom") / "complete.dcm"
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    return slide_fuzz._complete_dicom(tmp_path_factory.mktemp("dicom"))
 
 
 def test_wsidicom_reads_pixel_spacing_and_same_pixels(complete_dicom: Path, wsi_dir: Path) -> None:

@@ -5,7 +5,6 @@ on the real DICOM slide."""
 from __future__ import annotations
 
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,29 +28,12 @@ def _tiles() -> list[np.ndarray]:
     ]
 
 
-def _write(wsi_dir: Path, path: Path, layout: str) -> tuple[Path, list[np.ndarray]]:
-    """The real DICOM's header over synthetic frames, encapsulated as ``layout`` says."""
-    from pydicom.encaps import encapsulate, encapsulate_extended
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # over-long UIDs in the source header
-        ds = pydicom.dcmread(wsi_dir / "small_dicom.dcm")
+def _write(dicom_open, path: Path, layout: str) -> tuple[Path, list[np.ndarray]]:
+    """The real DICOM's header over synthetic frames, encapsulated as ``layout`` says (by the
+    benchmark's writer); returns the path and the frames as a decoder gives them back."""
     encoded = [bytes(imagecodecs.jpeg8_encode(t, level=95)) for t in _tiles()]
     decoded = [np.asarray(imagecodecs.jpeg8_decode(e)) for e in encoded]
-    ds.Rows = ds.Columns = TILE
-    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = ACROSS * TILE - 10, DOWN * TILE
-    ds.NumberOfFrames = len(encoded)
-    if layout == "extended":
-        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
-            encoded
-        )
-    else:
-        parts = 2 if layout == "bot-2-fragments" else 1
-        ds.PixelData = encapsulate(encoded, fragments_per_frame=parts, has_bot=layout != "no-bot")
-    ds["PixelData"].VR = "OB"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(path, enforce_file_format=True)
+    dicom_open.write_frames(path, encoded, (DOWN, ACROSS), TILE, layout, width=ACROSS * TILE - 10)
     return path, decoded
 
 
@@ -62,9 +44,9 @@ def _open(path: Path):
 
 @pytest.mark.parametrize("layout", ["bot", "no-bot", "extended", "bot-2-fragments"])
 def test_every_offset_table_layout_reads_the_frames_in_place(
-    wsi_dir: Path, tmp_path: Path, layout: str
+    dicom_open, tmp_path: Path, layout: str
 ) -> None:
-    path, frames = _write(wsi_dir, tmp_path / f"{layout}.dcm", layout)
+    path, frames = _write(dicom_open, tmp_path / f"{layout}.dcm", layout)
     slide = _open(path)
     assert slide.metadata["reader"] == "histolens-frames"
     assert slide.shape == (DOWN * TILE, ACROSS * TILE - 10)
@@ -88,8 +70,8 @@ def _item_positions(data: bytes) -> list[int]:
     return items
 
 
-def test_basic_offset_table_between_items_is_refused_at_open(wsi_dir: Path, tmp_path: Path) -> None:
-    path, _ = _write(wsi_dir, tmp_path / "two.dcm", "bot-2-fragments")
+def test_basic_offset_table_between_items_is_refused_at_open(dicom_open, tmp_path: Path) -> None:
+    path, _ = _write(dicom_open, tmp_path / "two.dcm", "bot-2-fragments")
     data = bytearray(path.read_bytes())
     bot = data.find(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12 + 8
     struct.pack_into("<I", data, bot + 4, struct.unpack_from("<I", data, bot + 4)[0] + 2)
@@ -99,10 +81,10 @@ def test_basic_offset_table_between_items_is_refused_at_open(wsi_dir: Path, tmp_
     assert str(path) in str(e.value)
 
 
-def test_a_damaged_frame_item_fails_at_read_naming_the_frame(wsi_dir: Path, tmp_path: Path) -> None:
+def test_a_damaged_frame_item_fails_at_read_naming_the_frame(dicom_open, tmp_path: Path) -> None:
     # With an Extended Offset Table nothing but the table is read at open: frame 4's broken
     # item tag shows when a read reaches it, as a SlideError naming the file and the frame.
-    path, _ = _write(wsi_dir, tmp_path / "ext.dcm", "extended")
+    path, _ = _write(dicom_open, tmp_path / "ext.dcm", "extended")
     data = bytearray(path.read_bytes())
     item = _item_positions(bytes(data))[4]
     struct.pack_into("<I", data, item, 0x12345678)
@@ -114,8 +96,8 @@ def test_a_damaged_frame_item_fails_at_read_naming_the_frame(wsi_dir: Path, tmp_
     assert str(path) in str(e.value)
 
 
-def test_truncated_frame_data_names_the_byte(wsi_dir: Path, tmp_path: Path) -> None:
-    path, _ = _write(wsi_dir, tmp_path / "cut.dcm", "no-bot")
+def test_truncated_frame_data_names_the_byte(dicom_open, tmp_path: Path) -> None:
+    path, _ = _write(dicom_open, tmp_path / "cut.dcm", "no-bot")
     data = path.read_bytes()
     path.write_bytes(data[: _item_positions(data)[-1] + 20])
     with pytest.raises(SlideError, match="past the file end"):

@@ -8,8 +8,6 @@ a per-case timeout). The default run covers every mutation class and every handm
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,48 +18,34 @@ from histolens.region import Region
 from histolens.slide import SlideError, open_slide
 from histolens.slide._read import DIRECT_READ_ATTR
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def fuzz(wsi_dir: Path) -> ModuleType:
-    pytest.importorskip("pydicom")
-    spec = importlib.util.spec_from_file_location(
-        "slide_fuzz", REPO / "benchmarks" / "slide_fuzz.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["slide_fuzz"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    assert module.WSI == wsi_dir  # the workers find the slides where the fixtures do
-    return module
-
-
-def _check(fuzz: ModuleType, results: list[dict]) -> None:
+def _check(slide_fuzz: ModuleType, results: list[dict]) -> None:
     bad = [r for r in results if r["outcome"].startswith("bad")]
-    assert not bad, fuzz.summarize(results) + "\n" + "\n".join(map(str, bad[:10]))
+    assert not bad, slide_fuzz.summarize(results) + "\n" + "\n".join(map(str, bad[:10]))
     outcomes = {r["outcome"] for r in results}
     # Both allowed outcomes occur: the mutations are neither all harmless nor all fatal.
     assert {"ok", "slide_error"} <= outcomes
 
 
-def test_fuzz_default_run(fuzz: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_fuzz_default_run(slide_fuzz: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
     # One full round of the handmade files: every class gets as many cases.
-    n = len(fuzz.CLASSES) * len(fuzz._handmade(fuzz.load_sources(tmp_path_factory.mktemp("c"))))
-    results = fuzz.run_fuzz(n, seed=0, cache=tmp_path_factory.mktemp("cache"))
-    assert {r["cls"] for r in results} == set(fuzz.CLASSES)
-    _check(fuzz, results)
+    n = len(slide_fuzz.CLASSES) * len(
+        slide_fuzz._handmade(slide_fuzz.load_sources(tmp_path_factory.mktemp("c")))
+    )
+    results = slide_fuzz.run_fuzz(n, seed=0, cache=tmp_path_factory.mktemp("cache"))
+    assert {r["cls"] for r in results} == set(slide_fuzz.CLASSES)
+    _check(slide_fuzz, results)
 
 
 @pytest.mark.slow
-def test_fuzz_thousands(fuzz: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
-    results = fuzz.run_fuzz(3000, seed=1, workers=2, cache=tmp_path_factory.mktemp("cache"))
-    _check(fuzz, results)
+def test_fuzz_thousands(slide_fuzz: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> None:
+    results = slide_fuzz.run_fuzz(3000, seed=1, workers=2, cache=tmp_path_factory.mktemp("cache"))
+    _check(slide_fuzz, results)
 
 
-def _handmade_file(fuzz: ModuleType, name: str, tmp_path: Path) -> Path:
-    sources = fuzz.load_sources(tmp_path)
-    _, suffix, make = next(m for m in fuzz._handmade(sources) if m[0] == name)
+def _handmade_file(slide_fuzz: ModuleType, name: str, tmp_path: Path) -> Path:
+    sources = slide_fuzz.load_sources(tmp_path)
+    _, suffix, make = next(m for m in slide_fuzz._handmade(sources) if m[0] == name)
     path = tmp_path / f"{name}{suffix}"
     path.write_bytes(make())
     return path
@@ -82,18 +66,18 @@ def _handmade_file(fuzz: ModuleType, name: str, tmp_path: Path) -> Path:
     ],
 )
 def test_damaged_files_are_refused_at_open_with_the_cause(
-    fuzz: ModuleType, tmp_path: Path, name: str, match: str
+    slide_fuzz: ModuleType, tmp_path: Path, name: str, match: str
 ) -> None:
-    path = _handmade_file(fuzz, name, tmp_path)
+    path = _handmade_file(slide_fuzz, name, tmp_path)
     with pytest.raises(SlideError, match=match) as info:
         open_slide(path)
     assert str(path) in str(info.value) and "Fix:" in str(info.value)
 
 
 def test_a_bad_tile_fails_at_read_time_naming_file_and_tile(
-    fuzz: ModuleType, tmp_path: Path
+    slide_fuzz: ModuleType, tmp_path: Path
 ) -> None:
-    path = _handmade_file(fuzz, "svs-tileoffset-65-is-1", tmp_path)  # tile 65 -> byte 1
+    path = _handmade_file(slide_fuzz, "svs-tileoffset-65-is-1", tmp_path)  # tile 65 -> byte 1
     slide = open_slide(path)  # only the tables and one tile are checked at open
     good = slide.read_region(Region(0, 0, 240, 240))
     assert good.shape == (240, 240, 3)
@@ -116,10 +100,10 @@ def test_dicom_without_matrix_size_names_the_element(wsi_dir: Path, tmp_path: Pa
         open_slide(path)
 
 
-def test_huge_single_level_tiff_opens_lazily(fuzz: ModuleType, tmp_path: Path) -> None:
+def test_huge_single_level_tiff_opens_lazily(slide_fuzz: ModuleType, tmp_path: Path) -> None:
     """100k x 200k px, 256 px tiles (all absent): derived levels are views, not graphs."""
     path = tmp_path / "huge.tif"
-    path.write_bytes(fuzz._sparse_tiff(100_000, 200_000, 256))
+    path.write_bytes(slide_fuzz._sparse_tiff(100_000, 200_000, 256))
     with pytest.warns(UserWarning, match="no pixel size"):
         slide = open_slide(path)
     assert slide.shape == (100_000, 200_000) and slide.level_count == 10
@@ -133,17 +117,18 @@ def test_huge_single_level_tiff_opens_lazily(fuzz: ModuleType, tmp_path: Path) -
     assert not np.asarray(slide.levels[3][100:300, 200:400]).any()
 
 
-def test_default_model_on_a_damaged_real_slide(fuzz: ModuleType, tmp_path: Path) -> None:
+def test_default_model_on_a_damaged_real_slide(
+    slide_fuzz: ModuleType, tmp_path: Path, default_model
+) -> None:
     """The real default model: a region away from the bad tile is analysed; a region over it
     fails with the SlideError naming the file and tile, not an error deep in inference."""
     torch = pytest.importorskip("torch")
     from histolens.inference import analyze_region
-    from histolens.models import create_model
 
     torch.set_num_threads(1)
-    path = _handmade_file(fuzz, "svs-tileoffset-65-is-1", tmp_path)  # tile row 6, column 5
+    path = _handmade_file(slide_fuzz, "svs-tileoffset-65-is-1", tmp_path)  # tile row 6, column 5
     slide = open_slide(path)
-    model = create_model(None, device="cpu")
+    model = default_model
     result = analyze_region(slide, Region(0, 0, 384, 384), model=model, cache=False)
     assert result.nuclei.labels.max() > 0  # tissue with nuclei in the undamaged corner
     with pytest.raises(SlideError, match="tile row 6, column 5") as info:

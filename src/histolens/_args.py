@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["MPP_RANGE", "mpp_value", "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["mpp_value", "non_negative_int", "positive_int"]
 
 #: Micrometres per pixel a microscope image can have (a 100x objective ~0.06, a slide
 #: overview ~20): values outside are typos or unit mix-ups (nm, mm), not images.

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["SCHEDULER_TIMEOUT_S", "check_scheduler", "connect_scheduler", "dask_client"]
+__all__ = ["check_scheduler", "dask_client"]
 
 #: Seconds to wait for a scheduler to answer before giving up.
 SCHEDULER_TIMEOUT_S = 5.0

@@ -151,17 +151,12 @@ class TileCache:
         self._data: OrderedDict[tuple, TileOutput] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: tuple) -> TileOutput | None:
         with self._lock:
             out = self._data.get(key)
-            if out is None:
-                self.misses += 1
-                return None
-            self._data.move_to_end(key)
-            self.hits += 1
+            if out is not None:
+                self._data.move_to_end(key)
             return out
 
     def put(self, key: tuple, value: TileOutput) -> None:
@@ -182,7 +177,6 @@ class TileCache:
         with self._lock:
             self._data.clear()
             self._bytes = 0
-            self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:

@@ -23,11 +23,9 @@ import sys
 from pathlib import Path
 
 __all__ = [
-    "KEEP_MEMORY_ENV",
     "THREADS_ENV",
     "configure_cpu",
     "default_threads",
-    "keep_freed_memory",
     "physical_cores",
 ]
 

@@ -30,18 +30,13 @@ if TYPE_CHECKING:
     from .slide import Slide
 
 __all__ = [
-    "ATTENTION_COLORMAP",
     "EXPLAIN_TAG",
     "SCALE_COLORS",
     "LayerData",
-    "attention_layer",
-    "explain_layer_name",
     "explanation_to_layer_data",
     "geojson_to_layer_data",
-    "nuclei_layer",
     "result_to_layer_data",
     "slide_to_layer_data",
-    "tile_class_layer",
 ]
 
 #: A napari LayerDataTuple: ``(data, layer kwargs, layer type)``.

@@ -34,7 +34,6 @@ from .result import RegionResult, TileClassResult
 
 __all__ = [
     "CV_MIN_EXAMPLES",
-    "GROUP_CELLS",
     "TileClassifier",
     "TrainingSet",
     "cells_region",

@@ -82,11 +82,6 @@ class TileGrid:
             )
             raise ValueError(msg)
 
-    @property
-    def outer_size(self) -> int:
-        """Side of the model input in analysis pixels."""
-        return self.size + 2 * self.halo
-
     def tile(self, row: int, col: int) -> Tile:
         s, h = self.size, self.halo
         inner = Region(row * s, col * s, (row + 1) * s, (col + 1) * s)
@@ -116,10 +111,6 @@ class Block:
     tiles: tuple[Tile, ...]
     inner: Region
     outer: Region
-
-    def tile_in_block(self, tile: Tile) -> Tile:
-        """``tile`` with ``outer`` replaced by the block's outer box (for ownership tests)."""
-        return Tile(tile.row, tile.col, tile.inner, self.outer)
 
 
 def group_tiles(tiles: Sequence[Tile], grid: TileGrid, max_cells: int) -> list[Block]:

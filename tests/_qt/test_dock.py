@@ -53,18 +53,9 @@ def _open_with_plugin_reader(viewer, path: Path):
 
 
 @pytest.fixture
-def notes(monkeypatch):
+def notes(record_notes):
     """Messages the dock sends to napari notifications, by kind."""
-    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind in seen:
-        real = getattr(widget_module, f"show_{kind}")
-
-        def fake(msg, _kind=kind, _real=real):
-            seen[_kind].append(str(msg))
-            _real(msg)
-
-        monkeypatch.setattr(widget_module, f"show_{kind}", fake)
-    return seen
+    return record_notes(widget_module, ("error", "warning", "info"))
 
 
 class _DarkNucleiModel:

@@ -25,17 +25,9 @@ CENTRE = (1040, 1552)
 
 
 @pytest.fixture
-def notes(monkeypatch):
-    seen: dict[str, list[str]] = {"error": [], "warning": []}
-    for kind in seen:
-        real = getattr(explain_module, f"show_{kind}")
-
-        def fake(msg, _kind=kind, _real=real):
-            seen[_kind].append(str(msg))
-            _real(msg)
-
-        monkeypatch.setattr(explain_module, f"show_{kind}", fake)
-    return seen
+def notes(record_notes):
+    """Messages the Explain panel sends to napari notifications, by kind."""
+    return record_notes(explain_module, ("error", "warning"))
 
 
 @pytest.fixture

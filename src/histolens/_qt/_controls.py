@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from histolens.models import ALL_TASKS
 
-__all__ = ["DEFAULT_OPACITY", "DEVICES", "AnalysisControls", "DockSettings", "OverlayControls"]
+__all__ = ["AnalysisControls", "DockSettings", "OverlayControls"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_OPACITY = {"nuclei": 0.6, "tile classes": 0.25, "attention": 0.4}

@@ -36,7 +36,7 @@ from ._overlays import update_overlays
 from ._viewport import LayerFrame
 from ._worker import AnalysisError
 
-__all__ = ["ExplainInputs", "ExplainPanel", "explain_job", "world_to_level0"]
+__all__ = ["ExplainInputs", "ExplainPanel"]
 
 #: A press that moves less than this many screen pixels before release is a click, not a pan.
 CLICK_SLOP_PX = 4.0

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
 
 from histolens.result import ClassCount, RegionResult, ResultSummary
 
-__all__ = ["AreaHistogram", "ReviewPanel", "summary_header"]
+__all__ = ["ReviewPanel"]
 
 #: Rows shown in the nuclei table; the full table goes to the Export files.
 MAX_TABLE_ROWS = 5000

@@ -50,7 +50,7 @@ from histolens.teach import (
     train_tile_classifier,
 )
 
-__all__ = ["TEACH_LAYER", "TeachPanel"]
+__all__ = ["TeachPanel"]
 
 TEACH_LAYER = "teach"
 RETRAIN_DEBOUNCE_MS = 300

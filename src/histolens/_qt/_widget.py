@@ -75,9 +75,6 @@ class Section(QWidget):
         self.header.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
         self.content.setVisible(on)
 
-    def isExpanded(self) -> bool:  # noqa: N802 (Qt naming, as QCollapsible)
-        return self.header.isChecked()
-
     def expand(self) -> None:
         self.header.setChecked(True)
 

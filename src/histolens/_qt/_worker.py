@@ -20,7 +20,6 @@ from histolens.region import Region
 from histolens.result import RegionResult
 
 __all__ = [
-    "MAX_VIEW_PIXELS",
     "AnalysisError",
     "AnalysisRequest",
     "JobOutcome",

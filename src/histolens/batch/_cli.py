@@ -9,7 +9,7 @@ from pathlib import Path
 from ._options import DEFAULT_SHARD_PX, BatchOptions
 from ._run import run_batch
 
-__all__ = ["add_arguments", "options_from_args", "run"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from histolens.tiles import stain_saturation
 
-__all__ = ["MASK_MAX_SIDE", "tiles_in_mask", "tissue_mask"]
+__all__ = ["tiles_in_mask", "tissue_mask"]
 
 #: Longest side of the low-resolution image the tissue mask is computed on.
 MASK_MAX_SIDE = 2048

@@ -23,8 +23,6 @@ import pandas as pd
 from histolens.colors import parse_color
 
 __all__ = [
-    "MAX_LABEL_PX",
-    "MAX_VERTICES",
     "GeoJSONError",
     "GeoJSONShapes",
     "fill_polygon",

@@ -26,9 +26,7 @@ __all__ = [
     "HistoLensModel",
     "card_path_for",
     "default_device",
-    "fold_batchnorms",
     "file_sha256",
-    "relu_in_place",
     "load_model_weights",
     "save_model_weights",
 ]

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "WEIGHTS_DIR",
-    "ModelEntry",
     "create_model",
     "get_card",
     "list_models",

@@ -31,7 +31,6 @@ __all__ = [
     "ScaleLayout",
     "num_scales",
     "parent_window_index",
-    "query_probe",
     "scale_layouts",
 ]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GatedAttentionMIL", "NucleiDecoder", "TileClassHead", "resample_to"]
+__all__ = ["GatedAttentionMIL", "NucleiDecoder", "TileClassHead"]
 
 
 def resample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

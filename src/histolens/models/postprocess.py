@@ -21,9 +21,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 __all__ = [
-    "MARKER_SPACING_UM",
     "MIN_NUCLEUS_UM2",
-    "REFERENCE_MPP",
     "RIM_DEPTH_UM",
     "hover_instances",
     "hover_parameters",

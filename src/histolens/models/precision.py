@@ -8,7 +8,7 @@ through the same function), so the two can never disagree. Torch is imported onl
 
 from __future__ import annotations
 
-__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["cpu_has_native_bf16", "resolve_precision"]
 
 #: Precisions a run can be asked for; "auto" resolves to one of the other three.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

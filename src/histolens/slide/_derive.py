@@ -15,7 +15,7 @@ import numpy as np
 from ._read import DIRECT_READ_ATTR
 from ._tilesource import lazy_level
 
-__all__ = ["MIN_LEVEL_SIDE", "derive_levels"]
+__all__ = ["derive_levels"]
 
 #: Derived levels stop once the longest side is below this many pixels, so napari always
 #: has a coarse level to show the whole slide quickly.

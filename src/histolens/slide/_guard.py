@@ -17,7 +17,6 @@ from ._slide import SlideError
 
 __all__ = [
     "MAX_CHUNK_BYTES",
-    "MAX_SIDE",
     "GuardedArray",
     "check_level_size",
     "read_failure",

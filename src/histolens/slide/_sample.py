@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["SAMPLE_SLIDE", "sample_slide_path"]
+__all__ = ["sample_slide_path"]
 
 SAMPLE_SLIDE = "CMU-1-Small-Region.svs"
 

@@ -21,14 +21,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "CONSEP_MPP",
     "KATHER_CLASSES",
-    "LC25000_CLASSES",
-    "MONUSEG_MPP",
     "NUCLEUS_TYPES",
     "NucleiSample",
     "TileSet",
-    "colour_histogram",
     "consep_group",
     "decode_coco_rle",
     "dihedral_dhash",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossWeights", "nuclei_losses", "sobel_kernels"]
+__all__ = ["LossWeights", "nuclei_losses"]
 
 
 @dataclass(frozen=True)

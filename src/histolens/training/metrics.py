@@ -22,7 +22,6 @@ __all__ = [
     "aji",
     "dice",
     "match_instances",
-    "overlap_table",
     "panoptic_quality",
     "type_scores",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 from .config import TrainTilesConfig
 from .datasets import TileSet, group_near_duplicates, resample_image
 
-__all__ = ["load_tile_folder", "tile_embeddings", "train_tiles"]
+__all__ = ["tile_embeddings", "train_tiles"]
 
 log = logging.getLogger("histolens.train")
 

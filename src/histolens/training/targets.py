@@ -15,7 +15,6 @@ from .datasets import NucleiSample, resample_labels
 __all__ = [
     "AugmentConfig",
     "Example",
-    "hed_jitter",
     "hv_targets",
     "make_example",
 ]

@@ -37,8 +37,6 @@ __all__ = [
     "NucleiData",
     "create_trainable_model",
     "load_checkpoint",
-    "load_nuclei_data",
-    "save_checkpoint",
     "setup_logging",
     "train_nuclei",
     "training_precision",
