@@ -132,8 +132,8 @@ class Provenance:
 class RegionResult:
     """Everything one analysis of ``region`` produced; partial while ``complete`` is False.
 
-    ``region`` is in level-0 pixels; ``analysis_mpp`` is the *analysis* resolution (um/px the model
-    saw); the level-0 mpp, which overlays align to and level-0 sizes convert with, is
+    ``region`` is in level-0 pixels; ``analysis_mpp`` is the *analysis* resolution (um/px the
+    model saw); the level-0 mpp, which overlays align to and level-0 sizes convert with, is
     :attr:`slide_mpp`.
     """
 
