@@ -125,12 +125,11 @@ def test_nuclei_files_appear_only_when_complete(wsi_dir, tmp_path, monkeypatch):
 
 
 def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
-    wsi_dir, tmp_path, monkeypatch
+    wsi_dir, tmp_path, monkeypatch, default_model
 ):
     """histolens-default on a real crop larger than one output tile (2 x 2 tiles of 512),
     read lazily tile by tile as a large TIFF is."""
     from histolens import nuclei
-    from histolens.models import create_model
     from histolens.nuclei import image_slide, segment_nuclei, write_nuclei
 
     monkeypatch.setattr(nuclei, "EAGER_READ_SAMPLES", 0)
@@ -138,7 +137,7 @@ def test_streamed_labels_equal_the_in_memory_ones_with_the_real_model(
     image = _crop(wsi_dir, 600, 560)
     path = tmp_path / "crop.tif"
     tifffile.imwrite(path, image, tile=(256, 256), compression="zlib")
-    model = create_model(None, device="cpu")
+    model = default_model
     labels, table = segment_nuclei(image, mpp=0.5, model=model, precision="fp32")
     with image_slide(path, mpp=0.5) as slide:
         assert slide.levels[0].chunksize[:2] == (256, 256)  # the file's tiles, read lazily
