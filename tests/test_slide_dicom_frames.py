@@ -70,13 +70,27 @@ def _item_positions(data: bytes) -> list[int]:
     return items
 
 
-def test_basic_offset_table_between_items_is_refused_at_open(dicom_open, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "moved_to", "message"),
+    [
+        (1, "between items", "Basic Offset Table points between fragment items"),
+        (0, "second item", "Basic Offset Table does not start at the first fragment"),
+    ],
+)
+def test_a_bad_basic_offset_table_is_refused_at_open(
+    dicom_open, tmp_path: Path, entry: int, moved_to: str, message: str
+) -> None:
     path, _ = _write(dicom_open, tmp_path / "two.dcm", "bot-2-fragments")
     data = bytearray(path.read_bytes())
     bot = data.find(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12 + 8
-    struct.pack_into("<I", data, bot + 4, struct.unpack_from("<I", data, bot + 4)[0] + 2)
+    if moved_to == "between items":
+        offset = struct.unpack_from("<I", data, bot + 4 * entry)[0] + 2
+    else:  # a valid item, but not the first: frame 0 would lose its first fragment
+        first_item = bot + 4 * len(_tiles())
+        offset = 8 + struct.unpack_from("<I", data, first_item + 4)[0]
+    struct.pack_into("<I", data, bot + 4 * entry, offset)
     path.write_bytes(bytes(data))
-    with pytest.raises(SlideError, match="Basic Offset Table points between fragment items") as e:
+    with pytest.raises(SlideError, match=message) as e:
         open_slide(path)
     assert str(path) in str(e.value)
 
@@ -104,17 +118,14 @@ def test_truncated_frame_data_names_the_byte(dicom_open, tmp_path: Path) -> None
         open_slide(path)
 
 
-def test_default_model_on_the_real_dicom_slide(wsi_dir: Path) -> None:
+def test_default_model_on_the_real_dicom_slide(wsi_dir: Path, default_model) -> None:
     """The real default model analyses a region of the real DICOM through the frame reader."""
-    torch = pytest.importorskip("torch")
     from histolens.inference import analyze_region
-    from histolens.models import create_model
 
-    torch.set_num_threads(1)
     slide = open_slide(wsi_dir / "small_dicom.dcm", mpp=0.5)
     assert slide.metadata["reader"] == "histolens-frames"
-    model = create_model(None, device="cpu")
     # 500 px frames: this box spans frames 16 and 17 (row 2, columns 2 and 3).
-    result = analyze_region(slide, Region(1200, 1436, 1328, 1564), model=model, cache=False)
+    region = Region(1200, 1436, 1328, 1564)
+    result = analyze_region(slide, region, model=default_model, cache=False)
     assert result.nuclei is not None and result.tiles is not None
     assert result.tiles.classes.size > 0

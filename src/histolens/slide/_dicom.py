@@ -161,6 +161,8 @@ def _locate_frames(fh: Any, ds: Any, nframes: int, size: int) -> _EncapsulatedFr
         raise ValueError(msg)
     # Several fragments per frame: each Basic Offset Table entry must be a fragment's item.
     firsts = np.searchsorted(items - first, basic)
+    if firsts[0] != 0:  # leading fragments would belong to no frame, frame 0 to wrong bytes
+        raise ValueError("the Basic Offset Table does not start at the first fragment")
     if (firsts >= n_items).any() or (items[firsts.clip(max=n_items - 1)] != first + basic).any():
         raise ValueError("the Basic Offset Table points between fragment items")
     counts = np.diff(np.append(firsts, n_items))
