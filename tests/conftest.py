@@ -240,15 +240,10 @@ class FakeModel:
 
 
 @pytest.fixture(scope="session")
-def fake_model_class() -> type[FakeModel]:
-    """The local numpy model's class, for tests that subclass it (``cls(card=None)``)."""
-    return FakeModel
-
-
-@pytest.fixture(scope="session")
-def fake_model():
-    """``fake_model(card=None)``: a new local numpy model (``fake_card()`` by default); it
-    records the batch size (``calls``) and input size (``shapes``) of every call."""
+def fake_model() -> type[FakeModel]:
+    """The local numpy model's class: ``fake_model(card=None)`` is a new model
+    (``fake_card()`` by default) recording the batch size (``calls``) and input size
+    (``shapes``) of every call; tests that need another behaviour subclass it."""
     return FakeModel
 
 
@@ -353,7 +348,7 @@ def _make_result(
         tiles_total=4,
         tiles_done=4,
     )
-    return RegionResult(region, mpp, nuclei, tiles, [], prov)
+    return RegionResult(region, mpp * downsample, nuclei, tiles, [], prov)
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,12 @@ from histolens.region import layer_transform
 
 def _nuclei_layer(result, *, with_mpp: bool = True):
     nuc = result.nuclei
-    scale, translate = layer_transform(result.analysis_mpp, nuc.downsample, nuc.origin)
+    scale, translate = layer_transform(result.slide_mpp, nuc.downsample, nuc.origin)
     features = nuc.features.copy()
     features.insert(0, "index", features["label"])
     metadata = {"class_names": nuc.class_names, "class_colors": nuc.class_colors}
     if with_mpp:
-        metadata["mpp"] = result.analysis_mpp
+        metadata["mpp"] = result.slide_mpp
     meta = {
         "name": "nuclei",
         "scale": scale,
@@ -59,14 +59,14 @@ def test_writer_matches_the_direct_export(tmp_path: Path, make_result):
 def test_writer_exports_class_maps_as_annotations(tmp_path: Path, make_result):
     result = make_result()
     tiles = result.tiles
-    scale, translate = layer_transform(result.analysis_mpp, tiles.cell, tiles.origin)
+    scale, translate = layer_transform(result.slide_mpp, tiles.cell, tiles.origin)
     layer = (
         tiles.classes,
         {
             "name": "tile classes",
             "scale": scale,
             "translate": translate,
-            "metadata": {"mpp": result.analysis_mpp, "class_names": tiles.class_names},
+            "metadata": {"mpp": result.slide_mpp, "class_names": tiles.class_names},
         },
         "labels",
     )
@@ -108,7 +108,7 @@ def test_napari_accepts_the_imported_layers(tmp_path: Path, make_result):
     assert layer.data.max() == 6
     # the re-imported labels sit on the same slide pixels as the original (same rule, same frame)
     assert tuple(layer.scale) == pytest.approx(
-        layer_transform(result.analysis_mpp, 2.0, lmeta["metadata"]["origin"])[0]
+        layer_transform(result.slide_mpp, 2.0, lmeta["metadata"]["origin"])[0]
     )
 
 

@@ -181,10 +181,8 @@ def test_cancel_stops_between_tiles(image, fake_model, pyramid_slide, simple_pos
     assert res.provenance.cancelled and res.tiles_done == 0
 
 
-def test_out_of_memory_halves_the_batch(
-    image, fake_model, fake_model_class, pyramid_slide, simple_postprocess
-):
-    class OOMModel(fake_model_class):
+def test_out_of_memory_halves_the_batch(image, fake_model, pyramid_slide, simple_postprocess):
+    class OOMModel(fake_model):
         """Raises the CUDA out-of-memory error for batches larger than 1."""
 
         def predict_tiles(self, tiles, **kw):
@@ -201,7 +199,7 @@ def test_out_of_memory_halves_the_batch(
     assert set(oom.calls) == {1} and res.provenance.timings["oom_retries"] >= 2
     np.testing.assert_array_equal(ref.nuclei.labels, res.nuclei.labels)
 
-    class Always(fake_model_class):
+    class Always(fake_model):
         def predict_tiles(self, tiles, **kw):
             raise RuntimeError("CUDA error: out of memory")
 

@@ -22,11 +22,11 @@ from histolens.tiles import Block, TileGrid
 
 
 @pytest.fixture
-def cropping_model(fake_model_class, fake_card):
+def cropping_model(fake_model, fake_card):
     """A new local fake model (512 px tiles, halo 32) taking ``nuclei_box`` like the real one
     (full maps, then cut); it records the box of every call in ``boxes``."""
 
-    class CroppingFakeModel(fake_model_class):
+    class CroppingFakeModel(fake_model):
         supports_nuclei_box = True
 
         def __init__(self, card=None) -> None:
