@@ -37,6 +37,12 @@ def test_no_torch_or_qt(code: str) -> None:
     assert not leaked, f"`{code}` imported {leaked}"
 
 
+def test_training_help_stays_light() -> None:
+    """`histolens train --help` loads no table library either (it once came in with a default)."""
+    loaded = _modules_after("import histolens.training.cli")
+    assert "pandas" not in loaded
+
+
 def test_slide_defers_napari_and_optional_backends() -> None:
     loaded = _modules_after("import histolens.slide, histolens._reader")
     for name in ("napari", "openslide", "wsidicom", "pydicom", "histolens.export"):

@@ -420,7 +420,7 @@ def test_training_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert training_precision("auto") == "bf16"
     assert training_precision("fp32") == "fp32" and training_precision("bf16") == "bf16"
-    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
         training_precision("fp16")
 
 

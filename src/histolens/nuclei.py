@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from histolens._args import mpp_value, positive_int
+from histolens.models.tta import TTA_DEFAULT
 
 __all__ = [
     "MAX_ANALYSIS_PX",
@@ -41,11 +42,6 @@ __all__ = [
     "segment_nuclei",
     "write_nuclei",
 ]
-
-#: ``histolens nuclei`` averages 8 views by default: it serves evaluation and batches of image
-#: tiles, where a small but consistent gain (held-out MoNuSeg AJI 0.535 -> 0.539, training tiles
-#: +0.01) is worth ~5x the time per tile (0.8 -> 4.2 s at 1000 x 1000); ``--no-tta`` for speed.
-TTA_DEFAULT = True
 
 #: Columns of the per-image CSV.
 NUCLEI_TABLE_COLUMNS = ("label", "type", "type_probability", "area_um2", "area_px")

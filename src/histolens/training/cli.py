@@ -17,8 +17,8 @@ from typing import Any
 from histolens._args import mpp_value, positive_int
 
 from .config import (
-    PRECISIONS,
     SOURCE_WEIGHTS,
+    TRAIN_PRECISIONS,
     EvaluateConfig,
     ReleaseConfig,
     TrainNucleiConfig,
@@ -26,7 +26,7 @@ from .config import (
     default_data_root,
 )
 
-__all__ = ["Command", "evaluate", "train"]
+__all__ = ["evaluate", "train"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _add_nuclei_schedule(p: Any) -> None:
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--threads", type=int, default=c.threads, help="torch CPU threads")
     p.add_argument(
-        "--precision", choices=PRECISIONS, default=c.precision,
+        "--precision", choices=TRAIN_PRECISIONS, default=c.precision,
         help="autocast dtype on CPU; auto = bf16 where the CPU runs it natively (AMX/AVX-512 BF16), else fp32",
     )  # fmt: skip
     p.add_argument(

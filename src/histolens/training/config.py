@@ -4,8 +4,9 @@
 their argparse namespace in one place (:meth:`from_args`), and check their values when built,
 so a bad one fails at once with one line naming the option and the fix (the ``histolens``
 command prints it and exits 2), before any model or data is loaded. The dataclass defaults are
-the command-line defaults (:mod:`histolens.training.cli` reads them from here). This module
-imports neither torch nor the data sets.
+the command-line defaults (:mod:`histolens.training.cli` reads them from here). Importing
+this module loads neither torch nor the data sets (checking ``--loss-weights`` imports the
+losses, and so torch).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from histolens._args import MPP_RANGE
-from histolens.nuclei import TTA_DEFAULT
+from histolens.models.precision import PRECISIONS
+from histolens.models.tta import TTA_DEFAULT
 
 from .targets import AugmentConfig
 
 __all__ = [
     "DEFAULT_VAL_CONSEP_TILES",
     "DEFAULT_VAL_PATIENTS",
-    "PRECISIONS",
+    "TRAIN_PRECISIONS",
     "SOURCE_WEIGHTS",
     "EvaluateConfig",
     "ReleaseConfig",
@@ -43,8 +45,9 @@ DEFAULT_VAL_PATIENTS = ("TCGA-21-5786", "TCGA-B0-5710", "TCGA-E2-A1B5")
 DEFAULT_VAL_CONSEP_TILES = ("train_3", "train_13", "train_22")
 #: Share of each source in a training batch (sampled per example).
 SOURCE_WEIGHTS = {"monuseg": 0.35, "monuseg-binary": 0.15, "consep": 0.38, "pannuke": 0.12}
-#: CPU autocast choices of ``train nuclei``; ``auto`` = bf16 where the CPU runs it natively.
-PRECISIONS = ("auto", "bf16", "fp32")
+#: CPU autocast choices of ``train nuclei``: the inference precisions but fp16, which CPU
+#: autocast does not train in; ``auto`` = bf16 where the CPU runs it natively.
+TRAIN_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp16")
 
 
 def default_data_root() -> Path:
@@ -129,11 +132,6 @@ def _existing_file(cfg: Any, *names: str) -> None:
             _fail(name, path, "no such file; pass a weights file (.safetensors) that exists")
 
 
-def _names(text: str) -> tuple[str, ...]:
-    """argparse ``type=``: comma-separated names as a tuple (blanks dropped)."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
 _C = TypeVar("_C", bound="_FromArgs")
 
 
@@ -196,8 +194,8 @@ class TrainNucleiConfig(_FromArgs):
         _non_negative(self, "weight_decay")
         _at_least(self, 1, "batch_size", "crop", "threads", "max_steps", "log_every")
         _at_least(self, 0, "warmup")
-        if self.precision not in PRECISIONS:
-            _fail("precision", self.precision, f"choose {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            _fail("precision", self.precision, f"choose {', '.join(TRAIN_PRECISIONS)}")
         _existing_file(self, "init_weights", "init_partial")
         for name in ("val_patients", "val_consep_tiles"):
             if not getattr(self, name):

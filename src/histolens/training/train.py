@@ -28,6 +28,7 @@ from .config import (
     DEFAULT_VAL_CONSEP_TILES,
     DEFAULT_VAL_PATIENTS,
     SOURCE_WEIGHTS,
+    TRAIN_PRECISIONS,
     TrainNucleiConfig,
 )
 from .datasets import NUCLEUS_TYPES, NucleiSample, load_consep, load_monuseg, load_pannuke, mosaic
@@ -177,14 +178,12 @@ def training_precision(precision: str) -> str:
     """``"bf16"`` or ``"fp32"`` for CPU training; ``"auto"`` takes bf16 only where the CPU has it
     natively (AMX / AVX-512 BF16). Without it PyTorch emulates bf16 convolutions: measured on an
     AVX2-only AMD EPYC, a 3 x 3 convolution ran 137x slower in bf16 than in fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        msg = f"--precision {precision!r}: choose auto, bf16 or fp32"
-        raise ValueError(msg)
-    if precision != "auto":
-        return precision
     from histolens.models.precision import resolve_precision
 
-    return "bf16" if resolve_precision("cpu", "auto") == "bf16" else "fp32"
+    if precision not in TRAIN_PRECISIONS:
+        msg = f"--precision {precision!r}: choose {', '.join(TRAIN_PRECISIONS)}"
+        raise ValueError(msg)
+    return resolve_precision("cpu", precision)
 
 
 def batch_tensors(
