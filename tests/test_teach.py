@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histolens.export._summary import summary_dict
 from histolens.region import Region
 from histolens.result import Provenance, RegionResult, TileClassResult
 from histolens.teach import (
@@ -255,6 +256,14 @@ def test_review_counts_unsure_cells_as_tissue_and_lists_them():
     assert strict.tiles_unsure is not None and strict.tiles_unsure.name == "unsure"
     n_strict = sum(r.count for r in strict.tiles_by_class) + strict.tiles_unsure.count
     assert n_strict == sum(r.count for r in sure.tiles_by_class) == sure.analysed_cells
+    # summary.json says the same: unsure cells are analysed tissue, listed on their own
+    tiles = summary_dict(classify_result(result, clf, min_confidence=0.999))["tiles"]
+    assert tiles["unsure_cells"] == strict.tiles_unsure.count > 0
+    assert tiles["analysed_cells"] == strict.analysed_cells
+    assert (
+        sum(c["cells"] for c in tiles["per_class"].values()) + tiles["unsure_cells"]
+        == (tiles["analysed_cells"])
+    )
 
 
 def test_a_foundation_vit_from_local_weights_is_taught_the_same_way(tmp_path: Path, wsi_dir):

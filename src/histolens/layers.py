@@ -297,7 +297,7 @@ EXPLAIN_TAG = "histolens_explain"
 SCALE_COLORS = ("#00e5ff", "#ffd400", "#ff4fd8", "#7cff4f", "#ff8c1a")
 
 
-def explain_layer_name(scale: int) -> str:
+def _explain_layer_name(scale: int) -> str:
     """Layer name of one scale's heat: ``"same scale"`` or ``"looked at (scale k)"``."""
     return "same scale" if scale == 0 else f"looked at (scale {scale})"
 
@@ -311,7 +311,7 @@ def explanation_to_layer_data(expl: PointExplanation, head: int | None = None) -
     out: list[LayerData] = []
     for w in sorted(expl.scales, key=lambda w: -w.scale):  # coarsest at the bottom
         heat = w.heat(head).astype(np.float32)
-        name = explain_layer_name(w.scale)
+        name = _explain_layer_name(w.scale)
         meta = {
             "name": name,
             "colormap": dict(ATTENTION_COLORMAP),

@@ -63,7 +63,7 @@ class AnalysisRunner(QObject):
     ``result_ready(result, final)``: a result to show (partials throttled, then the final);
     ``warned(texts)``: warning texts the job collected; ``failed(exc)``: the job raised;
     ``finished(held_back)``: the job ended; ``held_back`` is the newest partial not painted yet
-    (a cancel landed between a yield and its repaint) or None.
+    when the job ended without a final result (it raised), else None.
     """
 
     result_ready = Signal(object, bool)

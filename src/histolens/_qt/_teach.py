@@ -35,6 +35,8 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import qdebounced
 
+from histolens.colors import to_hex
+from histolens.models.probe import PALETTE as CLASS_PALETTE
 from histolens.region import Region
 from histolens.result import RegionResult
 from histolens.teach import (
@@ -54,19 +56,8 @@ __all__ = ["TeachPanel"]
 
 TEACH_LAYER = "teach"
 RETRAIN_DEBOUNCE_MS = 300
-#: Colours offered to new classes (cycled).
-PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
+#: Colours offered to new classes (cycled): the probe's palette, as napari takes them.
+PALETTE = tuple(to_hex(rgb) for rgb in CLASS_PALETTE)
 
 
 def _icon(color: str) -> QIcon:
